@@ -1,0 +1,113 @@
+//! Keeping memory bounded: purging settled reservations after the retention, forgetting
+//! subjects at rest, and rebuilding the engine from persisted records.
+
+use std::collections::HashMap;
+
+use super::{Engine, HoldState, Mutation, Reservation, SubjectState};
+
+impl Engine {
+    /// Remove settled reservations older than the retention, or the oldest beyond
+    /// `max_settled`, with their idempotency keys (at most `max_per_pass`). Returns how many.
+    pub fn purge_settled(&mut self, now_us: u64, out: &mut Vec<Mutation>) -> usize {
+        let mut purged = 0;
+        while purged < self.bounds.max_per_pass {
+            let Some(&(at_us, id)) = self.settled.first() else {
+                break;
+            };
+            let too_old = at_us.saturating_add(self.bounds.retention_us) <= now_us;
+            let too_many = self.settled.len() > self.bounds.max_settled;
+            if !too_old && !too_many {
+                break;
+            }
+            self.settled.pop_first();
+            if let Some(r) = self.reservations.remove(&id) {
+                if let Some(key) = r.idempotency_key {
+                    self.idempotency.remove(&(r.subject, key));
+                }
+            }
+            out.push(Mutation::Reservation { id, record: None });
+            purged += 1;
+        }
+        purged
+    }
+
+    /// Forget subjects whose state is the same as a fresh subject's. Returns how many.
+    pub fn forget_subjects_at_rest(&mut self, now_us: u64, out: &mut Vec<Mutation>) -> usize {
+        let policy = self.policy.clone();
+        let assignments = &self.assignments;
+        let before = self.subjects.len();
+        self.subjects.retain(|subject, state| {
+            let tier = policy.resolve(assignments.get(subject).map(String::as_str));
+            if state.is_at_rest(&tier.limits, now_us) {
+                out.push(Mutation::Subject {
+                    subject: subject.clone(),
+                    state: None,
+                });
+                false
+            } else {
+                true
+            }
+        });
+        before - self.subjects.len()
+    }
+
+    /// Rebuild from persisted records. Reservations are the truth for what is held: each
+    /// subject's `held_tokens` and `open_holds` are recomputed from them, and a disagreement is
+    /// reported (it would mean a torn write, which sled's atomic batches rule out).
+    pub fn restore(
+        &mut self,
+        subjects: HashMap<String, SubjectState>,
+        reservations: Vec<Reservation>,
+        assignments: HashMap<String, String>,
+    ) -> Vec<String> {
+        let mut problems = Vec::new();
+        self.subjects = subjects;
+        self.assignments = assignments;
+        let mut held: HashMap<&str, (u64, u32)> = HashMap::new();
+        for r in &reservations {
+            if r.state == HoldState::Held {
+                let e = held.entry(r.subject.as_str()).or_default();
+                e.0 += r.held_tokens();
+                e.1 += 1;
+            }
+        }
+        for (subject, state) in self.subjects.iter_mut() {
+            let (tokens, count) = held.remove(subject.as_str()).unwrap_or_default();
+            if state.held_tokens != tokens || state.open_holds != count {
+                problems.push(format!(
+                    "subject {subject:?}: stored {} tokens in {} holds, reservations say {tokens} in {count}",
+                    state.held_tokens, state.open_holds
+                ));
+                state.held_tokens = tokens;
+                state.open_holds = count;
+            }
+        }
+        for (subject, (tokens, count)) in held {
+            problems.push(format!("subject {subject:?} has {count} open holds but no state"));
+            self.subjects.insert(
+                subject.to_string(),
+                SubjectState {
+                    held_tokens: tokens,
+                    open_holds: count,
+                    ..SubjectState::default()
+                },
+            );
+        }
+        for r in reservations {
+            match r.state.finished_at() {
+                None => {
+                    self.deadlines.insert((r.expires_us, r.id));
+                    self.open_holds += 1;
+                }
+                Some(at_us) => {
+                    self.settled.insert((at_us, r.id));
+                }
+            }
+            if let Some(key) = &r.idempotency_key {
+                self.idempotency.insert((r.subject.clone(), key.clone()), r.id);
+            }
+            self.reservations.insert(r.id, r);
+        }
+        problems
+    }
+}

@@ -1,0 +1,237 @@
+//! Commit, Refund and expiry: the ways a hold ends.
+
+use super::{
+    Engine, EngineError, HoldState, LimitStatus, Mutation, Reservation, ReservationId,
+    Settlement, Usage,
+};
+use crate::clock::utc_day;
+
+/// The answer to a Commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// What was charged and given back.
+    pub settlement: Settlement,
+    /// Every limit, after the Commit.
+    pub limits: Vec<LimitStatus>,
+}
+
+/// The answer to a Refund.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefundOutcome {
+    /// Tokens given back.
+    pub released_tokens: u64,
+}
+
+fn usage_text(u: &Usage) -> String {
+    if u.usage_unknown {
+        "usage_unknown = true".to_string()
+    } else {
+        format!(
+            "prompt_tokens = {}, completion_tokens = {}",
+            u.prompt_tokens, u.completion_tokens
+        )
+    }
+}
+
+impl Engine {
+    fn existing(&self, id: ReservationId) -> Result<&Reservation, EngineError> {
+        self.reservations.get(&id).ok_or(EngineError::NotFound(id))
+    }
+
+    /// Charge the usage the provider reported. Usage above the hold is charged anyway (debt);
+    /// the unused rest flows back to every limit it came from. A retry with the same usage
+    /// returns the same answer; other usage is an illegal transition.
+    pub fn commit(
+        &mut self,
+        id: ReservationId,
+        usage: Usage,
+        now_us: u64,
+    ) -> Result<(CommitOutcome, Vec<Mutation>), EngineError> {
+        let mut out = Vec::new();
+        self.expire_due(now_us, &mut out);
+        let r = self.existing(id)?;
+        let held = r.held_tokens();
+        let subject = r.subject.clone();
+        let expired_at = match r.state {
+            HoldState::Held => None,
+            HoldState::Expired { at_us } => Some(at_us),
+            HoldState::Committed {
+                usage: first,
+                settlement,
+                ..
+            } => {
+                if first == usage {
+                    let limits = &self.tier_of(&subject).limits;
+                    let statuses = self.subject_state(&subject).statuses(limits, now_us);
+                    return Ok((
+                        CommitOutcome {
+                            settlement,
+                            limits: statuses,
+                        },
+                        out,
+                    ));
+                }
+                return Err(EngineError::IllegalTransition {
+                    id,
+                    state: "COMMITTED",
+                    detail: format!(
+                        "it was committed with {}; a Commit with {} conflicts",
+                        usage_text(&first),
+                        usage_text(&usage)
+                    ),
+                });
+            }
+            HoldState::Refunded { .. } => {
+                return Err(EngineError::IllegalTransition {
+                    id,
+                    state: "REFUNDED",
+                    detail: "a refunded hold cannot be committed".into(),
+                })
+            }
+        };
+
+        let actual = if usage.usage_unknown {
+            held
+        } else {
+            usage.prompt_tokens.saturating_add(usage.completion_tokens)
+        };
+        let settlement = Settlement {
+            charged_tokens: actual,
+            released_tokens: held.saturating_sub(actual),
+            debt_tokens: actual.saturating_sub(held),
+        };
+        let limits = self.tier_of(&subject).limits.clone();
+        let mut state = self.subject_state(&subject);
+        let today = utc_day(now_us);
+        match expired_at {
+            None => {
+                state.held_tokens -= held;
+                state.open_holds -= 1;
+                state.day_tokens.add(today, actual);
+                self.deadlines.remove(&(self.reservations[&id].expires_us, id));
+                self.open_holds -= 1;
+            }
+            Some(at_us) => {
+                // Expiry charged the full hold to its day; reconcile to the real usage. Tokens
+                // given back to a day that is over change nothing; debt lands on today.
+                if actual > held {
+                    state.day_tokens.add(today, actual - held);
+                } else if utc_day(at_us) == today {
+                    state.day_tokens.sub(today, held - actual);
+                }
+                self.settled.remove(&(at_us, id));
+            }
+        }
+        if let Some(config) = limits.bucket() {
+            let mut bucket = state
+                .bucket_or_full(&limits, now_us)
+                .expect("a tier with a bucket config yields a bucket");
+            if actual < held {
+                bucket.give(config, now_us, held - actual);
+            } else {
+                bucket.take(config, now_us, actual - held);
+            }
+            state.bucket = Some(bucket);
+        }
+        self.put_subject(&subject, state, &mut out);
+        let mut r = self.reservations[&id].clone();
+        r.state = HoldState::Committed {
+            usage,
+            settlement,
+            at_us: now_us,
+        };
+        self.settled.insert((now_us, id));
+        self.put_reservation(r, &mut out);
+        Ok((
+            CommitOutcome {
+                settlement,
+                limits: state.statuses(&limits, now_us),
+            },
+            out,
+        ))
+    }
+
+    /// Give a whole hold back: the call never happened. A retry returns the same answer.
+    pub fn refund(
+        &mut self,
+        id: ReservationId,
+        now_us: u64,
+    ) -> Result<(RefundOutcome, Vec<Mutation>), EngineError> {
+        let mut out = Vec::new();
+        self.expire_due(now_us, &mut out);
+        let r = self.existing(id)?;
+        let held = r.held_tokens();
+        match r.state {
+            HoldState::Held => {}
+            HoldState::Refunded { .. } => {
+                return Ok((RefundOutcome { released_tokens: held }, out));
+            }
+            HoldState::Committed { .. } => {
+                return Err(EngineError::IllegalTransition {
+                    id,
+                    state: "COMMITTED",
+                    detail: "a committed hold cannot be refunded".into(),
+                })
+            }
+            HoldState::Expired { .. } => {
+                return Err(EngineError::IllegalTransition {
+                    id,
+                    state: "EXPIRED",
+                    detail: "the hold expired and was charged in full; Commit the real usage \
+                             (within 24 h) to reconcile"
+                        .into(),
+                })
+            }
+        }
+        let subject = r.subject.clone();
+        let expires_us = r.expires_us;
+        let limits = self.tier_of(&subject).limits.clone();
+        let mut state = self.subject_state(&subject);
+        state.held_tokens -= held;
+        state.open_holds -= 1;
+        if let Some(config) = limits.bucket() {
+            let mut bucket = state
+                .bucket_or_full(&limits, now_us)
+                .expect("a tier with a bucket config yields a bucket");
+            bucket.give(config, now_us, held);
+            state.bucket = Some(bucket);
+        }
+        self.put_subject(&subject, state, &mut out);
+        self.deadlines.remove(&(expires_us, id));
+        self.open_holds -= 1;
+        let mut r = self.reservations[&id].clone();
+        r.state = HoldState::Refunded { at_us: now_us };
+        self.settled.insert((now_us, id));
+        self.put_reservation(r, &mut out);
+        Ok((RefundOutcome { released_tokens: held }, out))
+    }
+
+    /// Expire holds whose deadline has passed (at most `max_per_pass`): each is charged in full,
+    /// since the app server most likely made the call and then died. Returns how many expired.
+    pub fn expire_due(&mut self, now_us: u64, out: &mut Vec<Mutation>) -> usize {
+        let mut expired = 0;
+        while expired < self.bounds.max_per_pass {
+            let Some(&(deadline, id)) = self.deadlines.first() else {
+                break;
+            };
+            if deadline > now_us {
+                break;
+            }
+            self.deadlines.pop_first();
+            let mut r = self.reservations[&id].clone();
+            debug_assert_eq!(r.state, HoldState::Held);
+            let held = r.held_tokens();
+            let mut state = self.subject_state(&r.subject);
+            state.held_tokens -= held;
+            state.open_holds -= 1;
+            state.day_tokens.add(utc_day(now_us), held);
+            self.put_subject(&r.subject, state, out);
+            self.open_holds -= 1;
+            r.state = HoldState::Expired { at_us: now_us };
+            self.settled.insert((now_us, id));
+            self.put_reservation(r, out);
+            expired += 1;
+        }
+        expired
+    }
+}

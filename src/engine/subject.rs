@@ -1,0 +1,167 @@
+//! What the engine remembers about one subject, and the limit checks made against it.
+
+use serde::{Deserialize, Serialize};
+
+use super::{PeriodCounter, RequestWindow, TokenBucket};
+use crate::clock::{until_next_utc_day, utc_day};
+use crate::policy::Limits;
+
+/// All live quota state of one subject. Small and `Copy`: a decision copies it, changes the copy
+/// and writes it back whole, so a denial (which must change nothing) simply drops the copy, and
+/// persisting a subject is one fixed-size record under one key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubjectState {
+    /// `tokens_per_minute`; `None` until first charged (a fresh bucket is full).
+    pub bucket: Option<TokenBucket>,
+    /// `requests_per_minute`.
+    pub window: RequestWindow,
+    /// Tokens charged (committed or expired) in the UTC day.
+    pub day_tokens: PeriodCounter,
+    /// Reserves admitted in the UTC day.
+    pub day_requests: PeriodCounter,
+    /// Tokens in open holds.
+    pub held_tokens: u64,
+    /// Open holds.
+    pub open_holds: u32,
+}
+
+/// The verdict of one limit on one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// The limit's name.
+    pub limit: &'static str,
+    /// Microseconds until a retry can succeed; `None` if it never can.
+    pub retry_after_us: Option<u64>,
+}
+
+/// The state of one limit, as reported to callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitStatus {
+    /// The limit's name.
+    pub name: &'static str,
+    /// What the limit counts for.
+    pub scope: &'static str,
+    /// The configured limit.
+    pub limit: u64,
+    /// What may still be spent now.
+    pub remaining: u64,
+    /// Microseconds until the limit is fully available again.
+    pub reset_after_us: u64,
+}
+
+/// Retry hint for `max_concurrent`: a slot frees when some call ends, which tollgate cannot
+/// predict, so callers are told to try again in a second.
+const CONCURRENCY_RETRY_US: u64 = 1_000_000;
+
+impl SubjectState {
+    /// The bucket as of now (a subject never charged has a full one).
+    pub fn bucket_or_full(&self, limits: &Limits, now_us: u64) -> Option<TokenBucket> {
+        let config = limits.bucket()?;
+        Some(self.bucket.unwrap_or_else(|| TokenBucket::full(config, now_us)))
+    }
+
+    /// Tokens counted against `tokens_per_day` today: charged plus held.
+    pub fn day_spent(&self, now_us: u64) -> u64 {
+        self.day_tokens
+            .get(utc_day(now_us))
+            .saturating_add(self.held_tokens)
+    }
+
+    /// Every limit that refuses a Reserve of `tokens` now. Empty means admitted.
+    pub fn refusals(&self, limits: &Limits, now_us: u64, tokens: u64) -> Vec<Refusal> {
+        let mut out = Vec::new();
+        if let Some(max) = limits.max_concurrent {
+            if self.open_holds >= max {
+                out.push(Refusal {
+                    limit: "max_concurrent",
+                    retry_after_us: (max > 0).then_some(CONCURRENCY_RETRY_US),
+                });
+            }
+        }
+        if let Some(rpm) = limits.requests_per_minute {
+            if !self.window.admits(rpm, now_us) {
+                out.push(Refusal {
+                    limit: "requests_per_minute",
+                    retry_after_us: self.window.wait_for(rpm, now_us),
+                });
+            }
+        }
+        if let (Some(config), Some(bucket)) = (limits.bucket(), self.bucket_or_full(limits, now_us)) {
+            if !bucket.admits(config, now_us, tokens) {
+                out.push(Refusal {
+                    limit: "tokens_per_minute",
+                    retry_after_us: bucket.wait_for(config, now_us, tokens),
+                });
+            }
+        }
+        if let Some(per_day) = limits.tokens_per_day {
+            if self.day_spent(now_us).saturating_add(tokens) > per_day {
+                out.push(Refusal {
+                    limit: "tokens_per_day",
+                    // A new day starts from zero; a request larger than the whole day never fits.
+                    retry_after_us: (tokens <= per_day).then(|| until_next_utc_day(now_us)),
+                });
+            }
+        }
+        out
+    }
+
+    /// The status of every limit the tier sets.
+    pub fn statuses(&self, limits: &Limits, now_us: u64) -> Vec<LimitStatus> {
+        let mut out = Vec::new();
+        let scope = "subject";
+        if let (Some(config), Some(bucket)) = (limits.bucket(), self.bucket_or_full(limits, now_us)) {
+            out.push(LimitStatus {
+                name: "tokens_per_minute",
+                scope,
+                limit: config.capacity,
+                remaining: u64::try_from(bucket.available(config, now_us).max(0)).unwrap_or(0),
+                reset_after_us: bucket.until_full(config, now_us).unwrap_or(0),
+            });
+        }
+        if let Some(rpm) = limits.requests_per_minute {
+            out.push(LimitStatus {
+                name: "requests_per_minute",
+                scope,
+                limit: rpm,
+                remaining: self.window.remaining(rpm, now_us),
+                reset_after_us: self.window.until_empty(now_us),
+            });
+        }
+        if let Some(per_day) = limits.tokens_per_day {
+            out.push(LimitStatus {
+                name: "tokens_per_day",
+                scope,
+                limit: per_day,
+                remaining: per_day.saturating_sub(self.day_spent(now_us)),
+                reset_after_us: until_next_utc_day(now_us),
+            });
+        }
+        if let Some(max) = limits.max_concurrent {
+            out.push(LimitStatus {
+                name: "max_concurrent",
+                scope,
+                limit: u64::from(max),
+                remaining: u64::from(max.saturating_sub(self.open_holds)),
+                reset_after_us: 0,
+            });
+        }
+        out
+    }
+
+    /// Whether this state is indistinguishable from a fresh subject's at `now_us`, so that it
+    /// can be forgotten (bounding memory by active subjects, not by every subject ever seen).
+    pub fn is_at_rest(&self, limits: &Limits, now_us: u64) -> bool {
+        let bucket_full = match (limits.bucket(), self.bucket) {
+            (Some(config), Some(b)) => b.wait_for(config, now_us, config.capacity) == Some(0),
+            _ => true,
+        };
+        let today = utc_day(now_us);
+        self.open_holds == 0
+            && self.held_tokens == 0
+            && bucket_full
+            && self.window.until_empty(now_us) == 0
+            && self.day_tokens.get(today) == 0
+            && self.day_requests.get(today) == 0
+    }
+}

@@ -1,0 +1,175 @@
+//! The policy file format (TOML) and its validation, with errors that name file, line and
+//! reason so an operator can fix a bad policy without reading code.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{
+    Limits, Policy, Tier, DEFAULT_HOLD_SECONDS, DEFAULT_MAX_HOLD_SECONDS, HOLD_SECONDS_CEILING,
+    LIMIT_CEILING,
+};
+
+/// Why a policy was refused: where, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}:{line}:{column}: {reason}")]
+pub struct PolicyError {
+    /// The file (or `<embedded default policy>`).
+    pub origin: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl PolicyError {
+    pub(super) fn unreadable(origin: &str, err: &std::io::Error) -> Self {
+        Self {
+            origin: origin.to_string(),
+            line: 0,
+            column: 0,
+            reason: format!("cannot read the policy file: {err}"),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    default_tier: Spanned<String>,
+    tiers: Spanned<BTreeMap<String, Spanned<TierFile>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TierFile {
+    tokens_per_minute: Option<Spanned<u64>>,
+    burst_tokens: Option<Spanned<u64>>,
+    requests_per_minute: Option<Spanned<u64>>,
+    tokens_per_day: Option<Spanned<u64>>,
+    max_concurrent: Option<Spanned<u32>>,
+    hold_seconds: Option<Spanned<u64>>,
+    max_hold_seconds: Option<Spanned<u64>>,
+}
+
+struct Source<'a> {
+    text: &'a str,
+    origin: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, span: Range<usize>, reason: impl Into<String>) -> PolicyError {
+        let start = span.start.min(self.text.len());
+        let before = &self.text[..start];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        PolicyError {
+            origin: self.origin.to_string(),
+            line,
+            column,
+            reason: reason.into(),
+        }
+    }
+}
+
+fn valid_tier_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+pub(super) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
+    let src = Source { text, origin };
+    let file: PolicyFile = toml::from_str(text).map_err(|e| {
+        src.error(
+            e.span().unwrap_or(0..0),
+            e.message().trim_end().to_string(),
+        )
+    })?;
+    let tiers_span = file.tiers.span();
+    let mut tiers = BTreeMap::new();
+    for (name, tier) in file.tiers.into_inner() {
+        if !valid_tier_name(&name) {
+            return Err(src.error(
+                tier.span(),
+                format!("tier name {name:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-', '.'"),
+            ));
+        }
+        let limits = tier_limits(&src, tier)?;
+        tiers.insert(name.clone(), Tier { name, limits });
+    }
+    if tiers.is_empty() {
+        return Err(src.error(tiers_span, "the policy must define at least one tier"));
+    }
+    if !tiers.contains_key(file.default_tier.get_ref()) {
+        let names: Vec<_> = tiers.keys().map(String::as_str).collect();
+        return Err(src.error(
+            file.default_tier.span(),
+            format!(
+                "default_tier {:?} is not a tier of this policy (tiers: {})",
+                file.default_tier.get_ref(),
+                names.join(", ")
+            ),
+        ));
+    }
+    Ok(Policy::new(file.default_tier.into_inner(), tiers))
+}
+
+fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, PolicyError> {
+    let span = tier.span();
+    let t = tier.into_inner();
+    let bounded = |field: &str, v: &Option<Spanned<u64>>| -> Result<Option<u64>, PolicyError> {
+        match v {
+            Some(v) if *v.get_ref() > LIMIT_CEILING => Err(src.error(
+                v.span(),
+                format!("{field} must be at most {LIMIT_CEILING}"),
+            )),
+            Some(v) => Ok(Some(*v.get_ref())),
+            None => Ok(None),
+        }
+    };
+    let tokens_per_minute = bounded("tokens_per_minute", &t.tokens_per_minute)?;
+    let burst_tokens = bounded("burst_tokens", &t.burst_tokens)?;
+    let requests_per_minute = bounded("requests_per_minute", &t.requests_per_minute)?;
+    let tokens_per_day = bounded("tokens_per_day", &t.tokens_per_day)?;
+    let hold = bounded("hold_seconds", &t.hold_seconds)?;
+    let max_hold = bounded("max_hold_seconds", &t.max_hold_seconds)?;
+    if burst_tokens.is_some() && tokens_per_minute.is_none() {
+        return Err(src.error(span, "burst_tokens needs tokens_per_minute (the bucket's refill)"));
+    }
+    let max_hold_seconds = max_hold.unwrap_or(DEFAULT_MAX_HOLD_SECONDS.max(hold.unwrap_or(0)));
+    let hold_seconds = hold.unwrap_or(DEFAULT_HOLD_SECONDS.min(max_hold_seconds));
+    for (field, value, v) in [
+        ("hold_seconds", hold_seconds, &t.hold_seconds),
+        ("max_hold_seconds", max_hold_seconds, &t.max_hold_seconds),
+    ] {
+        if !(1..=HOLD_SECONDS_CEILING).contains(&value) {
+            let at = v.as_ref().map_or(span.clone(), Spanned::span);
+            return Err(src.error(
+                at,
+                format!("{field} must be from 1 to {HOLD_SECONDS_CEILING} (a week)"),
+            ));
+        }
+    }
+    if hold_seconds > max_hold_seconds {
+        return Err(src.error(
+            span,
+            format!("hold_seconds ({hold_seconds}) must not exceed max_hold_seconds ({max_hold_seconds})"),
+        ));
+    }
+    Ok(Limits {
+        tokens_per_minute,
+        burst_tokens,
+        requests_per_minute,
+        tokens_per_day,
+        max_concurrent: t.max_concurrent.map(Spanned::into_inner),
+        hold_seconds,
+        max_hold_seconds,
+    })
+}

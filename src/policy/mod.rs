@@ -1,0 +1,178 @@
+//! The policy: which tiers exist and what each allows. Parsed from TOML and validated once, so
+//! the engine only ever sees a [`Policy`] that makes sense.
+
+mod file;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub use file::PolicyError;
+
+/// The policy served when none is given: `tollgate serve` works out of the box.
+pub const DEFAULT_POLICY_TOML: &str = include_str!("default.toml");
+
+/// Hold life when a tier does not say (`hold_seconds`).
+pub const DEFAULT_HOLD_SECONDS: u64 = 300;
+/// Longest hold a Reserve may ask for when a tier does not say (`max_hold_seconds`).
+pub const DEFAULT_MAX_HOLD_SECONDS: u64 = 3600;
+/// No hold may live longer than a week: expired holds must be settled within the late-commit
+/// window, and a week-long hold is a leak, not a call.
+pub const HOLD_SECONDS_CEILING: u64 = 7 * 24 * 3600;
+/// The largest value any limit may have: 10^15 keeps every sum in the engine far from overflow.
+pub const LIMIT_CEILING: u64 = 1_000_000_000_000_000;
+
+/// The limits of one tier. `None` means unlimited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Steady refill of the token bucket.
+    pub tokens_per_minute: Option<u64>,
+    /// Capacity of the token bucket (defaults to `tokens_per_minute`).
+    pub burst_tokens: Option<u64>,
+    /// Admitted Reserves in a rolling minute.
+    pub requests_per_minute: Option<u64>,
+    /// Tokens charged and held in a UTC day.
+    pub tokens_per_day: Option<u64>,
+    /// Open holds at once.
+    pub max_concurrent: Option<u32>,
+    /// Default hold life, in seconds.
+    pub hold_seconds: u64,
+    /// Longest hold a Reserve may ask for, in seconds.
+    pub max_hold_seconds: u64,
+}
+
+impl Limits {
+    /// The token bucket's configuration, if the tier limits tokens per minute.
+    pub fn bucket(&self) -> Option<crate::engine::BucketLimit> {
+        self.tokens_per_minute
+            .map(|per_minute| crate::engine::BucketLimit {
+                capacity: self.burst_tokens.unwrap_or(per_minute),
+                per_minute,
+            })
+    }
+}
+
+/// A named set of limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tier {
+    /// The tier's name, as subjects are assigned to it.
+    pub name: String,
+    /// What the tier allows.
+    pub limits: Limits,
+}
+
+/// A validated policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    default_tier: String,
+    tiers: BTreeMap<String, Tier>,
+}
+
+impl Policy {
+    /// Parse and validate policy TOML; `origin` names the file in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, PolicyError> {
+        file::parse(text, origin)
+    }
+
+    /// Read, parse and validate a policy file.
+    pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::unreadable(&origin, &e))?;
+        Self::from_toml(&text, &origin)
+    }
+
+    /// The embedded default policy.
+    pub fn embedded_default() -> Self {
+        Self::from_toml(DEFAULT_POLICY_TOML, "<embedded default policy>")
+            .expect("the embedded default policy is valid (checked by a unit test)")
+    }
+
+    pub(crate) fn new(default_tier: String, tiers: BTreeMap<String, Tier>) -> Self {
+        debug_assert!(tiers.contains_key(&default_tier));
+        Self {
+            default_tier,
+            tiers,
+        }
+    }
+
+    /// The tier a subject without an assignment gets.
+    pub fn default_tier(&self) -> &Tier {
+        &self.tiers[&self.default_tier]
+    }
+
+    /// A tier by name.
+    pub fn tier(&self, name: &str) -> Option<&Tier> {
+        self.tiers.get(name)
+    }
+
+    /// All tiers, by name.
+    pub fn tiers(&self) -> impl Iterator<Item = &Tier> {
+        self.tiers.values()
+    }
+
+    /// The tier for an assignment: the assigned tier if it still exists, else the default (a
+    /// policy reload may remove a tier that subjects were assigned to).
+    pub fn resolve(&self, assigned: Option<&str>) -> &Tier {
+        assigned
+            .and_then(|name| self.tiers.get(name))
+            .unwrap_or_else(|| self.default_tier())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let p = Policy::embedded_default();
+        assert_eq!(p.default_tier().name, "free");
+        assert_eq!(p.tier("free").unwrap().limits.tokens_per_day, Some(10_000));
+        assert_eq!(p.tier("pro").unwrap().limits.tokens_per_day, Some(500_000));
+    }
+
+    #[test]
+    fn minimal_policy_is_valid_and_leaves_the_rest_unlimited() {
+        let p = Policy::from_toml(
+            "default_tier = \"free\"\n\n[tiers.free]\ntokens_per_day = 500\n",
+            "min.toml",
+        )
+        .unwrap();
+        let l = &p.default_tier().limits;
+        assert_eq!(l.tokens_per_day, Some(500));
+        assert_eq!(l.tokens_per_minute, None);
+        assert_eq!(l.requests_per_minute, None);
+        assert_eq!(l.max_concurrent, None);
+        assert_eq!(l.hold_seconds, DEFAULT_HOLD_SECONDS);
+    }
+
+    fn error_of(text: &str) -> String {
+        Policy::from_toml(text, "p.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_reason() {
+        let e = error_of("default_tier = \"gold\"\n\n[tiers.free]\ntokens_per_day = 500\n");
+        assert!(e.starts_with("p.toml:1:"), "{e}");
+        assert!(e.contains("default_tier \"gold\" is not a tier"), "{e}");
+
+        let e = error_of("default_tier = \"free\"\n[tiers.free]\ntokens_per_dya = 5\n");
+        assert!(e.starts_with("p.toml:3:"), "{e}");
+        assert!(e.contains("tokens_per_dya"), "{e}");
+
+        let e = error_of("default_tier = \"free\"\n[tiers.free]\ntokens_per_day = -5\n");
+        assert!(e.starts_with("p.toml:3:"), "{e}");
+
+        let e = error_of("default_tier = \"free\"\n[tiers.free]\nburst_tokens = 5\n");
+        assert!(e.starts_with("p.toml:2:"), "{e}");
+        assert!(e.contains("burst_tokens needs tokens_per_minute"), "{e}");
+
+        let e = error_of("default_tier = \"free\"\n[tiers.free]\nhold_seconds = 100\nmax_hold_seconds = 50\n");
+        assert!(e.contains("hold_seconds (100) must not exceed max_hold_seconds (50)"), "{e}");
+
+        let e = error_of("default_tier = \"free\"\n[tiers.free]\ntokens_per_day = 1000000000000000000\n");
+        assert!(e.contains("at most 1000000000000000"), "{e}");
+
+        let e = error_of("default_tier = \"free\"\n[tiers.free]\ntokens_per_day = 5\n[tiers.\"bad name\"]\n");
+        assert!(e.contains("tier name \"bad name\""), "{e}");
+    }
+}

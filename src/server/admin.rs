@@ -1,0 +1,113 @@
+//! The `tollgate.v1.Admin` service and the bearer-token check in front of it.
+
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+use tonic::service::Interceptor;
+use tonic::{Request, Response, Status};
+
+use super::validate;
+use crate::ledger::Ledger;
+use crate::proto;
+
+/// Serves SetSubject, GetSubject and ResetUsage.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    ledger: Arc<Ledger>,
+}
+
+impl AdminService {
+    /// A service over `ledger`.
+    pub fn new(ledger: Arc<Ledger>) -> Self {
+        Self { ledger }
+    }
+}
+
+/// Admits an Admin call only with metadata `authorization: Bearer <token>`. With no token
+/// configured every Admin call is refused: an operator API must never be open by default.
+#[derive(Clone)]
+pub struct AdminAuth {
+    token: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for AdminAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminAuth")
+            .field("configured", &self.token.is_some())
+            .finish()
+    }
+}
+
+impl AdminAuth {
+    /// A check against `token` (none: refuse all).
+    pub fn new(token: Option<String>) -> Self {
+        Self {
+            token: token.filter(|t| !t.is_empty()).map(Arc::from),
+        }
+    }
+}
+
+impl Interceptor for AdminAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(token) = &self.token else {
+            return Err(Status::unauthenticated(
+                "admin calls are disabled: start tollgate with --admin-token (TOLLGATE_ADMIN_TOKEN)",
+            ));
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("admin calls need metadata `authorization: Bearer <token>`"))?;
+        // Constant-time: the comparison must not tell an attacker how much of a guess was right.
+        if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated("the admin token is wrong"))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::admin_server::Admin for AdminService {
+    async fn set_subject(
+        &self,
+        request: Request<proto::SetSubjectRequest>,
+    ) -> Result<Response<proto::SetSubjectResponse>, Status> {
+        let req = request.into_inner();
+        validate::subject(&req.subject)?;
+        validate::tier(&req.tier)?;
+        self.ledger.set_subject(&req.subject, &req.tier).await?;
+        tracing::info!(subject = %req.subject, tier = %req.tier, "subject assigned");
+        Ok(Response::new(proto::SetSubjectResponse {
+            subject: req.subject,
+            tier: req.tier,
+        }))
+    }
+
+    async fn get_subject(
+        &self,
+        request: Request<proto::GetSubjectRequest>,
+    ) -> Result<Response<proto::GetSubjectResponse>, Status> {
+        let subject = request.into_inner().subject;
+        validate::subject(&subject)?;
+        let (tier, assigned) = self.ledger.subject_tier(&subject)?;
+        Ok(Response::new(proto::GetSubjectResponse {
+            subject,
+            tier,
+            assigned,
+        }))
+    }
+
+    async fn reset_usage(
+        &self,
+        request: Request<proto::ResetUsageRequest>,
+    ) -> Result<Response<proto::ResetUsageResponse>, Status> {
+        let subject = request.into_inner().subject;
+        validate::subject(&subject)?;
+        self.ledger.reset_usage(&subject).await?;
+        tracing::info!(%subject, "usage reset");
+        Ok(Response::new(proto::ResetUsageResponse { subject }))
+    }
+}

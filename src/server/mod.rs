@@ -1,0 +1,120 @@
+//! The gRPC server: Quota and Admin over the ledger, plus grpc.health.v1 and server reflection
+//! so grpcurl and Kubernetes probes work without proto files.
+
+mod admin;
+mod quota;
+mod status;
+pub mod validate;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use admin::{AdminAuth, AdminService};
+pub use quota::QuotaService;
+
+use crate::ledger::Ledger;
+use crate::proto;
+
+/// How often the sweeper expires holds and purges settled records.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the sweeper also forgets subjects at rest (a full scan of subjects).
+pub const FORGET_EVERY_SWEEPS: u64 = 600;
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The transport failed.
+    #[error("grpc transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not be built from the descriptors.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serve on `listener` until `shutdown` completes; in-flight calls finish first. Runs the
+/// housekeeping sweeper for as long as it serves, and flushes the ledger on the way out.
+pub async fn serve(
+    ledger: Arc<Ledger>,
+    listener: TcpListener,
+    admin_token: Option<String>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<proto::quota_server::QuotaServer<QuotaService>>()
+        .await;
+    health
+        .set_serving::<proto::admin_server::AdminServer<AdminService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let sweeper = tokio::spawn(sweep(ledger.clone()));
+    let quota = proto::quota_server::QuotaServer::new(QuotaService::new(ledger.clone()));
+    let admin = proto::admin_server::AdminServer::with_interceptor(
+        AdminService::new(ledger.clone()),
+        AdminAuth::new(admin_token),
+    );
+    let health_for_shutdown = health.clone();
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(quota)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            health_for_shutdown
+                .set_not_serving::<proto::quota_server::QuotaServer<QuotaService>>()
+                .await;
+            tracing::info!("shutting down: finishing in-flight calls");
+        })
+        .await;
+    sweeper.abort();
+    if let Err(e) = ledger.flush().await {
+        tracing::error!(error = %e, "final flush failed");
+    }
+    result.map_err(ServeError::from)
+}
+
+/// The sweeper: expires due holds and purges old records, so they never pile up even when no
+/// request arrives to trigger it.
+async fn sweep(ledger: Arc<Ledger>) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        let forget = n % FORGET_EVERY_SWEEPS == 0;
+        match ledger.housekeeping(forget) {
+            Ok(h) if h.expired > 0 || h.purged > 0 || h.forgotten > 0 => {
+                tracing::debug!(expired = h.expired, purged = h.purged, forgotten = h.forgotten, "housekeeping");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "housekeeping failed");
+                return;
+            }
+        }
+    }
+}
+
+/// Bind `addr` (port 0 picks a free port) and report the address bound.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}

@@ -1,0 +1,260 @@
+//! Durable records in sled, under `--data-dir`.
+//!
+//! One sled tree, keys prefixed by kind, so that every decision's records are written by one
+//! atomic `apply_batch` (sled batches are atomic within a tree, not across trees):
+//!
+//! | key                    | value (postcard)        |
+//! |------------------------|-------------------------|
+//! | `s` + subject          | [`SubjectState`]        |
+//! | `r` + 16-byte id (BE)  | [`Reservation`]         |
+//! | `a` + subject          | tier name (UTF-8)       |
+//! | `!format`              | format version (u32 BE) |
+
+mod writer;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+pub use writer::{Durability, Ticket, Writer};
+
+use crate::engine::{Mutation, Reservation, SubjectState};
+
+/// The on-disk format version. A data directory written by another version is refused rather
+/// than misread.
+pub const FORMAT_VERSION: u32 = 1;
+const FORMAT_KEY: &[u8] = b"!format";
+
+/// A storage failure: the request that met it is answered UNAVAILABLE, and nothing is
+/// acknowledged that is not durable.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed.
+    #[error("storage: {0}")]
+    Sled(#[from] sled::Error),
+    /// A record could not be decoded.
+    #[error("storage: corrupt record under key {key:?}: {reason}")]
+    Corrupt {
+        /// The key, lossily printed.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// The data directory is of another format version.
+    #[error("storage: data directory has format version {found}, this build reads {FORMAT_VERSION}")]
+    Version {
+        /// The version found.
+        found: u32,
+    },
+    /// An earlier write failed; the store refuses writes until restart.
+    #[error("storage failed: {0}")]
+    Failed(String),
+    /// The writer has stopped (shutdown, or an earlier fatal error).
+    #[error("storage: the writer has stopped")]
+    WriterGone,
+}
+
+/// Everything persisted, as loaded at start-up.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Subject states.
+    pub subjects: HashMap<String, SubjectState>,
+    /// All reservation records (open and settled).
+    pub reservations: Vec<Reservation>,
+    /// Tier assignments.
+    pub assignments: HashMap<String, String>,
+}
+
+/// The sled database of one data directory.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+fn corrupt(key: &[u8], reason: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+impl Store {
+    /// Open (or create) the database under `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        // sled's own background flush is off: the writer decides when to flush (group commit).
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        match db.get(FORMAT_KEY)? {
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| corrupt(FORMAT_KEY, "format version is not 4 bytes"))?;
+                if found != FORMAT_VERSION {
+                    return Err(StoreError::Version { found });
+                }
+            }
+            None => {
+                db.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+        }
+        Ok(Self { db })
+    }
+
+    /// Read every record.
+    pub fn load(&self) -> Result<Snapshot, StoreError> {
+        let mut snap = Snapshot::default();
+        for item in self.db.iter() {
+            let (key, value) = item?;
+            let (kind, rest) = key.split_first().ok_or_else(|| corrupt(&key, "empty key"))?;
+            match kind {
+                b's' => {
+                    let subject = std::str::from_utf8(rest).map_err(|e| corrupt(&key, e))?;
+                    let state: SubjectState =
+                        postcard::from_bytes(&value).map_err(|e| corrupt(&key, e))?;
+                    snap.subjects.insert(subject.to_string(), state);
+                }
+                b'r' => {
+                    let r: Reservation =
+                        postcard::from_bytes(&value).map_err(|e| corrupt(&key, e))?;
+                    if r.id.to_bytes() != rest {
+                        return Err(corrupt(&key, "reservation id does not match its key"));
+                    }
+                    snap.reservations.push(r);
+                }
+                b'a' => {
+                    let subject = std::str::from_utf8(rest).map_err(|e| corrupt(&key, e))?;
+                    let tier = std::str::from_utf8(&value).map_err(|e| corrupt(&key, e))?;
+                    snap.assignments.insert(subject.to_string(), tier.to_string());
+                }
+                b'!' => {}
+                _ => return Err(corrupt(&key, "unknown record kind")),
+            }
+        }
+        Ok(snap)
+    }
+
+    /// Flush everything written so far to disk.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Write mutations as one atomic batch (not flushed).
+    pub(crate) fn apply(&self, batch: &[Mutation]) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for m in batch {
+            encode(m, &mut b);
+        }
+        self.db.apply_batch(b)?;
+        Ok(())
+    }
+
+    /// Bytes the database takes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+fn prefixed(kind: u8, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + rest.len());
+    k.push(kind);
+    k.extend_from_slice(rest);
+    k
+}
+
+fn encode(m: &Mutation, b: &mut sled::Batch) {
+    // postcard cannot fail on these types (no maps with non-string keys, no unsized data); an
+    // error here would be a programming error, caught by the round-trip unit test.
+    match m {
+        Mutation::Subject { subject, state } => {
+            let key = prefixed(b's', subject.as_bytes());
+            match state {
+                Some(s) => b.insert(key, postcard::to_allocvec(s).expect("encode subject")),
+                None => b.remove(key),
+            }
+        }
+        Mutation::Reservation { id, record } => {
+            let key = prefixed(b'r', &id.to_bytes());
+            match record {
+                Some(r) => b.insert(key, postcard::to_allocvec(r.as_ref()).expect("encode reservation")),
+                None => b.remove(key),
+            }
+        }
+        Mutation::Assignment { subject, tier } => {
+            let key = prefixed(b'a', subject.as_bytes());
+            match tier {
+                Some(t) => b.insert(key, t.as_bytes()),
+                None => b.remove(key),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{HoldState, ReservationId, Settlement, Usage};
+
+    #[test]
+    fn records_round_trip_through_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let r = Reservation {
+            id: ReservationId::generate(1_000),
+            subject: "alice".into(),
+            model: "gpt-4o".into(),
+            prompt_tokens: 10,
+            max_output_tokens: 20,
+            requested_hold_us: Some(5),
+            created_us: 1_000,
+            expires_us: 6_000,
+            idempotency_key: Some("k".into()),
+            state: HoldState::Committed {
+                usage: Usage {
+                    prompt_tokens: 10,
+                    completion_tokens: 3,
+                    usage_unknown: false,
+                },
+                settlement: Settlement {
+                    charged_tokens: 13,
+                    released_tokens: 17,
+                    debt_tokens: 0,
+                },
+                at_us: 2_000,
+            },
+        };
+        let mut state = SubjectState::default();
+        state.day_tokens.add(3, 13);
+        store
+            .apply(&[
+                Mutation::Subject {
+                    subject: "alice".into(),
+                    state: Some(state),
+                },
+                Mutation::Reservation {
+                    id: r.id,
+                    record: Some(Box::new(r.clone())),
+                },
+                Mutation::Assignment {
+                    subject: "alice".into(),
+                    tier: Some("pro".into()),
+                },
+            ])
+            .unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let snap = Store::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(snap.subjects["alice"], state);
+        assert_eq!(snap.reservations, vec![r]);
+        assert_eq!(snap.assignments["alice"], "pro");
+    }
+}

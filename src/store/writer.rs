@@ -1,0 +1,223 @@
+//! Group commit: one writer thread owns the disk; requests hand it their mutations and wait.
+
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::{Store, StoreError};
+use crate::engine::Mutation;
+
+/// When a mutating call is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Durability {
+    /// Answered only once its records are flushed to disk: `kill -9` right after an answer
+    /// loses nothing. Concurrent requests share one flush (group commit).
+    #[default]
+    Strict,
+    /// Answered as soon as decided; the writer flushes at least every
+    /// [`RELAXED_FLUSH_INTERVAL`]. A crash can lose the operations answered in that interval
+    /// (plus the time of the flush under way), never more, and never a partial operation.
+    Relaxed,
+}
+
+/// How often the writer flushes in relaxed mode.
+pub const RELAXED_FLUSH_INTERVAL: Duration = Duration::from_millis(10);
+/// Mutation batches queued for the writer at most; a full queue makes requests wait
+/// (backpressure) instead of memory growing while the disk lags.
+pub const QUEUE_BOUND: usize = 16_384;
+/// Requests folded into one sled batch at most, so one flush's latency stays bounded.
+pub const MAX_GROUP: usize = 4_096;
+
+struct Job {
+    mutations: Vec<Mutation>,
+    done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// What a request waits on before it answers.
+#[derive(Debug)]
+pub enum Ticket {
+    /// Nothing to wait for (no mutations, or relaxed durability).
+    Ready,
+    /// Answered by the writer once the request's records are durable.
+    Pending(oneshot::Receiver<Result<(), String>>),
+}
+
+impl Ticket {
+    /// Wait until the records are durable (or the store failed).
+    pub async fn durable(self) -> Result<(), StoreError> {
+        match self {
+            Ticket::Ready => Ok(()),
+            Ticket::Pending(rx) => match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(reason)) => Err(StoreError::Failed(reason)),
+                Err(_) => Err(StoreError::WriterGone),
+            },
+        }
+    }
+}
+
+/// The handle requests use to reach the writer thread.
+///
+/// Why a std thread and a std channel: sled's flush blocks, so it must not run on the async
+/// reactor; and `submit` is called while the engine lock is held (to keep records in decision
+/// order, see [`Writer::submit`]), where a non-async, non-allocating-on-the-fast-path send is
+/// what is wanted.
+pub struct Writer {
+    tx: Option<SyncSender<Job>>,
+    durability: Durability,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("durability", &self.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    /// Start the writer thread over `store`.
+    pub fn start(store: Store, durability: Durability) -> Self {
+        let (tx, rx) = mpsc::sync_channel(QUEUE_BOUND);
+        let thread = std::thread::Builder::new()
+            .name("tollgate-writer".into())
+            .spawn(move || run(store, rx, durability))
+            .expect("spawn the writer thread");
+        Self {
+            tx: Some(tx),
+            durability,
+            thread: Some(thread),
+        }
+    }
+
+    /// The durability in force.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Hand over one decision's mutations.
+    ///
+    /// Must be called while the engine lock is held: records then reach the writer in decision
+    /// order, so a later decision's record of a subject never lands before an earlier one's, and
+    /// a request that observed another's effects is flushed with or after it. Safe to answer the
+    /// observer only after its own ticket: nothing is acknowledged before it is durable.
+    pub fn submit(&self, mutations: Vec<Mutation>) -> Result<Ticket, StoreError> {
+        if mutations.is_empty() {
+            return Ok(Ticket::Ready);
+        }
+        let tx = self.tx.as_ref().ok_or(StoreError::WriterGone)?;
+        let (done, ticket) = match self.durability {
+            Durability::Strict => {
+                let (s, r) = oneshot::channel();
+                (Some(s), Ticket::Pending(r))
+            }
+            Durability::Relaxed => (None, Ticket::Ready),
+        };
+        let job = Job { mutations, done };
+        match tx.try_send(job) {
+            Ok(()) => Ok(ticket),
+            // The disk is behind by QUEUE_BOUND batches: wait for room (backpressure).
+            Err(TrySendError::Full(job)) => tx.send(job).map(|()| ticket).map_err(|_| StoreError::WriterGone),
+            Err(TrySendError::Disconnected(_)) => Err(StoreError::WriterGone),
+        }
+    }
+
+    /// A ticket that completes once everything submitted before it is flushed.
+    pub fn barrier(&self) -> Result<Ticket, StoreError> {
+        let tx = self.tx.as_ref().ok_or(StoreError::WriterGone)?;
+        let (s, r) = oneshot::channel();
+        tx.send(Job {
+            mutations: Vec::new(),
+            done: Some(s),
+        })
+        .map_err(|_| StoreError::WriterGone)?;
+        Ok(Ticket::Pending(r))
+    }
+}
+
+impl Drop for Writer {
+    /// Stop the writer: it drains the queue, flushes, and exits; wait for it.
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(store: Store, rx: Receiver<Job>, durability: Durability) {
+    let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
+    let mut batch: Vec<Mutation> = Vec::new();
+    let mut dirty = false;
+    let mut last_flush = Instant::now();
+    // After a failed write, memory is ahead of disk: the writer fails every later request too
+    // (fail-stop) rather than acknowledge state that a restart would not bring back.
+    let mut failed: Option<String> = None;
+    loop {
+        let first = match durability {
+            Durability::Strict => match rx.recv() {
+                Ok(job) => job,
+                Err(_) => break,
+            },
+            Durability::Relaxed => match rx.recv_timeout(RELAXED_FLUSH_INTERVAL) {
+                Ok(job) => job,
+                Err(RecvTimeoutError::Timeout) => {
+                    if dirty {
+                        if let Err(e) = store.flush() {
+                            tracing::error!(error = %e, "relaxed flush failed");
+                        }
+                        dirty = false;
+                        last_flush = Instant::now();
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+        };
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        batch.clear();
+        for job in &mut group {
+            batch.append(&mut job.mutations);
+        }
+        let mut result = match &failed {
+            Some(reason) => Err(StoreError::Failed(reason.clone())),
+            None => store.apply(&batch),
+        };
+        let must_flush = durability == Durability::Strict
+            || group.iter().any(|j| j.done.is_some())
+            || last_flush.elapsed() >= RELAXED_FLUSH_INTERVAL;
+        if result.is_ok() {
+            if must_flush {
+                result = store.flush();
+                dirty = false;
+                last_flush = Instant::now();
+            } else {
+                dirty = true;
+            }
+        }
+        if let Err(e) = &result {
+            if failed.is_none() {
+                tracing::error!(error = %e, "store write failed; every later write is refused until restart");
+                failed = Some(e.to_string());
+            }
+        }
+        let answer = result.map_err(|e| e.to_string());
+        for job in group.drain(..) {
+            if let Some(done) = job.done {
+                let _ = done.send(answer.clone());
+            }
+        }
+    }
+    if let Err(e) = store.flush() {
+        tracing::error!(error = %e, "final flush failed");
+    }
+}
