@@ -1,0 +1,228 @@
+//! Shared harness for the end-to-end tests: a real tollgate gRPC server on 127.0.0.1 (port 0)
+//! with a manual clock, and clients for it. Also a spawner for the real binary, for the tests
+//! that must `kill -9` a process.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use tollgate::clock::ManualClock;
+use tollgate::engine::Bounds;
+use tollgate::ledger::Ledger;
+use tollgate::policy::Policy;
+use tollgate::proto::admin_client::AdminClient;
+use tollgate::proto::quota_client::QuotaClient;
+use tollgate::proto::{self, ReserveRequest};
+use tollgate::store::Durability;
+
+/// 2026-03-10T12:00:00Z: noon, so a test can move within the day or across midnight.
+pub const T0: u64 = 1_773_144_000_000_000;
+/// Microseconds in a second.
+pub const SEC: u64 = 1_000_000;
+/// The admin token every test server is started with.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// A server in this process, on loopback, with a clock the test moves.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub clock: Arc<ManualClock>,
+    pub ledger: Arc<Ledger>,
+    pub dir: Arc<tempfile::TempDir>,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// A fresh server on `policy_toml`, in a new temporary data directory, at T0.
+    pub async fn start(policy_toml: &str) -> Self {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        Self::start_in(policy_toml, dir, Arc::new(ManualClock::new(T0)), Bounds::default()).await
+    }
+
+    /// A server over an existing data directory and clock (for restarts).
+    pub async fn start_in(
+        policy_toml: &str,
+        dir: Arc<tempfile::TempDir>,
+        clock: Arc<ManualClock>,
+        bounds: Bounds,
+    ) -> Self {
+        let policy = Arc::new(Policy::from_toml(policy_toml, "test.toml").expect("test policy"));
+        let ledger = Arc::new(
+            Ledger::open(dir.path(), policy, bounds, Durability::Strict, clock.clone())
+                .expect("open ledger"),
+        );
+        let (listener, addr) = tollgate::server::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .expect("bind");
+        let (tx, rx) = oneshot::channel::<()>();
+        let l = ledger.clone();
+        let handle = tokio::spawn(async move {
+            tollgate::server::serve(l, listener, Some(ADMIN_TOKEN.to_string()), async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("serve");
+        });
+        Self {
+            addr,
+            clock,
+            ledger,
+            dir,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A Quota client (a new connection each call).
+    pub async fn quota(&self) -> QuotaClient<Channel> {
+        QuotaClient::connect(self.url()).await.expect("connect")
+    }
+
+    /// An Admin client that sends the right bearer token.
+    pub async fn admin(
+        &self,
+    ) -> AdminClient<InterceptedService<Channel, impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone>>
+    {
+        let channel = Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect");
+        let bearer: MetadataValue<_> = format!("Bearer {ADMIN_TOKEN}").parse().unwrap();
+        AdminClient::with_interceptor(channel, move |mut req: Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        })
+    }
+
+    /// Move the clock forward by whole seconds.
+    pub fn advance_secs(&self, secs: u64) {
+        self.clock.advance_secs(secs);
+    }
+
+    /// Stop gracefully and wait until the server and its ledger are gone.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.expect("server task");
+        }
+    }
+
+    /// Stop, then start again over the same data directory and clock.
+    pub async fn restart(self, policy_toml: &str) -> Self {
+        let dir = self.dir.clone();
+        let clock = self.clock.clone();
+        let ledger = self.ledger.clone();
+        self.stop().await;
+        // The ledger (and the sled handle it owns) must be gone before the directory is reopened.
+        drop(wait_unique(ledger).await);
+        Self::start_in(policy_toml, dir, clock, Bounds::default()).await
+    }
+}
+
+async fn wait_unique(mut ledger: Arc<Ledger>) -> Ledger {
+    for _ in 0..500 {
+        match Arc::try_unwrap(ledger) {
+            Ok(l) => return l,
+            Err(back) => {
+                ledger = back;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+    panic!("the ledger is still shared after the server stopped");
+}
+
+/// A Reserve of explicit token counts.
+pub fn reserve(subject: &str, prompt_tokens: u64, max_output_tokens: u64) -> ReserveRequest {
+    ReserveRequest {
+        subject: subject.to_string(),
+        model: "gpt-4o".to_string(),
+        prompt_tokens,
+        max_output_tokens,
+        ..Default::default()
+    }
+}
+
+/// The decision of a response, as the enum.
+pub fn decision(r: &proto::ReserveResponse) -> proto::Decision {
+    proto::Decision::try_from(r.decision).expect("a known decision")
+}
+
+/// A limit's status by name.
+pub fn limit<'a>(limits: &'a [proto::LimitStatus], name: &str) -> &'a proto::LimitStatus {
+    limits
+        .iter()
+        .find(|l| l.name == name)
+        .unwrap_or_else(|| panic!("no limit {name} in {limits:?}"))
+}
+
+/// The real `tollgate` binary, started as a child process.
+pub struct Process {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Process {
+    /// Start `tollgate serve` on 127.0.0.1:0 with `args`, and wait for its address.
+    pub fn serve(data_dir: &std::path::Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tollgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("tollgate listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .parse()
+            .expect("an address");
+        Self { child, addr }
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `kill -9`: no shutdown path runs.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

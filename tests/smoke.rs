@@ -1,0 +1,46 @@
+//! The first exercise of the issue: a 500-token daily quota over real gRPC.
+
+mod common;
+
+use common::*;
+use tollgate::proto::Decision;
+
+const POLICY_500: &str = "default_tier = \"free\"\n\n[tiers.free]\ntokens_per_day = 500\n";
+
+#[tokio::test]
+async fn a_600_token_reserve_is_denied_and_two_300s_admit_one() {
+    let server = TestServer::start(POLICY_500).await;
+    let mut q = server.quota().await;
+
+    let r = q.reserve(reserve("alice", 600, 0)).await.unwrap().into_inner();
+    assert_eq!(decision(&r), Decision::Denied);
+    assert_eq!(r.denied_by, "tokens_per_day");
+    assert!(r.reservation_id.is_empty());
+    assert!(r.retry_after.is_none(), "600 > 500 can never fit: {r:?}");
+
+    let first = q.reserve(reserve("alice", 300, 0)).await.unwrap().into_inner();
+    assert_eq!(decision(&first), Decision::Allowed);
+    assert_eq!(first.reserved_tokens, 300);
+    assert!(!first.reservation_id.is_empty());
+    assert_eq!(limit(&first.limits, "tokens_per_day").remaining, 200);
+
+    let second = q.reserve(reserve("alice", 300, 0)).await.unwrap().into_inner();
+    assert_eq!(decision(&second), Decision::Denied);
+    assert_eq!(second.denied_by, "tokens_per_day");
+    // Tomorrow (12 h from noon) it fits: retry_after says when.
+    assert_eq!(second.retry_after.unwrap().seconds, 12 * 3600);
+
+    let u = q
+        .get_usage(tollgate::proto::GetUsageRequest {
+            subject: "alice".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(u.held_tokens, 300);
+    assert_eq!(u.used_tokens, 0);
+    assert_eq!(u.requests, 1);
+    assert_eq!(u.open_holds, 1);
+    assert_eq!(u.tier, "free");
+    server.stop().await;
+}
