@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::clock::Clock;
 use crate::engine::{
     Bounds, CommitOutcome, Engine, EngineError, Mutation, RefundOutcome, ReservationId,
-    ReserveInput, ReserveOutcome, UsageReport, Usage,
+    ReserveInput, ReserveOutcome, Usage, UsageReport,
 };
 use crate::policy::Policy;
-use crate::store::{Durability, StoreError, Store, Ticket, Writer};
+use crate::store::{Durability, Store, StoreError, Ticket, Writer};
 
 /// Why a ledger call failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +74,11 @@ impl Ledger {
         let snapshot = store.load()?;
         let mut engine = Engine::new(policy, bounds);
         let (subjects, reservations) = (snapshot.subjects.len(), snapshot.reservations.len());
-        for problem in engine.restore(snapshot.subjects, snapshot.reservations, snapshot.assignments) {
+        for problem in engine.restore(
+            snapshot.subjects,
+            snapshot.reservations,
+            snapshot.assignments,
+        ) {
             tracing::warn!(%problem, "repaired on load");
         }
         tracing::info!(
@@ -122,7 +126,11 @@ impl Ledger {
     }
 
     /// Commit: charge the reported usage, and answer once durable.
-    pub async fn commit(&self, id: ReservationId, usage: Usage) -> Result<CommitOutcome, LedgerError> {
+    pub async fn commit(
+        &self,
+        id: ReservationId,
+        usage: Usage,
+    ) -> Result<CommitOutcome, LedgerError> {
         let (outcome, ticket) = self.decide(|e, now| e.commit(id, usage, now))?;
         ticket.durable().await?;
         Ok(outcome)

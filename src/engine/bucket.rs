@@ -79,7 +79,8 @@ impl TokenBucket {
     /// Give `tokens` back, never above capacity.
     pub fn give(&mut self, limit: BucketLimit, now_us: u64, tokens: u64) {
         self.settle(limit, now_us);
-        self.level = (self.level + i128::from(tokens) * UNITS_PER_TOKEN).min(limit.capacity_units());
+        self.level =
+            (self.level + i128::from(tokens) * UNITS_PER_TOKEN).min(limit.capacity_units());
     }
 
     /// Microseconds until `tokens` can be taken, or `None` if they never can (more than the

@@ -83,7 +83,9 @@ impl Engine {
             }
         }
         for (subject, (tokens, count)) in held {
-            problems.push(format!("subject {subject:?} has {count} open holds but no state"));
+            problems.push(format!(
+                "subject {subject:?} has {count} open holds but no state"
+            ));
             self.subjects.insert(
                 subject.to_string(),
                 SubjectState {
@@ -104,7 +106,8 @@ impl Engine {
                 }
             }
             if let Some(key) = &r.idempotency_key {
-                self.idempotency.insert((r.subject.clone(), key.clone()), r.id);
+                self.idempotency
+                    .insert((r.subject.clone(), key.clone()), r.id);
             }
             self.reservations.insert(r.id, r);
         }

@@ -20,9 +20,7 @@ use std::sync::Arc;
 pub use bucket::{BucketLimit, TokenBucket, UNITS_PER_TOKEN};
 pub use error::EngineError;
 pub use period::PeriodCounter;
-pub use reservation::{
-    HoldState, MalformedId, Reservation, ReservationId, Settlement, Usage,
-};
+pub use reservation::{HoldState, MalformedId, Reservation, ReservationId, Settlement, Usage};
 pub use reserve::{Decision, ReserveInput, ReserveOutcome};
 pub use settle::{CommitOutcome, RefundOutcome};
 pub use subject::{LimitStatus, Refusal, SubjectState};
@@ -232,10 +230,14 @@ impl Engine {
             let names: Vec<_> = self.policy.tiers().map(|t| t.name.as_str()).collect();
             return Err(EngineError::InvalidArgument {
                 field: "tier",
-                rule: format!("{tier:?} is not a tier of the policy (tiers: {})", names.join(", ")),
+                rule: format!(
+                    "{tier:?} is not a tier of the policy (tiers: {})",
+                    names.join(", ")
+                ),
             });
         }
-        self.assignments.insert(subject.to_string(), tier.to_string());
+        self.assignments
+            .insert(subject.to_string(), tier.to_string());
         Ok(vec![Mutation::Assignment {
             subject: subject.to_string(),
             tier: Some(tier.to_string()),

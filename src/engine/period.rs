@@ -59,7 +59,11 @@ mod tests {
         c.add(6, 7);
         assert_eq!(c.get(6), 7);
         c.sub(5, 7);
-        assert_eq!(c.get(6), 7, "a release into a closed period changes nothing");
+        assert_eq!(
+            c.get(6),
+            7,
+            "a release into a closed period changes nothing"
+        );
         c.sub(6, 100);
         assert_eq!(c.get(6), 0);
     }

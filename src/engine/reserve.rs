@@ -236,10 +236,7 @@ impl Engine {
         let Some(key) = &input.idempotency_key else {
             return Ok(None);
         };
-        let Some(id) = self
-            .idempotency
-            .get(&(input.subject.clone(), key.clone()))
-        else {
+        let Some(id) = self.idempotency.get(&(input.subject.clone(), key.clone())) else {
             return Ok(None);
         };
         let first = &self.reservations[id];
@@ -252,10 +249,18 @@ impl Engine {
             })
         };
         if first.model != input.model {
-            return differs("model", format!("{:?}", first.model), format!("{:?}", input.model));
+            return differs(
+                "model",
+                format!("{:?}", first.model),
+                format!("{:?}", input.model),
+            );
         }
         if first.prompt_tokens != input.prompt_tokens {
-            return differs("prompt_tokens", first.prompt_tokens.to_string(), input.prompt_tokens.to_string());
+            return differs(
+                "prompt_tokens",
+                first.prompt_tokens.to_string(),
+                input.prompt_tokens.to_string(),
+            );
         }
         if first.max_output_tokens != input.max_output_tokens {
             return differs(

@@ -1,8 +1,8 @@
 //! Commit, Refund and expiry: the ways a hold ends.
 
 use super::{
-    Engine, EngineError, HoldState, LimitStatus, Mutation, Reservation, ReservationId,
-    Settlement, Usage,
+    Engine, EngineError, HoldState, LimitStatus, Mutation, Reservation, ReservationId, Settlement,
+    Usage,
 };
 use crate::clock::utc_day;
 
@@ -108,7 +108,8 @@ impl Engine {
                 state.held_tokens -= held;
                 state.open_holds -= 1;
                 state.day_tokens.add(today, actual);
-                self.deadlines.remove(&(self.reservations[&id].expires_us, id));
+                self.deadlines
+                    .remove(&(self.reservations[&id].expires_us, id));
                 self.open_holds -= 1;
             }
             Some(at_us) => {
@@ -164,7 +165,12 @@ impl Engine {
         match r.state {
             HoldState::Held => {}
             HoldState::Refunded { .. } => {
-                return Ok((RefundOutcome { released_tokens: held }, out));
+                return Ok((
+                    RefundOutcome {
+                        released_tokens: held,
+                    },
+                    out,
+                ));
             }
             HoldState::Committed { .. } => {
                 return Err(EngineError::IllegalTransition {
@@ -203,7 +209,12 @@ impl Engine {
         r.state = HoldState::Refunded { at_us: now_us };
         self.settled.insert((now_us, id));
         self.put_reservation(r, &mut out);
-        Ok((RefundOutcome { released_tokens: held }, out))
+        Ok((
+            RefundOutcome {
+                released_tokens: held,
+            },
+            out,
+        ))
     }
 
     /// Expire holds whose deadline has passed (at most `max_per_pass`): each is charged in full,

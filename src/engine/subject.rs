@@ -57,7 +57,10 @@ impl SubjectState {
     /// The bucket as of now (a subject never charged has a full one).
     pub fn bucket_or_full(&self, limits: &Limits, now_us: u64) -> Option<TokenBucket> {
         let config = limits.bucket()?;
-        Some(self.bucket.unwrap_or_else(|| TokenBucket::full(config, now_us)))
+        Some(
+            self.bucket
+                .unwrap_or_else(|| TokenBucket::full(config, now_us)),
+        )
     }
 
     /// Tokens counted against `tokens_per_day` today: charged plus held.
@@ -86,7 +89,8 @@ impl SubjectState {
                 });
             }
         }
-        if let (Some(config), Some(bucket)) = (limits.bucket(), self.bucket_or_full(limits, now_us)) {
+        if let (Some(config), Some(bucket)) = (limits.bucket(), self.bucket_or_full(limits, now_us))
+        {
             if !bucket.admits(config, now_us, tokens) {
                 out.push(Refusal {
                     limit: "tokens_per_minute",
@@ -110,7 +114,8 @@ impl SubjectState {
     pub fn statuses(&self, limits: &Limits, now_us: u64) -> Vec<LimitStatus> {
         let mut out = Vec::new();
         let scope = "subject";
-        if let (Some(config), Some(bucket)) = (limits.bucket(), self.bucket_or_full(limits, now_us)) {
+        if let (Some(config), Some(bucket)) = (limits.bucket(), self.bucket_or_full(limits, now_us))
+        {
             out.push(LimitStatus {
                 name: "tokens_per_minute",
                 scope,

@@ -75,7 +75,9 @@ impl RequestWindow {
         let room = u128::from(limit - 1);
         let wait = if u128::from(current) <= room {
             // Fits in this minute once enough of the previous minute has slid out.
-            if previous == 0 || u128::from(previous) * (W - elapsed) <= (room - u128::from(current)) * W {
+            if previous == 0
+                || u128::from(previous) * (W - elapsed) <= (room - u128::from(current)) * W
+            {
                 0
             } else {
                 let needed = W - (room - u128::from(current)) * W / u128::from(previous);
@@ -133,7 +135,10 @@ mod tests {
         let t = 30 * MICROS_PER_SECOND + wait;
         assert!(w.admits(3, t));
         assert!(!w.admits(3, t - 1));
-        assert!(w.admits(3, 2 * MICROS_PER_MINUTE), "two minutes later the window is empty");
+        assert!(
+            w.admits(3, 2 * MICROS_PER_MINUTE),
+            "two minutes later the window is empty"
+        );
     }
 
     #[test]

@@ -86,19 +86,17 @@ fn valid_tier_name(name: &str) -> bool {
 
 pub(super) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     let src = Source { text, origin };
-    let file: PolicyFile = toml::from_str(text).map_err(|e| {
-        src.error(
-            e.span().unwrap_or(0..0),
-            e.message().trim_end().to_string(),
-        )
-    })?;
+    let file: PolicyFile = toml::from_str(text)
+        .map_err(|e| src.error(e.span().unwrap_or(0..0), e.message().trim_end().to_string()))?;
     let tiers_span = file.tiers.span();
     let mut tiers = BTreeMap::new();
     for (name, tier) in file.tiers.into_inner() {
         if !valid_tier_name(&name) {
             return Err(src.error(
                 tier.span(),
-                format!("tier name {name:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-', '.'"),
+                format!(
+                    "tier name {name:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-', '.'"
+                ),
             ));
         }
         let limits = tier_limits(&src, tier)?;
@@ -126,10 +124,9 @@ fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, Poli
     let t = tier.into_inner();
     let bounded = |field: &str, v: &Option<Spanned<u64>>| -> Result<Option<u64>, PolicyError> {
         match v {
-            Some(v) if *v.get_ref() > LIMIT_CEILING => Err(src.error(
-                v.span(),
-                format!("{field} must be at most {LIMIT_CEILING}"),
-            )),
+            Some(v) if *v.get_ref() > LIMIT_CEILING => {
+                Err(src.error(v.span(), format!("{field} must be at most {LIMIT_CEILING}")))
+            }
             Some(v) => Ok(Some(*v.get_ref())),
             None => Ok(None),
         }
@@ -141,7 +138,10 @@ fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, Poli
     let hold = bounded("hold_seconds", &t.hold_seconds)?;
     let max_hold = bounded("max_hold_seconds", &t.max_hold_seconds)?;
     if burst_tokens.is_some() && tokens_per_minute.is_none() {
-        return Err(src.error(span, "burst_tokens needs tokens_per_minute (the bucket's refill)"));
+        return Err(src.error(
+            span,
+            "burst_tokens needs tokens_per_minute (the bucket's refill)",
+        ));
     }
     let max_hold_seconds = max_hold.unwrap_or(DEFAULT_MAX_HOLD_SECONDS.max(hold.unwrap_or(0)));
     let hold_seconds = hold.unwrap_or(DEFAULT_HOLD_SECONDS.min(max_hold_seconds));

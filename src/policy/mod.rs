@@ -76,7 +76,8 @@ impl Policy {
     /// Read, parse and validate a policy file.
     pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::unreadable(&origin, &e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| PolicyError::unreadable(&origin, &e))?;
         Self::from_toml(&text, &origin)
     }
 
@@ -166,13 +167,22 @@ mod tests {
         assert!(e.starts_with("p.toml:2:"), "{e}");
         assert!(e.contains("burst_tokens needs tokens_per_minute"), "{e}");
 
-        let e = error_of("default_tier = \"free\"\n[tiers.free]\nhold_seconds = 100\nmax_hold_seconds = 50\n");
-        assert!(e.contains("hold_seconds (100) must not exceed max_hold_seconds (50)"), "{e}");
+        let e = error_of(
+            "default_tier = \"free\"\n[tiers.free]\nhold_seconds = 100\nmax_hold_seconds = 50\n",
+        );
+        assert!(
+            e.contains("hold_seconds (100) must not exceed max_hold_seconds (50)"),
+            "{e}"
+        );
 
-        let e = error_of("default_tier = \"free\"\n[tiers.free]\ntokens_per_day = 1000000000000000000\n");
+        let e = error_of(
+            "default_tier = \"free\"\n[tiers.free]\ntokens_per_day = 1000000000000000000\n",
+        );
         assert!(e.contains("at most 1000000000000000"), "{e}");
 
-        let e = error_of("default_tier = \"free\"\n[tiers.free]\ntokens_per_day = 5\n[tiers.\"bad name\"]\n");
+        let e = error_of(
+            "default_tier = \"free\"\n[tiers.free]\ntokens_per_day = 5\n[tiers.\"bad name\"]\n",
+        );
         assert!(e.contains("tier name \"bad name\""), "{e}");
     }
 }

@@ -59,7 +59,9 @@ impl Interceptor for AdminAuth {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("admin calls need metadata `authorization: Bearer <token>`"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated("admin calls need metadata `authorization: Bearer <token>`")
+            })?;
         // Constant-time: the comparison must not tell an attacker how much of a guess was right.
         if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
             Ok(request)

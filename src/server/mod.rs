@@ -101,7 +101,12 @@ async fn sweep(ledger: Arc<Ledger>) {
         let forget = n % FORGET_EVERY_SWEEPS == 0;
         match ledger.housekeeping(forget) {
             Ok(h) if h.expired > 0 || h.purged > 0 || h.forgotten > 0 => {
-                tracing::debug!(expired = h.expired, purged = h.purged, forgotten = h.forgotten, "housekeeping");
+                tracing::debug!(
+                    expired = h.expired,
+                    purged = h.purged,
+                    forgotten = h.forgotten,
+                    "housekeeping"
+                );
             }
             Ok(_) => {}
             Err(e) => {

@@ -58,7 +58,10 @@ impl proto::quota_server::Quota for QuotaService {
         };
         Ok(Response::new(proto::ReserveResponse {
             decision: decision as i32,
-            reservation_id: o.reservation_id.map(|id| id.to_string()).unwrap_or_default(),
+            reservation_id: o
+                .reservation_id
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
             model: o.model,
             reserved_tokens: o.reserved_tokens,
             denied_by: o.denied_by.unwrap_or_default().to_string(),

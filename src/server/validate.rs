@@ -115,7 +115,10 @@ pub fn reserve(req: proto::ReserveRequest) -> Result<ReserveInput, Status> {
 /// A reservation id as returned by Reserve.
 pub fn reservation_id(value: &str) -> Result<ReservationId, Status> {
     if value.is_empty() {
-        return Err(invalid("reservation_id", "is required and must not be empty"));
+        return Err(invalid(
+            "reservation_id",
+            "is required and must not be empty",
+        ));
     }
     value.parse().map_err(|_| {
         invalid(

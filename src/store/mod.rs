@@ -40,7 +40,9 @@ pub enum StoreError {
         reason: String,
     },
     /// The data directory is of another format version.
-    #[error("storage: data directory has format version {found}, this build reads {FORMAT_VERSION}")]
+    #[error(
+        "storage: data directory has format version {found}, this build reads {FORMAT_VERSION}"
+    )]
     Version {
         /// The version found.
         found: u32,
@@ -114,7 +116,9 @@ impl Store {
         let mut snap = Snapshot::default();
         for item in self.db.iter() {
             let (key, value) = item?;
-            let (kind, rest) = key.split_first().ok_or_else(|| corrupt(&key, "empty key"))?;
+            let (kind, rest) = key
+                .split_first()
+                .ok_or_else(|| corrupt(&key, "empty key"))?;
             match kind {
                 b's' => {
                     let subject = std::str::from_utf8(rest).map_err(|e| corrupt(&key, e))?;
@@ -133,7 +137,8 @@ impl Store {
                 b'a' => {
                     let subject = std::str::from_utf8(rest).map_err(|e| corrupt(&key, e))?;
                     let tier = std::str::from_utf8(&value).map_err(|e| corrupt(&key, e))?;
-                    snap.assignments.insert(subject.to_string(), tier.to_string());
+                    snap.assignments
+                        .insert(subject.to_string(), tier.to_string());
                 }
                 b'!' => {}
                 _ => return Err(corrupt(&key, "unknown record kind")),
@@ -185,7 +190,10 @@ fn encode(m: &Mutation, b: &mut sled::Batch) {
         Mutation::Reservation { id, record } => {
             let key = prefixed(b'r', &id.to_bytes());
             match record {
-                Some(r) => b.insert(key, postcard::to_allocvec(r.as_ref()).expect("encode reservation")),
+                Some(r) => b.insert(
+                    key,
+                    postcard::to_allocvec(r.as_ref()).expect("encode reservation"),
+                ),
                 None => b.remove(key),
             }
         }

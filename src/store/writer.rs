@@ -120,7 +120,10 @@ impl Writer {
         match tx.try_send(job) {
             Ok(()) => Ok(ticket),
             // The disk is behind by QUEUE_BOUND batches: wait for room (backpressure).
-            Err(TrySendError::Full(job)) => tx.send(job).map(|()| ticket).map_err(|_| StoreError::WriterGone),
+            Err(TrySendError::Full(job)) => tx
+                .send(job)
+                .map(|()| ticket)
+                .map_err(|_| StoreError::WriterGone),
             Err(TrySendError::Disconnected(_)) => Err(StoreError::WriterGone),
         }
     }
