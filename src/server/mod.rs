@@ -25,6 +25,9 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the sweeper also forgets subjects at rest (a full scan of subjects).
 pub const FORGET_EVERY_SWEEPS: u64 = 600;
 
+/// Calls in flight at once on one connection.
+pub const CONCURRENCY_PER_CONNECTION: usize = 1_024;
+
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -69,6 +72,8 @@ pub async fn serve(
     let health_for_shutdown = health.clone();
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // Bound the work one connection can put in flight; callers beyond it queue in HTTP/2.
+        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -76,8 +81,15 @@ pub async fn serve(
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
+            // Probes see NOT_SERVING while in-flight calls finish.
+            health_for_shutdown
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
             health_for_shutdown
                 .set_not_serving::<proto::quota_server::QuotaServer<QuotaService>>()
+                .await;
+            health_for_shutdown
+                .set_not_serving::<proto::admin_server::AdminServer<AdminService>>()
                 .await;
             tracing::info!("shutting down: finishing in-flight calls");
         })

@@ -16,9 +16,9 @@ pub enum Durability {
     /// loses nothing. Concurrent requests share one flush (group commit).
     #[default]
     Strict,
-    /// Answered as soon as decided; the writer flushes at least every
-    /// [`RELAXED_FLUSH_INTERVAL`]. A crash can lose the operations answered in that interval
-    /// (plus the time of the flush under way), never more, and never a partial operation.
+    /// Answered as soon as decided; the writer flushes at least every 10 ms. A crash can lose
+    /// the operations answered in those 10 ms (plus the flush under way), never more, and never
+    /// a partial operation.
     Relaxed,
 }
 
