@@ -107,9 +107,33 @@ impl Ledger {
     ) -> Result<(T, Ticket), LedgerError> {
         let mut engine = self.lock()?;
         let now = self.clock.now_micros();
-        let (value, mutations) = decide(&mut engine, now)?;
-        let ticket = self.writer.submit(mutations)?;
-        Ok((value, ticket))
+        // Due holds are expired first, on their own: that changes memory even when the engine
+        // then refuses the call, and those records must reach the disk too, or a restart would
+        // hold (and later charge) the expired tokens a second time.
+        let mut mutations = Vec::new();
+        engine.expire_due(now, &mut mutations);
+        match decide(&mut engine, now) {
+            Ok((value, more)) => {
+                mutations.extend(more);
+                let ticket = self.writer.submit(mutations)?;
+                Ok((value, ticket))
+            }
+            Err(refused) => {
+                // Not awaited: no answer rests on these records.
+                self.writer.submit(mutations)?;
+                Err(refused.into())
+            }
+        }
+    }
+
+    /// The ticket for an answer that repeats an earlier decision (a retried Reserve, Commit or
+    /// Refund): the call wrote nothing, but the decision it repeats may still be on its way to
+    /// disk, and under strict durability it must not be acknowledged before it is there.
+    fn after_earlier(&self, ticket: Ticket) -> Result<Ticket, LedgerError> {
+        match (ticket, self.writer.durability()) {
+            (Ticket::Ready, Durability::Strict) => Ok(self.writer.barrier()?),
+            (ticket, _) => Ok(ticket),
+        }
     }
 
     /// The current time by the ledger's clock.
@@ -121,6 +145,11 @@ impl Ledger {
     pub async fn reserve(&self, mut input: ReserveInput) -> Result<ReserveOutcome, LedgerError> {
         input.id = ReservationId::generate(self.clock.now_micros());
         let (outcome, ticket) = self.decide(|e, now| e.reserve(input, now))?;
+        let ticket = if outcome.replayed {
+            self.after_earlier(ticket)?
+        } else {
+            ticket
+        };
         ticket.durable().await?;
         Ok(outcome)
     }
@@ -132,14 +161,16 @@ impl Ledger {
         usage: Usage,
     ) -> Result<CommitOutcome, LedgerError> {
         let (outcome, ticket) = self.decide(|e, now| e.commit(id, usage, now))?;
-        ticket.durable().await?;
+        // A successful Commit or Refund that wrote nothing is a retry of a settled one.
+        self.after_earlier(ticket)?.durable().await?;
         Ok(outcome)
     }
 
     /// Refund: give the hold back, and answer once durable.
     pub async fn refund(&self, id: ReservationId) -> Result<RefundOutcome, LedgerError> {
         let (outcome, ticket) = self.decide(|e, now| e.refund(id, now))?;
-        ticket.durable().await?;
+        // A successful Commit or Refund that wrote nothing is a retry of a settled one.
+        self.after_earlier(ticket)?.durable().await?;
         Ok(outcome)
     }
 

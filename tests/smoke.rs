@@ -12,19 +12,31 @@ async fn a_600_token_reserve_is_denied_and_two_300s_admit_one() {
     let server = TestServer::start(POLICY_500).await;
     let mut q = server.quota().await;
 
-    let r = q.reserve(reserve("alice", 600, 0)).await.unwrap().into_inner();
+    let r = q
+        .reserve(reserve("alice", 600, 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(decision(&r), Decision::Denied);
     assert_eq!(r.denied_by, "tokens_per_day");
     assert!(r.reservation_id.is_empty());
     assert!(r.retry_after.is_none(), "600 > 500 can never fit: {r:?}");
 
-    let first = q.reserve(reserve("alice", 300, 0)).await.unwrap().into_inner();
+    let first = q
+        .reserve(reserve("alice", 300, 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(decision(&first), Decision::Allowed);
     assert_eq!(first.reserved_tokens, 300);
     assert!(!first.reservation_id.is_empty());
     assert_eq!(limit(&first.limits, "tokens_per_day").remaining, 200);
 
-    let second = q.reserve(reserve("alice", 300, 0)).await.unwrap().into_inner();
+    let second = q
+        .reserve(reserve("alice", 300, 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(decision(&second), Decision::Denied);
     assert_eq!(second.denied_by, "tokens_per_day");
     // Tomorrow (12 h from noon) it fits: retry_after says when.

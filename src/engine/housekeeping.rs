@@ -22,7 +22,11 @@ impl Engine {
             self.settled.pop_first();
             if let Some(r) = self.reservations.remove(&id) {
                 if let Some(key) = r.idempotency_key {
-                    self.idempotency.remove(&(r.subject, key));
+                    // The key may have been reused after this record's retention ran out.
+                    let entry = (r.subject, key);
+                    if self.idempotency.get(&entry) == Some(&id) {
+                        self.idempotency.remove(&entry);
+                    }
                 }
             }
             out.push(Mutation::Reservation { id, record: None });
@@ -106,8 +110,12 @@ impl Engine {
                 }
             }
             if let Some(key) = &r.idempotency_key {
-                self.idempotency
-                    .insert((r.subject.clone(), key.clone()), r.id);
+                // A reused key belongs to its newest reservation (ids sort by time).
+                let slot = self
+                    .idempotency
+                    .entry((r.subject.clone(), key.clone()))
+                    .or_insert(r.id);
+                *slot = (*slot).max(r.id);
             }
             self.reservations.insert(r.id, r);
         }

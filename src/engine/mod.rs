@@ -111,6 +111,9 @@ pub struct UsageReport {
 
 /// The whole in-memory state of the quota ledger.
 ///
+/// Decisions do not expire due holds themselves: the caller runs [`Engine::expire_due`] first
+/// and persists what it returns whether or not the decision then succeeds (the ledger does).
+///
 /// Why one struct behind one lock (held by the ledger) rather than finer locks: a decision reads
 /// and writes several limits and a reservation atomically, the work under the lock is about a
 /// microsecond of arithmetic and map operations, and on a 2-core machine a single uncontended
@@ -186,6 +189,13 @@ impl Engine {
             record: Some(Box::new(r.clone())),
         });
         self.reservations.insert(r.id, r);
+    }
+
+    /// Whether a settled reservation is older than the retention (and so no longer answers).
+    fn past_retention(&self, r: &Reservation, now_us: u64) -> bool {
+        r.state
+            .finished_at()
+            .is_some_and(|at| at.saturating_add(self.bounds.retention_us) <= now_us)
     }
 
     /// A reservation by id (for inspection and tests).

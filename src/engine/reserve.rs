@@ -77,7 +77,6 @@ impl Engine {
         now_us: u64,
     ) -> Result<(ReserveOutcome, Vec<Mutation>), EngineError> {
         let mut out = Vec::new();
-        self.expire_due(now_us, &mut out);
         let held = input
             .prompt_tokens
             .checked_add(input.max_output_tokens)
@@ -240,6 +239,9 @@ impl Engine {
             return Ok(None);
         };
         let first = &self.reservations[id];
+        if self.past_retention(first, now_us) {
+            return Ok(None);
+        }
         let differs = |field: &'static str, a: String, b: String| {
             Err(EngineError::IdempotencyConflict {
                 key: key.clone(),

@@ -34,8 +34,13 @@ fn usage_text(u: &Usage) -> String {
 }
 
 impl Engine {
-    fn existing(&self, id: ReservationId) -> Result<&Reservation, EngineError> {
-        self.reservations.get(&id).ok_or(EngineError::NotFound(id))
+    /// A reservation that is still kept: one settled longer than the retention ago is gone,
+    /// whether or not the sweeper has purged it yet, so the answer does not depend on timing.
+    fn existing(&self, id: ReservationId, now_us: u64) -> Result<&Reservation, EngineError> {
+        self.reservations
+            .get(&id)
+            .filter(|r| !self.past_retention(r, now_us))
+            .ok_or(EngineError::NotFound(id))
     }
 
     /// Charge the usage the provider reported. Usage above the hold is charged anyway (debt);
@@ -48,8 +53,7 @@ impl Engine {
         now_us: u64,
     ) -> Result<(CommitOutcome, Vec<Mutation>), EngineError> {
         let mut out = Vec::new();
-        self.expire_due(now_us, &mut out);
-        let r = self.existing(id)?;
+        let r = self.existing(id, now_us)?;
         let held = r.held_tokens();
         let subject = r.subject.clone();
         let expired_at = match r.state {
@@ -159,8 +163,7 @@ impl Engine {
         now_us: u64,
     ) -> Result<(RefundOutcome, Vec<Mutation>), EngineError> {
         let mut out = Vec::new();
-        self.expire_due(now_us, &mut out);
-        let r = self.existing(id)?;
+        let r = self.existing(id, now_us)?;
         let held = r.held_tokens();
         match r.state {
             HoldState::Held => {}
@@ -235,11 +238,14 @@ impl Engine {
             let mut state = self.subject_state(&r.subject);
             state.held_tokens -= held;
             state.open_holds -= 1;
-            state.day_tokens.add(utc_day(now_us), held);
+            // The hold expired at its deadline, not when this pass runs (a pass can run late,
+            // e.g. after a restart past midnight): charge the deadline's day, which is a no-op
+            // if that day is already over for this subject.
+            state.day_tokens.add(utc_day(deadline), held);
             self.put_subject(&r.subject, state, out);
             self.open_holds -= 1;
-            r.state = HoldState::Expired { at_us: now_us };
-            self.settled.insert((now_us, id));
+            r.state = HoldState::Expired { at_us: deadline };
+            self.settled.insert((deadline, id));
             self.put_reservation(r, out);
             expired += 1;
         }

@@ -111,7 +111,8 @@ fn check_invariants(e: &Engine, step: usize) {
             );
         }
         if let Some(k) = &r.idempotency_key {
-            assert_eq!(e.idempotency[&(r.subject.clone(), k.clone())], r.id);
+            // A key points at its newest reservation (older ones may be past retention).
+            assert!(e.idempotency[&(r.subject.clone(), k.clone())] >= r.id);
         }
     }
     assert_eq!(e.open_holds, open, "step {step}: open hold count");
@@ -350,4 +351,48 @@ fn bounds_refuse_instead_of_growing() {
         }
     );
     assert_eq!(e.open_holds(), 3);
+}
+
+#[test]
+fn retention_is_exact_and_a_reused_key_survives_the_old_records_purge() {
+    let policy = Arc::new(Policy::from_toml(POLICY, "p.toml").unwrap());
+    let mut e = Engine::new(policy, Bounds::default());
+    let day = Bounds::default().retention_us;
+    let input = |id| ReserveInput {
+        subject: "ann".into(),
+        model: "m".into(),
+        prompt_tokens: 10,
+        max_output_tokens: 0,
+        idempotency_key: Some("turn-1".into()),
+        hold_us: None,
+        dry_run: false,
+        id: ReservationId(id),
+    };
+    let (first, _) = e.reserve(input(1), START).unwrap();
+    let old = first.reservation_id.unwrap();
+    let usage = Usage {
+        prompt_tokens: 10,
+        completion_tokens: 0,
+        usage_unknown: false,
+    };
+    e.commit(old, usage, START).unwrap();
+    // One microsecond inside the retention the commit still replays and the key still answers.
+    assert!(e.commit(old, usage, START + day - 1).is_ok());
+    let (replay, _) = e.reserve(input(2), START + day - 1).unwrap();
+    assert_eq!(replay.reservation_id, Some(old));
+    assert!(replay.replayed);
+    // At the retention the record is gone for callers, purged or not.
+    assert_eq!(
+        e.commit(old, usage, START + day).unwrap_err(),
+        EngineError::NotFound(old)
+    );
+    let (fresh, _) = e.reserve(input(3), START + day).unwrap();
+    assert_eq!(fresh.reservation_id, Some(ReservationId(3)));
+    assert!(!fresh.replayed);
+    // Purging the old record must not drop the key's new entry.
+    let mut out = Vec::new();
+    assert_eq!(e.purge_settled(START + day, &mut out), 1);
+    let (again, _) = e.reserve(input(4), START + day + 1).unwrap();
+    assert_eq!(again.reservation_id, Some(ReservationId(3)));
+    assert!(again.replayed);
 }

@@ -69,6 +69,7 @@ impl proto::quota_server::Quota for QuotaService {
             limits: limits(o.limits),
             expires_at: o.expires_us.map(to_timestamp),
             prompt_tokens: o.prompt_tokens,
+            replayed: o.replayed,
         }))
     }
 

@@ -45,7 +45,13 @@ impl TestServer {
     /// A fresh server on `policy_toml`, in a new temporary data directory, at T0.
     pub async fn start(policy_toml: &str) -> Self {
         let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-        Self::start_in(policy_toml, dir, Arc::new(ManualClock::new(T0)), Bounds::default()).await
+        Self::start_in(
+            policy_toml,
+            dir,
+            Arc::new(ManualClock::new(T0)),
+            Bounds::default(),
+        )
+        .await
     }
 
     /// A server over an existing data directory and clock (for restarts).
@@ -57,8 +63,14 @@ impl TestServer {
     ) -> Self {
         let policy = Arc::new(Policy::from_toml(policy_toml, "test.toml").expect("test policy"));
         let ledger = Arc::new(
-            Ledger::open(dir.path(), policy, bounds, Durability::Strict, clock.clone())
-                .expect("open ledger"),
+            Ledger::open(
+                dir.path(),
+                policy,
+                bounds,
+                Durability::Strict,
+                clock.clone(),
+            )
+            .expect("open ledger"),
         );
         let (listener, addr) = tollgate::server::bind("127.0.0.1:0".parse().unwrap())
             .await
@@ -95,8 +107,9 @@ impl TestServer {
     /// An Admin client that sends the right bearer token.
     pub async fn admin(
         &self,
-    ) -> AdminClient<InterceptedService<Channel, impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone>>
-    {
+    ) -> AdminClient<
+        InterceptedService<Channel, impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone>,
+    > {
         let channel = Channel::from_shared(self.url())
             .unwrap()
             .connect()
