@@ -109,13 +109,14 @@ fn engine(c: &mut Criterion) {
                     now += 1_000;
                     let subject = &names[next % names.len()];
                     next += 1;
-                    let (reserved, m1) = engine.reserve(input(subject, now), now).unwrap();
+                    let mut muts = Vec::new();
+                    let reserved = engine.reserve(input(subject, now), now, &mut muts).unwrap();
                     let id = reserved.reservation_id.expect("allowed");
-                    let (committed, m2) = engine.commit(id, USAGE, now).unwrap();
+                    let committed = engine.commit(id, USAGE, now, &mut muts).unwrap();
                     // What the sweeper does, a record at a time: steady state.
                     purged.clear();
                     engine.purge_settled(now, &mut purged);
-                    black_box((reserved, m1, committed, m2, &purged));
+                    black_box((reserved, muts, committed, &purged));
                 });
             },
         );
@@ -126,9 +127,10 @@ fn engine(c: &mut Criterion) {
         let mut now = T0;
         b.iter(|| {
             now += 1_000;
-            let (denied, m) = engine.reserve(input("alice", now), now).unwrap();
+            let mut muts = Vec::new();
+            let denied = engine.reserve(input("alice", now), now, &mut muts).unwrap();
             assert_eq!(denied.decision, Decision::Denied);
-            black_box((denied, m));
+            black_box((denied, muts));
         });
     });
     g.finish();
@@ -157,7 +159,7 @@ async fn reserve_commit(ledger: &Ledger, subject: &str) {
 /// Untimed, between batches: purge settled records past the bound, and let the writer catch up
 /// (relaxed durability answers before the disk does).
 async fn tidy(ledger: &Ledger) {
-    while ledger.housekeeping(false).unwrap().purged > 0 {}
+    while ledger.housekeeping().await.unwrap().purged > 0 {}
     ledger.flush().await.unwrap();
 }
 

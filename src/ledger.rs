@@ -33,12 +33,36 @@ pub enum LedgerError {
 /// What one housekeeping pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Housekeeping {
-    /// Holds expired (charged in full).
+    /// Holds expired (charged in full) by this pass.
     pub expired: usize,
     /// Settled reservations purged after the retention.
     pub purged: usize,
     /// Subjects at rest forgotten.
     pub forgotten: usize,
+}
+
+/// What an answer must wait for before it is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Nothing: the answer acknowledges no change (a denial, a read, a malformed request).
+    Nothing,
+    /// This call's own records.
+    Own,
+    /// The earlier decision the answer repeats or reports (a retried Commit, a replayed
+    /// Reserve, "already COMMITTED"): under strict durability it may still be on its way to
+    /// disk, and must not be acknowledged before it is there.
+    Earlier,
+}
+
+impl Wait {
+    fn for_error(e: &EngineError) -> Self {
+        match e {
+            EngineError::NotFound(_)
+            | EngineError::IllegalTransition { .. }
+            | EngineError::IdempotencyConflict { .. } => Wait::Earlier,
+            EngineError::InvalidArgument { .. } | EngineError::Exhausted { .. } => Wait::Nothing,
+        }
+    }
 }
 
 /// The authoritative quota ledger of one tollgate process.
@@ -100,40 +124,44 @@ impl Ledger {
         self.engine.lock().map_err(|_| LedgerError::Poisoned)
     }
 
-    /// Run `decide` under the lock with the current time, and queue its mutations.
-    fn decide<T>(
+    /// Take a queue slot (waiting, if the disk is behind, before the lock), then under the lock
+    /// expire due holds, run `decide` with the current time, and queue every mutation made.
+    ///
+    /// Due holds are expired first, on their own: that changes memory even when the engine then
+    /// refuses the call, and those records reach the disk either way, or a restart would hold
+    /// (and later charge) the expired tokens a second time.
+    async fn decide<T>(
         &self,
-        decide: impl FnOnce(&mut Engine, u64) -> Result<(T, Vec<Mutation>), EngineError>,
-    ) -> Result<(T, Ticket), LedgerError> {
+        decide: impl FnOnce(&mut Engine, u64, &mut Vec<Mutation>) -> Result<T, EngineError>,
+    ) -> Result<(Result<T, EngineError>, Ticket), LedgerError> {
+        let slot = self.writer.slot().await?;
         let mut engine = self.lock()?;
         let now = self.clock.now_micros();
-        // Due holds are expired first, on their own: that changes memory even when the engine
-        // then refuses the call, and those records must reach the disk too, or a restart would
-        // hold (and later charge) the expired tokens a second time.
         let mut mutations = Vec::new();
         engine.expire_due(now, &mut mutations);
-        match decide(&mut engine, now) {
-            Ok((value, more)) => {
-                mutations.extend(more);
-                let ticket = self.writer.submit(mutations)?;
-                Ok((value, ticket))
-            }
-            Err(refused) => {
-                // Not awaited: no answer rests on these records.
-                self.writer.submit(mutations)?;
-                Err(refused.into())
-            }
-        }
+        let result = decide(&mut engine, now, &mut mutations);
+        let ticket = self.writer.submit(slot, mutations)?;
+        Ok((result, ticket))
     }
 
-    /// The ticket for an answer that repeats an earlier decision (a retried Reserve, Commit or
-    /// Refund): the call wrote nothing, but the decision it repeats may still be on its way to
-    /// disk, and under strict durability it must not be acknowledged before it is there.
-    fn after_earlier(&self, ticket: Ticket) -> Result<Ticket, LedgerError> {
-        match (ticket, self.writer.durability()) {
-            (Ticket::Ready, Durability::Strict) => Ok(self.writer.barrier()?),
-            (ticket, _) => Ok(ticket),
+    /// Wait as `wait` says, then give the answer.
+    async fn answer<T>(
+        &self,
+        result: Result<T, EngineError>,
+        ticket: Ticket,
+        wait: Wait,
+    ) -> Result<T, LedgerError> {
+        match (wait, ticket) {
+            (Wait::Nothing, _) => {}
+            (Wait::Own | Wait::Earlier, Ticket::Pending(rx)) => {
+                Ticket::Pending(rx).durable().await?;
+            }
+            (Wait::Earlier, Ticket::Ready) if self.writer.durability() == Durability::Strict => {
+                self.writer.barrier()?.durable().await?;
+            }
+            (Wait::Own | Wait::Earlier, Ticket::Ready) => {}
         }
+        Ok(result?)
     }
 
     /// The current time by the ledger's clock.
@@ -144,53 +172,59 @@ impl Ledger {
     /// Reserve: decide, hold, and answer once durable.
     pub async fn reserve(&self, mut input: ReserveInput) -> Result<ReserveOutcome, LedgerError> {
         input.id = ReservationId::generate(self.clock.now_micros());
-        let (outcome, ticket) = self.decide(|e, now| e.reserve(input, now))?;
-        let ticket = if outcome.replayed {
-            self.after_earlier(ticket)?
-        } else {
-            ticket
+        let (result, ticket) = self
+            .decide(|e, now, out| e.reserve(input, now, out))
+            .await?;
+        let wait = match &result {
+            Ok(o) if o.replayed => Wait::Earlier,
+            Ok(o) if o.reservation_id.is_some() => Wait::Own,
+            // A denial or dry run acknowledges nothing: it need not wait for the disk.
+            Ok(_) => Wait::Nothing,
+            Err(e) => Wait::for_error(e),
         };
-        ticket.durable().await?;
-        Ok(outcome)
+        self.answer(result, ticket, wait).await
     }
 
-    /// Commit: charge the reported usage, and answer once durable.
+    /// Commit: charge the reported usage, and answer once durable (a retry: once the first
+    /// Commit is durable).
     pub async fn commit(
         &self,
         id: ReservationId,
         usage: Usage,
     ) -> Result<CommitOutcome, LedgerError> {
-        let (outcome, ticket) = self.decide(|e, now| e.commit(id, usage, now))?;
-        // A successful Commit or Refund that wrote nothing is a retry of a settled one.
-        self.after_earlier(ticket)?.durable().await?;
-        Ok(outcome)
+        let (result, ticket) = self
+            .decide(|e, now, out| e.commit(id, usage, now, out))
+            .await?;
+        let wait = result
+            .as_ref()
+            .map_or_else(Wait::for_error, |_| Wait::Earlier);
+        self.answer(result, ticket, wait).await
     }
 
-    /// Refund: give the hold back, and answer once durable.
+    /// Refund: give the hold back, and answer once durable (a retry: once the first Refund is
+    /// durable).
     pub async fn refund(&self, id: ReservationId) -> Result<RefundOutcome, LedgerError> {
-        let (outcome, ticket) = self.decide(|e, now| e.refund(id, now))?;
-        // A successful Commit or Refund that wrote nothing is a retry of a settled one.
-        self.after_earlier(ticket)?.durable().await?;
-        Ok(outcome)
+        let (result, ticket) = self.decide(|e, now, out| e.refund(id, now, out)).await?;
+        let wait = result
+            .as_ref()
+            .map_or_else(Wait::for_error, |_| Wait::Earlier);
+        self.answer(result, ticket, wait).await
     }
 
-    /// A subject's usage. Holds past their deadline are expired first, so the answer is
-    /// current; that expiry is persisted but not awaited (replaying it after a crash gives the
-    /// same result, since the deadlines are durable).
-    pub fn usage(&self, subject: &str) -> Result<UsageReport, LedgerError> {
-        let (report, _ticket) = self.decide(|e, now| {
-            let mut out = Vec::new();
-            e.expire_due(now, &mut out);
-            Ok((e.usage(subject, now), out))
-        })?;
-        Ok(report)
+    /// A subject's usage, from memory. Holds past their deadline are expired first, so the
+    /// answer is current; that expiry is persisted but not awaited (replaying it after a crash
+    /// gives the same result, since the deadlines are durable).
+    pub async fn usage(&self, subject: &str) -> Result<UsageReport, LedgerError> {
+        let (result, _ticket) = self.decide(|e, now, _| Ok(e.usage(subject, now))).await?;
+        Ok(result?)
     }
 
     /// Assign a tier to a subject, durably.
     pub async fn set_subject(&self, subject: &str, tier: &str) -> Result<(), LedgerError> {
-        let ((), ticket) = self.decide(|e, _| Ok(((), e.set_subject(subject, tier)?)))?;
-        ticket.durable().await?;
-        Ok(())
+        let (result, ticket) = self
+            .decide(|e, _, out| e.set_subject(subject, tier, out))
+            .await?;
+        self.answer(result, ticket, Wait::Own).await
     }
 
     /// A subject's tier and whether it was assigned.
@@ -200,33 +234,30 @@ impl Ledger {
 
     /// Forget a subject's usage, durably.
     pub async fn reset_usage(&self, subject: &str) -> Result<(), LedgerError> {
-        let ((), ticket) = self.decide(|e, _| Ok(((), e.reset_usage(subject))))?;
-        ticket.durable().await?;
-        Ok(())
+        let (result, ticket) = self
+            .decide(|e, _, out| {
+                e.reset_usage(subject, out);
+                Ok(())
+            })
+            .await?;
+        self.answer(result, ticket, Wait::Own).await
     }
 
     /// One housekeeping pass: expire due holds, purge settled records past the retention, and
-    /// (when `forget` is set) forget subjects at rest. Persisted, not awaited.
-    pub fn housekeeping(&self, forget: bool) -> Result<Housekeeping, LedgerError> {
-        let (report, _ticket) = self.decide(|e, now| {
-            let mut out = Vec::new();
-            let expired = e.expire_due(now, &mut out);
-            let purged = e.purge_settled(now, &mut out);
-            let forgotten = if forget {
-                e.forget_subjects_at_rest(now, &mut out)
-            } else {
-                0
-            };
-            Ok((
-                Housekeeping {
-                    expired,
-                    purged,
-                    forgotten,
-                },
-                out,
-            ))
-        })?;
-        Ok(report)
+    /// forget subjects at rest, each at most `max_per_pass`. Persisted, not awaited.
+    pub async fn housekeeping(&self) -> Result<Housekeeping, LedgerError> {
+        let (result, _ticket) = self
+            .decide(|e, now, out| {
+                // A second expiry pass (the first ran before this closure) drains a backlog,
+                // e.g. after a restart, twice as fast.
+                Ok(Housekeeping {
+                    expired: e.expire_due(now, out),
+                    purged: e.purge_settled(now, out),
+                    forgotten: e.forget_subjects_at_rest(now, out),
+                })
+            })
+            .await?;
+        Ok(result?)
     }
 
     /// Wait until everything decided so far is on disk.

@@ -780,7 +780,7 @@ async fn a_refused_call_keeps_the_expiries_it_made() {
         );
         // A later decision persists alice's state (which has the expiry's charge).
         ledger.reserve(input("alice", 1, None)).await.unwrap();
-        let before = ledger.usage("alice").unwrap();
+        let before = ledger.usage("alice").await.unwrap();
         assert_eq!(
             (before.used_tokens, before.held_tokens, before.open_holds),
             (100, 1, 1),
@@ -789,7 +789,7 @@ async fn a_refused_call_keeps_the_expiries_it_made() {
         drop(ledger);
 
         let ledger = open();
-        let after = ledger.usage("alice").unwrap();
+        let after = ledger.usage("alice").await.unwrap();
         assert_eq!(
             (
                 after.used_tokens,

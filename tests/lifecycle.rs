@@ -826,14 +826,14 @@ async fn settled_and_expired_records_are_purged_after_the_retention() {
 
     // At T0 + 60 s the rest expire (and are settled then).
     server.advance_secs(60);
-    server.ledger.housekeeping(false).unwrap();
+    server.ledger.housekeeping().await.unwrap();
     assert_eq!(holds_and_records(&server), (0, N));
     let u = usage(&mut q, "user-2").await;
     assert_eq!((u.open_holds, u.held_tokens), (0, 0));
 
     // 24 h after the commits and refunds (T0), those go; the expired ones are 60 s younger.
     server.advance_secs(24 * 3600 - 60);
-    server.ledger.housekeeping(false).unwrap();
+    server.ledger.housekeeping().await.unwrap();
     assert_eq!(holds_and_records(&server), (0, left));
     assert_status(
         q.commit(commit(&ids[0], 10, 5)).await,
@@ -846,7 +846,7 @@ async fn settled_and_expired_records_are_purged_after_the_retention() {
     assert_eq!((late.charged_tokens, late.released_tokens), (10, 10));
 
     server.advance_secs(60);
-    server.ledger.housekeeping(false).unwrap();
+    server.ledger.housekeeping().await.unwrap();
     assert_eq!(
         holds_and_records(&server),
         (0, 1),
@@ -863,7 +863,7 @@ async fn settled_and_expired_records_are_purged_after_the_retention() {
     // 24 h after the late commit and the refund, nothing is left, and a restart brings
     // nothing back.
     server.advance_secs(24 * 3600);
-    server.ledger.housekeeping(false).unwrap();
+    server.ledger.housekeeping().await.unwrap();
     assert_eq!(holds_and_records(&server), (0, 0));
     let server = server.restart(POLICY_ROOMY).await;
     assert_eq!(holds_and_records(&server), (0, 0));

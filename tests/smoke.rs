@@ -39,8 +39,36 @@ async fn a_600_token_reserve_is_denied_and_two_300s_admit_one() {
         .into_inner();
     assert_eq!(decision(&second), Decision::Denied);
     assert_eq!(second.denied_by, "tokens_per_day");
-    // Tomorrow (12 h from noon) it fits: retry_after says when.
-    assert_eq!(second.retry_after.unwrap().seconds, 12 * 3600);
+    // The first hold is what blocks it, and holds outlive midnight, so the hint is short: the
+    // first call may commit less than it held at any moment.
+    assert_eq!(second.retry_after.unwrap().seconds, 1);
+
+    // Once the first commits only 150, the second fits.
+    let c = q
+        .commit(tollgate::proto::CommitRequest {
+            reservation_id: first.reservation_id.clone(),
+            prompt_tokens: 100,
+            completion_tokens: 50,
+            usage_unknown: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((c.charged_tokens, c.released_tokens), (150, 150));
+    let third = q
+        .reserve(reserve("alice", 300, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(decision(&third), Decision::Allowed);
+    // Now charged usage (150 + 300 held) leaves 50; 300 more waits for tomorrow, 12 h from noon.
+    let fourth = q
+        .reserve(reserve("alice", 100, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(decision(&fourth), Decision::Denied);
+    assert_eq!(fourth.retry_after.unwrap().seconds, 12 * 3600);
 
     let u = q
         .get_usage(tollgate::proto::GetUsageRequest {
@@ -50,8 +78,8 @@ async fn a_600_token_reserve_is_denied_and_two_300s_admit_one() {
         .unwrap()
         .into_inner();
     assert_eq!(u.held_tokens, 300);
-    assert_eq!(u.used_tokens, 0);
-    assert_eq!(u.requests, 1);
+    assert_eq!(u.used_tokens, 150);
+    assert_eq!(u.requests, 2);
     assert_eq!(u.open_holds, 1);
     assert_eq!(u.tier, "free");
     server.stop().await;

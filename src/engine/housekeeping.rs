@@ -2,6 +2,7 @@
 //! subjects at rest, and rebuilding the engine from persisted records.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::{Engine, HoldState, Mutation, Reservation, SubjectState};
 
@@ -11,7 +12,7 @@ impl Engine {
     pub fn purge_settled(&mut self, now_us: u64, out: &mut Vec<Mutation>) -> usize {
         let mut purged = 0;
         while purged < self.bounds.max_per_pass {
-            let Some(&(at_us, id)) = self.settled.first() else {
+            let Some(&(at_us, _)) = self.settled.first() else {
                 break;
             };
             let too_old = at_us.saturating_add(self.bounds.retention_us) <= now_us;
@@ -19,40 +20,55 @@ impl Engine {
             if !too_old && !too_many {
                 break;
             }
-            self.settled.pop_first();
-            if let Some(r) = self.reservations.remove(&id) {
-                if let Some(key) = r.idempotency_key {
-                    // The key may have been reused after this record's retention ran out.
-                    let entry = (r.subject, key);
-                    if self.idempotency.get(&entry) == Some(&id) {
-                        self.idempotency.remove(&entry);
-                    }
-                }
-            }
-            out.push(Mutation::Reservation { id, record: None });
+            self.purge_oldest_settled(out);
             purged += 1;
         }
         purged
     }
 
-    /// Forget subjects whose state is the same as a fresh subject's. Returns how many.
+    /// Remove the oldest settled reservation and its idempotency key.
+    pub(super) fn purge_oldest_settled(&mut self, out: &mut Vec<Mutation>) {
+        let Some((_, id)) = self.settled.pop_first() else {
+            return;
+        };
+        if let Some(r) = self.reservations.remove(&id) {
+            if let Some(key) = r.idempotency_key {
+                // The key may have been reused after this record's retention ran out.
+                let entry = (r.subject, key);
+                if self.idempotency.get(&entry) == Some(&id) {
+                    self.idempotency.remove(&entry);
+                }
+            }
+        }
+        out.push(Mutation::Reservation { id, record: None });
+    }
+
+    /// Visit the next `max_per_pass` subjects in round-robin order and forget those whose
+    /// state is the same as a fresh subject's. Returns how many were forgotten.
     pub fn forget_subjects_at_rest(&mut self, now_us: u64, out: &mut Vec<Mutation>) -> usize {
-        let policy = self.policy.clone();
-        let assignments = &self.assignments;
-        let before = self.subjects.len();
-        self.subjects.retain(|subject, state| {
-            let tier = policy.resolve(assignments.get(subject).map(String::as_str));
+        let mut forgotten = 0;
+        for _ in 0..self.bounds.max_per_pass.min(self.rest_queue.len()) {
+            let Some(subject) = self.rest_queue.pop_front() else {
+                break;
+            };
+            let Some(state) = self.subjects.get(&subject) else {
+                continue;
+            };
+            let tier = self
+                .policy
+                .resolve(self.assignments.get(&*subject).map(String::as_str));
             if state.is_at_rest(&tier.limits, now_us) {
+                self.subjects.remove(&subject);
                 out.push(Mutation::Subject {
-                    subject: subject.clone(),
+                    subject: subject.to_string(),
                     state: None,
                 });
-                false
+                forgotten += 1;
             } else {
-                true
+                self.rest_queue.push_back(subject);
             }
-        });
-        before - self.subjects.len()
+        }
+        forgotten
     }
 
     /// Rebuild from persisted records. Reservations are the truth for what is held: each
@@ -65,7 +81,10 @@ impl Engine {
         assignments: HashMap<String, String>,
     ) -> Vec<String> {
         let mut problems = Vec::new();
-        self.subjects = subjects;
+        self.subjects = subjects
+            .into_iter()
+            .map(|(k, v)| (Arc::<str>::from(k), v))
+            .collect();
         self.assignments = assignments;
         let mut held: HashMap<&str, (u64, u32)> = HashMap::new();
         for r in &reservations {
@@ -76,7 +95,7 @@ impl Engine {
             }
         }
         for (subject, state) in self.subjects.iter_mut() {
-            let (tokens, count) = held.remove(subject.as_str()).unwrap_or_default();
+            let (tokens, count) = held.remove(&**subject).unwrap_or_default();
             if state.held_tokens != tokens || state.open_holds != count {
                 problems.push(format!(
                     "subject {subject:?}: stored {} tokens in {} holds, reservations say {tokens} in {count}",
@@ -91,7 +110,7 @@ impl Engine {
                 "subject {subject:?} has {count} open holds but no state"
             ));
             self.subjects.insert(
-                subject.to_string(),
+                Arc::from(subject),
                 SubjectState {
                     held_tokens: tokens,
                     open_holds: count,
@@ -99,6 +118,7 @@ impl Engine {
                 },
             );
         }
+        self.rest_queue = self.subjects.keys().cloned().collect();
         for r in reservations {
             match r.state.finished_at() {
                 None => {

@@ -1,8 +1,9 @@
 //! The decision engine: limits, buckets, windows and the reservation state machine, in memory,
 //! with no I/O and no clock of its own (every call is given `now`).
 //!
-//! Each call that changes state returns the [`Mutation`]s it made, in order; the ledger persists
-//! them before it answers. Denials and dry runs change nothing and return none.
+//! Each call that changes state pushes the [`Mutation`]s it makes, in order and as it makes
+//! them, to an `out` vector the caller passes, so that no error path can lose one; the ledger
+//! persists them before it answers. Denials and dry runs change nothing and push none.
 
 mod bucket;
 mod error;
@@ -14,7 +15,7 @@ mod settle;
 mod subject;
 mod window;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 pub use bucket::{BucketLimit, TokenBucket, UNITS_PER_TOKEN};
@@ -64,16 +65,17 @@ pub struct Bounds {
     /// Open holds of one subject, whatever its tier says (a tier without `max_concurrent` must
     /// still not let one subject fill the table).
     pub max_holds_per_subject: u32,
-    /// Subjects with live state. Subjects at rest are forgotten first.
+    /// Subjects with live state. Subjects at rest are forgotten by the sweeper; while the table
+    /// is full, Reserves for new subjects are refused.
     pub max_subjects: usize,
     /// Settled reservations kept for retries and late Commits. Past this, the oldest go first,
-    /// even if younger than the retention.
+    /// even if younger than the retention (with their idempotency keys).
     pub max_settled: usize,
     /// How long a settled (committed, refunded, expired) reservation and its idempotency key are
     /// kept: 24 hours, the late-commit window.
     pub retention_us: u64,
-    /// Holds expired or records purged in one housekeeping pass, so one pass never holds the
-    /// engine for long; the sweeper runs passes until there is nothing left.
+    /// Holds expired, records purged or subjects visited in one housekeeping pass, so one pass
+    /// never holds the engine lock for long.
     pub max_per_pass: usize,
 }
 
@@ -122,7 +124,10 @@ pub struct UsageReport {
 pub struct Engine {
     policy: Arc<Policy>,
     bounds: Bounds,
-    subjects: HashMap<String, SubjectState>,
+    subjects: HashMap<Arc<str>, SubjectState>,
+    /// Every subject in `subjects`, once, in the order the sweeper visits them to forget those
+    /// at rest: a round-robin that costs O(1) per subject visited, never a scan of all.
+    rest_queue: VecDeque<Arc<str>>,
     assignments: HashMap<String, String>,
     reservations: HashMap<ReservationId, Reservation>,
     /// Open holds by deadline: the sweeper pops from the front.
@@ -141,6 +146,7 @@ impl Engine {
             policy,
             bounds,
             subjects: HashMap::new(),
+            rest_queue: VecDeque::new(),
             assignments: HashMap::new(),
             reservations: HashMap::new(),
             deadlines: BTreeSet::new(),
@@ -174,7 +180,9 @@ impl Engine {
         match self.subjects.get_mut(subject) {
             Some(slot) => *slot = state,
             None => {
-                self.subjects.insert(subject.to_string(), state);
+                let key: Arc<str> = Arc::from(subject);
+                self.subjects.insert(key.clone(), state);
+                self.rest_queue.push_back(key);
             }
         }
         out.push(Mutation::Subject {
@@ -235,7 +243,12 @@ impl Engine {
     }
 
     /// Assign a tier to a subject.
-    pub fn set_subject(&mut self, subject: &str, tier: &str) -> Result<Vec<Mutation>, EngineError> {
+    pub fn set_subject(
+        &mut self,
+        subject: &str,
+        tier: &str,
+        out: &mut Vec<Mutation>,
+    ) -> Result<(), EngineError> {
         if self.policy.tier(tier).is_none() {
             let names: Vec<_> = self.policy.tiers().map(|t| t.name.as_str()).collect();
             return Err(EngineError::InvalidArgument {
@@ -248,10 +261,11 @@ impl Engine {
         }
         self.assignments
             .insert(subject.to_string(), tier.to_string());
-        Ok(vec![Mutation::Assignment {
+        out.push(Mutation::Assignment {
             subject: subject.to_string(),
             tier: Some(tier.to_string()),
-        }])
+        });
+        Ok(())
     }
 
     /// A subject's tier and whether it was assigned (rather than the default).
@@ -265,16 +279,14 @@ impl Engine {
     /// Forget a subject's usage (tokens and requests today, minute window, bucket level). Open
     /// holds stay: they are still owed a Commit or Refund, and forgetting them would let their
     /// settlement release tokens that were never counted.
-    pub fn reset_usage(&mut self, subject: &str) -> Vec<Mutation> {
+    pub fn reset_usage(&mut self, subject: &str, out: &mut Vec<Mutation>) {
         let old = self.subject_state(subject);
         let fresh = SubjectState {
             held_tokens: old.held_tokens,
             open_holds: old.open_holds,
             ..SubjectState::default()
         };
-        let mut out = Vec::new();
-        self.put_subject(subject, fresh, &mut out);
-        out
+        self.put_subject(subject, fresh, out);
     }
 }
 

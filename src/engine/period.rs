@@ -28,14 +28,14 @@ impl PeriodCounter {
         self.period
     }
 
-    /// Add to the count of `period` (starting it at zero if it is a new one).
+    /// Add to the count of `period` (starting it at zero if it is a new one). A period older
+    /// than the counter's (the clock stepped back) adds to the counter's period: a charge is
+    /// never dropped.
     pub fn add(&mut self, period: u32, amount: u64) {
         if period > self.period {
             *self = Self { period, value: 0 };
         }
-        if period == self.period {
-            self.value = self.value.saturating_add(amount);
-        }
+        self.value = self.value.saturating_add(amount);
     }
 
     /// Take from the count of `period`, never below zero; nothing if `period` is not current.
@@ -64,6 +64,13 @@ mod tests {
             7,
             "a release into a closed period changes nothing"
         );
+        c.add(5, 3);
+        assert_eq!(
+            c.get(6),
+            10,
+            "a clock stepping back still charges, to the current period"
+        );
+        c.sub(6, 3);
         c.sub(6, 100);
         assert_eq!(c.get(6), 0);
     }

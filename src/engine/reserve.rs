@@ -75,8 +75,8 @@ impl Engine {
         &mut self,
         input: ReserveInput,
         now_us: u64,
-    ) -> Result<(ReserveOutcome, Vec<Mutation>), EngineError> {
-        let mut out = Vec::new();
+        out: &mut Vec<Mutation>,
+    ) -> Result<ReserveOutcome, EngineError> {
         let held = input
             .prompt_tokens
             .checked_add(input.max_output_tokens)
@@ -87,7 +87,7 @@ impl Engine {
 
         if !input.dry_run {
             if let Some(replay) = self.replay(&input, now_us)? {
-                return Ok((replay, out));
+                return Ok(replay);
             }
         }
 
@@ -110,40 +110,34 @@ impl Engine {
         let mut state = self.subject_state(&input.subject);
         let refusals = state.refusals(&limits, now_us, held);
         if let Some(refusal) = binding(&refusals) {
-            return Ok((
-                ReserveOutcome {
-                    decision: Decision::Denied,
-                    reservation_id: None,
-                    model: input.model,
-                    reserved_tokens: 0,
-                    prompt_tokens: input.prompt_tokens,
-                    denied_by: Some(refusal.limit),
-                    retry_after_us: refusal.retry_after_us,
-                    limits: state.statuses(&limits, now_us),
-                    expires_us: None,
-                    replayed: false,
-                },
-                out,
-            ));
+            return Ok(ReserveOutcome {
+                decision: Decision::Denied,
+                reservation_id: None,
+                model: input.model,
+                reserved_tokens: 0,
+                prompt_tokens: input.prompt_tokens,
+                denied_by: Some(refusal.limit),
+                retry_after_us: refusal.retry_after_us,
+                limits: state.statuses(&limits, now_us),
+                expires_us: None,
+                replayed: false,
+            });
         }
         if input.dry_run {
-            return Ok((
-                ReserveOutcome {
-                    decision: Decision::Allowed,
-                    reservation_id: None,
-                    model: input.model,
-                    reserved_tokens: held,
-                    prompt_tokens: input.prompt_tokens,
-                    denied_by: None,
-                    retry_after_us: None,
-                    limits: state.statuses(&limits, now_us),
-                    expires_us: None,
-                    replayed: false,
-                },
-                out,
-            ));
+            return Ok(ReserveOutcome {
+                decision: Decision::Allowed,
+                reservation_id: None,
+                model: input.model,
+                reserved_tokens: held,
+                prompt_tokens: input.prompt_tokens,
+                denied_by: None,
+                retry_after_us: None,
+                limits: state.statuses(&limits, now_us),
+                expires_us: None,
+                replayed: false,
+            });
         }
-        self.check_room(&input.subject, &state, now_us, &mut out)?;
+        self.check_room(&input.subject, &state)?;
 
         // Admitted: charge every limit together.
         if let Some(config) = limits.bucket() {
@@ -157,7 +151,7 @@ impl Engine {
         state.day_requests.add(utc_day(now_us), 1);
         state.held_tokens += held;
         state.open_holds += 1;
-        self.put_subject(&input.subject, state, &mut out);
+        self.put_subject(&input.subject, state, out);
 
         let expires_us = now_us.saturating_add(hold_us);
         let reservation = Reservation {
@@ -190,18 +184,12 @@ impl Engine {
             expires_us: Some(expires_us),
             replayed: false,
         };
-        self.put_reservation(reservation, &mut out);
-        Ok((outcome, out))
+        self.put_reservation(reservation, out);
+        Ok(outcome)
     }
 
     /// Bounds on memory that an admitted hold must fit within.
-    fn check_room(
-        &mut self,
-        subject: &str,
-        state: &super::SubjectState,
-        now_us: u64,
-        out: &mut Vec<Mutation>,
-    ) -> Result<(), EngineError> {
+    fn check_room(&self, subject: &str, state: &super::SubjectState) -> Result<(), EngineError> {
         if self.open_holds >= self.bounds.max_open_holds {
             return Err(EngineError::Exhausted {
                 what: "open holds",
@@ -214,14 +202,13 @@ impl Engine {
                 bound: u64::from(self.bounds.max_holds_per_subject),
             });
         }
+        // No scan here: forgetting subjects at rest is the sweeper's job, a bounded amount per
+        // pass, so a flood of new subjects cannot make a request hold the lock for long.
         if !self.subjects.contains_key(subject) && self.subjects.len() >= self.bounds.max_subjects {
-            self.forget_subjects_at_rest(now_us, out);
-            if self.subjects.len() >= self.bounds.max_subjects {
-                return Err(EngineError::Exhausted {
-                    what: "subjects with live state",
-                    bound: self.bounds.max_subjects as u64,
-                });
-            }
+            return Err(EngineError::Exhausted {
+                what: "subjects with live state",
+                bound: self.bounds.max_subjects as u64,
+            });
         }
         Ok(())
     }

@@ -51,8 +51,9 @@ impl Engine {
         id: ReservationId,
         usage: Usage,
         now_us: u64,
-    ) -> Result<(CommitOutcome, Vec<Mutation>), EngineError> {
-        let mut out = Vec::new();
+        out: &mut Vec<Mutation>,
+    ) -> Result<CommitOutcome, EngineError> {
+        self.expire_if_overdue(id, now_us, out);
         let r = self.existing(id, now_us)?;
         let held = r.held_tokens();
         let subject = r.subject.clone();
@@ -67,13 +68,10 @@ impl Engine {
                 if first == usage {
                     let limits = &self.tier_of(&subject).limits;
                     let statuses = self.subject_state(&subject).statuses(limits, now_us);
-                    return Ok((
-                        CommitOutcome {
-                            settlement,
-                            limits: statuses,
-                        },
-                        out,
-                    ));
+                    return Ok(CommitOutcome {
+                        settlement,
+                        limits: statuses,
+                    });
                 }
                 return Err(EngineError::IllegalTransition {
                     id,
@@ -138,22 +136,19 @@ impl Engine {
             }
             state.bucket = Some(bucket);
         }
-        self.put_subject(&subject, state, &mut out);
+        self.put_subject(&subject, state, out);
         let mut r = self.reservations[&id].clone();
         r.state = HoldState::Committed {
             usage,
             settlement,
             at_us: now_us,
         };
-        self.settled.insert((now_us, id));
-        self.put_reservation(r, &mut out);
-        Ok((
-            CommitOutcome {
-                settlement,
-                limits: state.statuses(&limits, now_us),
-            },
-            out,
-        ))
+        self.mark_settled(now_us, id, out);
+        self.put_reservation(r, out);
+        Ok(CommitOutcome {
+            settlement,
+            limits: state.statuses(&limits, now_us),
+        })
     }
 
     /// Give a whole hold back: the call never happened. A retry returns the same answer.
@@ -161,19 +156,17 @@ impl Engine {
         &mut self,
         id: ReservationId,
         now_us: u64,
-    ) -> Result<(RefundOutcome, Vec<Mutation>), EngineError> {
-        let mut out = Vec::new();
+        out: &mut Vec<Mutation>,
+    ) -> Result<RefundOutcome, EngineError> {
+        self.expire_if_overdue(id, now_us, out);
         let r = self.existing(id, now_us)?;
         let held = r.held_tokens();
         match r.state {
             HoldState::Held => {}
             HoldState::Refunded { .. } => {
-                return Ok((
-                    RefundOutcome {
-                        released_tokens: held,
-                    },
-                    out,
-                ));
+                return Ok(RefundOutcome {
+                    released_tokens: held,
+                });
             }
             HoldState::Committed { .. } => {
                 return Err(EngineError::IllegalTransition {
@@ -205,19 +198,16 @@ impl Engine {
             bucket.give(config, now_us, held);
             state.bucket = Some(bucket);
         }
-        self.put_subject(&subject, state, &mut out);
+        self.put_subject(&subject, state, out);
         self.deadlines.remove(&(expires_us, id));
         self.open_holds -= 1;
         let mut r = self.reservations[&id].clone();
         r.state = HoldState::Refunded { at_us: now_us };
-        self.settled.insert((now_us, id));
-        self.put_reservation(r, &mut out);
-        Ok((
-            RefundOutcome {
-                released_tokens: held,
-            },
-            out,
-        ))
+        self.mark_settled(now_us, id, out);
+        self.put_reservation(r, out);
+        Ok(RefundOutcome {
+            released_tokens: held,
+        })
     }
 
     /// Expire holds whose deadline has passed (at most `max_per_pass`): each is charged in full,
@@ -231,24 +221,49 @@ impl Engine {
             if deadline > now_us {
                 break;
             }
-            self.deadlines.pop_first();
-            let mut r = self.reservations[&id].clone();
-            debug_assert_eq!(r.state, HoldState::Held);
-            let held = r.held_tokens();
-            let mut state = self.subject_state(&r.subject);
-            state.held_tokens -= held;
-            state.open_holds -= 1;
-            // The hold expired at its deadline, not when this pass runs (a pass can run late,
-            // e.g. after a restart past midnight): charge the deadline's day, which is a no-op
-            // if that day is already over for this subject.
-            state.day_tokens.add(utc_day(deadline), held);
-            self.put_subject(&r.subject, state, out);
-            self.open_holds -= 1;
-            r.state = HoldState::Expired { at_us: deadline };
-            self.settled.insert((deadline, id));
-            self.put_reservation(r, out);
+            self.expire_hold(id, out);
             expired += 1;
         }
         expired
+    }
+
+    /// Expire one open hold at its deadline.
+    fn expire_hold(&mut self, id: ReservationId, out: &mut Vec<Mutation>) {
+        let mut r = self.reservations[&id].clone();
+        debug_assert_eq!(r.state, HoldState::Held);
+        let deadline = r.expires_us;
+        self.deadlines.remove(&(deadline, id));
+        let held = r.held_tokens();
+        let mut state = self.subject_state(&r.subject);
+        state.held_tokens -= held;
+        state.open_holds -= 1;
+        // The hold expired at its deadline, not when this runs (a pass can run late, e.g. after
+        // a restart past midnight): charge the deadline's day, which is a no-op if that day is
+        // already over for this subject.
+        state.day_tokens.add(utc_day(deadline), held);
+        self.put_subject(&r.subject, state, out);
+        self.open_holds -= 1;
+        r.state = HoldState::Expired { at_us: deadline };
+        self.mark_settled(deadline, id, out);
+        self.put_reservation(r, out);
+    }
+
+    /// Index a reservation as settled at `at_us`, and keep the settled set within its bound by
+    /// purging the oldest (so the bound holds even between sweeper passes).
+    fn mark_settled(&mut self, at_us: u64, id: ReservationId, out: &mut Vec<Mutation>) {
+        self.settled.insert((at_us, id));
+        if self.settled.len() > self.bounds.max_settled {
+            self.purge_oldest_settled(out);
+        }
+    }
+
+    /// Expire `id` now if it is an open hold past its deadline that a bounded expiry pass has
+    /// not reached yet, so a Commit or Refund never skips its expiry.
+    fn expire_if_overdue(&mut self, id: ReservationId, now_us: u64, out: &mut Vec<Mutation>) {
+        if let Some(r) = self.reservations.get(&id) {
+            if r.state == HoldState::Held && r.expires_us <= now_us {
+                self.expire_hold(id, out);
+            }
+        }
     }
 }

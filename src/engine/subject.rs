@@ -52,6 +52,9 @@ pub struct LimitStatus {
 /// Retry hint for `max_concurrent`: a slot frees when some call ends, which tollgate cannot
 /// predict, so callers are told to try again in a second.
 const CONCURRENCY_RETRY_US: u64 = 1_000_000;
+/// Retry hint for `tokens_per_day` when open holds, not charged usage, are what block: the
+/// same reasoning as for concurrency.
+const HOLDS_RETRY_US: u64 = 1_000_000;
 
 impl SubjectState {
     /// The bucket as of now (a subject never charged has a full one).
@@ -100,10 +103,20 @@ impl SubjectState {
         }
         if let Some(per_day) = limits.tokens_per_day {
             if self.day_spent(now_us).saturating_add(tokens) > per_day {
+                let retry_after_us = if tokens > per_day {
+                    // Larger than the whole day: never fits.
+                    None
+                } else if self.held_tokens.saturating_add(tokens) > per_day {
+                    // Open holds alone block it, and they outlive midnight: it fits only once
+                    // some settle, which tollgate cannot predict.
+                    Some(HOLDS_RETRY_US)
+                } else {
+                    // A new day starts from zero charged tokens.
+                    Some(until_next_utc_day(now_us))
+                };
                 out.push(Refusal {
                     limit: "tokens_per_day",
-                    // A new day starts from zero; a request larger than the whole day never fits.
-                    retry_after_us: (tokens <= per_day).then(|| until_next_utc_day(now_us)),
+                    retry_after_us,
                 });
             }
         }

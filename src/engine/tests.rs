@@ -124,7 +124,7 @@ fn check_invariants(e: &Engine, step: usize) {
     );
     assert!(e.idempotency.len() <= e.reservations.len());
     for (subject, state) in &e.subjects {
-        let (tokens, count) = held.get(subject.as_str()).copied().unwrap_or_default();
+        let (tokens, count) = held.get(&**subject).copied().unwrap_or_default();
         assert_eq!(
             state.held_tokens, tokens,
             "step {step}: held tokens of {subject}"
@@ -174,22 +174,22 @@ fn random_operations_keep_every_invariant_and_replay_from_mutations() {
                         dry_run: rng.below(10) == 0,
                         id: ReservationId::generate(now + step as u64),
                     };
-                    match e.reserve(input, now) {
-                        Ok((o, muts)) => {
+                    let mut muts = Vec::new();
+                    match e.reserve(input, now, &mut muts) {
+                        Ok(o) => {
                             if let Some(id) = o.reservation_id {
                                 ids.push(id);
                             }
-                            if o.decision == Decision::Denied {
-                                assert!(muts.iter().all(|m| !matches!(
-                                    m,
-                                    Mutation::Reservation { record: Some(r), .. } if r.state == HoldState::Held
-                                )), "a denial holds nothing");
+                            if o.decision == Decision::Denied || o.replayed {
+                                assert!(muts.is_empty(), "a denial or replay changes nothing");
                             }
-                            disk.apply(muts);
                         }
-                        Err(EngineError::IdempotencyConflict { .. }) => {}
+                        Err(EngineError::IdempotencyConflict { .. }) => {
+                            assert!(muts.is_empty(), "a refused Reserve changes nothing");
+                        }
                         Err(other) => panic!("seed {seed} step {step}: {other}"),
                     }
+                    disk.apply(muts);
                 }
                 45..=69 if !ids.is_empty() => {
                     let id = ids[rng.below(ids.len() as u64) as usize];
@@ -207,30 +207,38 @@ fn random_operations_keep_every_invariant_and_replay_from_mutations() {
                     } else {
                         usage
                     };
-                    match e.commit(id, usage, now) {
-                        Ok((o, muts)) => {
+                    // Mutations are kept even when the call fails: an overdue hold may have been
+                    // expired on the spot before the refusal.
+                    let mut muts = Vec::new();
+                    match e.commit(id, usage, now, &mut muts) {
+                        Ok(o) => {
                             if o.settlement.debt_tokens > 0 {
                                 over_hold_commits += 1;
                             }
-                            disk.apply(muts);
                         }
                         Err(EngineError::IllegalTransition { .. } | EngineError::NotFound(_)) => {}
                         Err(other) => panic!("seed {seed} step {step}: {other}"),
                     }
+                    disk.apply(muts);
                 }
                 70..=84 if !ids.is_empty() => {
                     let id = ids[rng.below(ids.len() as u64) as usize];
-                    match e.refund(id, now) {
-                        Ok((_, muts)) => disk.apply(muts),
-                        Err(EngineError::IllegalTransition { .. } | EngineError::NotFound(_)) => {}
+                    let mut muts = Vec::new();
+                    match e.refund(id, now, &mut muts) {
+                        Ok(_)
+                        | Err(EngineError::IllegalTransition { .. } | EngineError::NotFound(_)) => {
+                        }
                         Err(other) => panic!("seed {seed} step {step}: {other}"),
                     }
+                    disk.apply(muts);
                 }
                 85..=86 => {
                     // Only cat and dan change tier, so ann and ben stay under the day quota.
                     let subject = subjects[2 + rng.below(2) as usize];
                     let tier = if rng.below(2) == 0 { "free" } else { "open" };
-                    disk.apply(e.set_subject(subject, tier).unwrap());
+                    let mut muts = Vec::new();
+                    e.set_subject(subject, tier, &mut muts).unwrap();
+                    disk.apply(muts);
                 }
                 87 => {
                     let mut out = Vec::new();
@@ -245,9 +253,13 @@ fn random_operations_keep_every_invariant_and_replay_from_mutations() {
                         1..=4 => rng.below(3) * MICROS_PER_MINUTE,
                         _ => rng.below(5 * MICROS_PER_SECOND),
                     };
-                    let mut out = Vec::new();
-                    e.expire_due(now, &mut out);
-                    disk.apply(out);
+                    // Half the time expiry is left to later, as when a bounded pass has not
+                    // reached a hold yet: Commit and Refund must expire overdue holds themselves.
+                    if rng.below(2) == 0 {
+                        let mut out = Vec::new();
+                        e.expire_due(now, &mut out);
+                        disk.apply(out);
+                    }
                 }
             }
             check_invariants(&e, step);
@@ -302,11 +314,13 @@ fn a_denial_changes_nothing() {
         dry_run: false,
         id: ReservationId(id),
     };
-    let (first, muts) = e.reserve(input(1), START).unwrap();
+    let mut muts = Vec::new();
+    let first = e.reserve(input(1), START, &mut muts).unwrap();
     assert_eq!(first.decision, Decision::Allowed);
     assert!(!muts.is_empty());
     let before = e.usage("ann", START);
-    let (second, muts) = e.reserve(input(2), START).unwrap();
+    let mut muts = Vec::new();
+    let second = e.reserve(input(2), START, &mut muts).unwrap();
     assert_eq!(second.decision, Decision::Denied);
     assert_eq!(second.denied_by, Some("tokens_per_minute"));
     assert!(muts.is_empty(), "{muts:?}");
@@ -333,18 +347,20 @@ fn bounds_refuse_instead_of_growing() {
         dry_run: false,
         id: ReservationId(id),
     };
-    e.reserve(input("a", 1), START).unwrap();
-    e.reserve(input("b", 2), START).unwrap();
+    e.reserve(input("a", 1), START, &mut Vec::new()).unwrap();
+    e.reserve(input("b", 2), START, &mut Vec::new()).unwrap();
     assert_eq!(
-        e.reserve(input("c", 3), START).unwrap_err(),
+        e.reserve(input("c", 3), START, &mut Vec::new())
+            .unwrap_err(),
         EngineError::Exhausted {
             what: "subjects with live state",
             bound: 2
         }
     );
-    e.reserve(input("a", 4), START).unwrap();
+    e.reserve(input("a", 4), START, &mut Vec::new()).unwrap();
     assert_eq!(
-        e.reserve(input("b", 5), START).unwrap_err(),
+        e.reserve(input("b", 5), START, &mut Vec::new())
+            .unwrap_err(),
         EngineError::Exhausted {
             what: "open holds",
             bound: 3
@@ -368,31 +384,149 @@ fn retention_is_exact_and_a_reused_key_survives_the_old_records_purge() {
         dry_run: false,
         id: ReservationId(id),
     };
-    let (first, _) = e.reserve(input(1), START).unwrap();
+    let first = e.reserve(input(1), START, &mut Vec::new()).unwrap();
     let old = first.reservation_id.unwrap();
     let usage = Usage {
         prompt_tokens: 10,
         completion_tokens: 0,
         usage_unknown: false,
     };
-    e.commit(old, usage, START).unwrap();
+    e.commit(old, usage, START, &mut Vec::new()).unwrap();
     // One microsecond inside the retention the commit still replays and the key still answers.
-    assert!(e.commit(old, usage, START + day - 1).is_ok());
-    let (replay, _) = e.reserve(input(2), START + day - 1).unwrap();
+    assert!(e
+        .commit(old, usage, START + day - 1, &mut Vec::new())
+        .is_ok());
+    let replay = e
+        .reserve(input(2), START + day - 1, &mut Vec::new())
+        .unwrap();
     assert_eq!(replay.reservation_id, Some(old));
     assert!(replay.replayed);
     // At the retention the record is gone for callers, purged or not.
     assert_eq!(
-        e.commit(old, usage, START + day).unwrap_err(),
+        e.commit(old, usage, START + day, &mut Vec::new())
+            .unwrap_err(),
         EngineError::NotFound(old)
     );
-    let (fresh, _) = e.reserve(input(3), START + day).unwrap();
+    let fresh = e.reserve(input(3), START + day, &mut Vec::new()).unwrap();
     assert_eq!(fresh.reservation_id, Some(ReservationId(3)));
     assert!(!fresh.replayed);
     // Purging the old record must not drop the key's new entry.
     let mut out = Vec::new();
     assert_eq!(e.purge_settled(START + day, &mut out), 1);
-    let (again, _) = e.reserve(input(4), START + day + 1).unwrap();
+    let again = e
+        .reserve(input(4), START + day + 1, &mut Vec::new())
+        .unwrap();
     assert_eq!(again.reservation_id, Some(ReservationId(3)));
     assert!(again.replayed);
+}
+
+fn one_token(subject: &str, id: u128) -> ReserveInput {
+    ReserveInput {
+        subject: subject.into(),
+        model: "m".into(),
+        prompt_tokens: 1,
+        max_output_tokens: 0,
+        idempotency_key: None,
+        hold_us: None,
+        dry_run: false,
+        id: ReservationId(id),
+    }
+}
+
+#[test]
+fn subjects_at_rest_are_forgotten_a_bounded_number_per_pass() {
+    let policy = Arc::new(Policy::from_toml(POLICY, "p.toml").unwrap());
+    let bounds = Bounds {
+        max_per_pass: 10,
+        max_subjects: 25,
+        ..Bounds::default()
+    };
+    let mut e = Engine::new(policy, bounds);
+    let mut out = Vec::new();
+    for i in 0..25u32 {
+        let id = e
+            .reserve(
+                one_token(&format!("s{i}"), u128::from(i) + 1),
+                START,
+                &mut out,
+            )
+            .unwrap()
+            .reservation_id
+            .unwrap();
+        e.refund(id, START, &mut out).unwrap();
+    }
+    // Full: a new subject is refused at once (no scan in the request path).
+    assert_eq!(
+        e.reserve(one_token("new", 100), START, &mut out)
+            .unwrap_err(),
+        EngineError::Exhausted {
+            what: "subjects with live state",
+            bound: 25
+        }
+    );
+    // Today they have requests on record, so none is at rest yet.
+    assert_eq!(e.forget_subjects_at_rest(START, &mut out), 0);
+    assert_eq!(e.subject_count(), 25);
+    // Tomorrow they are: each pass forgets at most 10, with a delete record for each.
+    let tomorrow = START + crate::clock::MICROS_PER_DAY;
+    let mut deletes = Vec::new();
+    assert_eq!(e.forget_subjects_at_rest(tomorrow, &mut deletes), 10);
+    assert_eq!(deletes.len(), 10);
+    assert!(deletes
+        .iter()
+        .all(|m| matches!(m, Mutation::Subject { state: None, .. })));
+    assert_eq!(e.forget_subjects_at_rest(tomorrow, &mut deletes), 10);
+    assert_eq!(e.forget_subjects_at_rest(tomorrow, &mut deletes), 5);
+    assert_eq!(e.subject_count(), 0);
+    assert!(e.reserve(one_token("new", 101), tomorrow, &mut out).is_ok());
+}
+
+#[test]
+fn an_overdue_hold_beyond_a_bounded_pass_is_expired_by_its_own_settlement() {
+    let policy = Arc::new(Policy::from_toml(POLICY, "p.toml").unwrap());
+    let bounds = Bounds {
+        max_per_pass: 1,
+        ..Bounds::default()
+    };
+    let mut e = Engine::new(policy, bounds);
+    let mut out = Vec::new();
+    let a = e.reserve(one_token("open-a", 1), START, &mut out).unwrap();
+    let b = e.reserve(one_token("open-b", 2), START, &mut out).unwrap();
+    let (a, b) = (a.reservation_id.unwrap(), b.reservation_id.unwrap());
+    // The "open" tier is not assigned: free's hold_seconds (30) applies.
+    let later = START + 31 * MICROS_PER_SECOND;
+    assert_eq!(e.expire_due(later, &mut out), 1, "the pass is bounded");
+    let mut muts = Vec::new();
+    let err = e.refund(b, later, &mut muts).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::IllegalTransition {
+                state: "EXPIRED",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        !muts.is_empty(),
+        "the expiry made on the spot is returned with the refusal"
+    );
+    assert_eq!(e.usage("open-b", later).used_tokens, 1);
+    assert_eq!(e.usage("open-b", later).open_holds, 0);
+    // The first was expired by the pass: a late Commit reconciles it.
+    let c = e
+        .commit(
+            a,
+            Usage {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                usage_unknown: false,
+            },
+            later,
+            &mut muts,
+        )
+        .unwrap();
+    assert_eq!(c.settlement.charged_tokens, 0);
+    assert_eq!(e.usage("open-a", later).used_tokens, 0);
 }

@@ -22,8 +22,6 @@ use crate::proto;
 
 /// How often the sweeper expires holds and purges settled records.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
-/// How often the sweeper also forgets subjects at rest (a full scan of subjects).
-pub const FORGET_EVERY_SWEEPS: u64 = 600;
 
 /// Calls in flight at once on one connection.
 pub const CONCURRENCY_PER_CONNECTION: usize = 1_024;
@@ -110,12 +108,9 @@ pub async fn serve(
 async fn sweep(ledger: Arc<Ledger>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut n: u64 = 0;
     loop {
         tick.tick().await;
-        n += 1;
-        let forget = n % FORGET_EVERY_SWEEPS == 0;
-        match ledger.housekeeping(forget) {
+        match ledger.housekeeping().await {
             Ok(h) if h.expired > 0 || h.purged > 0 || h.forgotten > 0 => {
                 tracing::debug!(
                     expired = h.expired,

@@ -104,7 +104,7 @@ impl proto::quota_server::Quota for QuotaService {
     ) -> Result<Response<proto::GetUsageResponse>, Status> {
         let subject = &request.get_ref().subject;
         validate::subject(subject)?;
-        let u = self.ledger.usage(subject)?;
+        let u = self.ledger.usage(subject).await?;
         Ok(Response::new(proto::GetUsageResponse {
             subject: u.subject,
             tier: u.tier,

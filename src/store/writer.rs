@@ -1,10 +1,11 @@
 //! Group commit: one writer thread owns the disk; requests hand it their mutations and wait.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::{Store, StoreError};
 use crate::engine::Mutation;
@@ -24,8 +25,8 @@ pub enum Durability {
 
 /// How often the writer flushes in relaxed mode.
 pub const RELAXED_FLUSH_INTERVAL: Duration = Duration::from_millis(10);
-/// Mutation batches queued for the writer at most; a full queue makes requests wait
-/// (backpressure) instead of memory growing while the disk lags.
+/// Decisions queued for the writer at most; a full queue makes new requests wait for a slot
+/// (backpressure, off the engine lock) instead of memory growing while the disk lags.
 pub const QUEUE_BOUND: usize = 16_384;
 /// Requests folded into one sled batch at most, so one flush's latency stays bounded.
 pub const MAX_GROUP: usize = 4_096;
@@ -33,7 +34,13 @@ pub const MAX_GROUP: usize = 4_096;
 struct Job {
     mutations: Vec<Mutation>,
     done: Option<oneshot::Sender<Result<(), String>>>,
+    /// The queue slot this job holds, given back when the writer has handled it.
+    _slot: Option<Slot>,
 }
+
+/// A place in the writer's queue, taken before the engine lock (see [`Writer::slot`]).
+#[derive(Debug)]
+pub struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
 
 /// What a request waits on before it answers.
 #[derive(Debug)]
@@ -60,12 +67,14 @@ impl Ticket {
 
 /// The handle requests use to reach the writer thread.
 ///
-/// Why a std thread and a std channel: sled's flush blocks, so it must not run on the async
-/// reactor; and `submit` is called while the engine lock is held (to keep records in decision
-/// order, see [`Writer::submit`]), where a non-async, non-allocating-on-the-fast-path send is
-/// what is wanted.
+/// Why a std thread: sled's flush blocks, so it must not run on the async reactor. Why slots
+/// taken before the engine lock: `submit` runs under the lock (to keep records in decision
+/// order) and must never block there, so the queue's bound is enforced by a semaphore that a
+/// request waits on asynchronously before it takes the lock; `submit` itself never waits.
 pub struct Writer {
-    tx: Option<SyncSender<Job>>,
+    tx: Option<mpsc::Sender<Job>>,
+    slots: Arc<Semaphore>,
+    failed: Arc<OnceLock<String>>,
     durability: Durability,
     thread: Option<JoinHandle<()>>,
 }
@@ -81,13 +90,17 @@ impl std::fmt::Debug for Writer {
 impl Writer {
     /// Start the writer thread over `store`.
     pub fn start(store: Store, durability: Durability) -> Self {
-        let (tx, rx) = mpsc::sync_channel(QUEUE_BOUND);
+        let (tx, rx) = mpsc::channel();
+        let failed = Arc::new(OnceLock::new());
+        let thread_failed = failed.clone();
         let thread = std::thread::Builder::new()
             .name("tollgate-writer".into())
-            .spawn(move || run(store, rx, durability))
+            .spawn(move || run(store, rx, durability, thread_failed))
             .expect("spawn the writer thread");
         Self {
             tx: Some(tx),
+            slots: Arc::new(Semaphore::new(QUEUE_BOUND)),
+            failed,
             durability,
             thread: Some(thread),
         }
@@ -98,16 +111,42 @@ impl Writer {
         self.durability
     }
 
-    /// Hand over one decision's mutations.
+    fn check_healthy(&self) -> Result<(), StoreError> {
+        match self.failed.get() {
+            Some(reason) => Err(StoreError::Failed(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a write has failed (the service then refuses every write until restart).
+    pub fn is_failed(&self) -> bool {
+        self.failed.get().is_some()
+    }
+
+    /// Wait for room in the queue. Call before taking the engine lock: while the disk is
+    /// behind by [`QUEUE_BOUND`] decisions, callers wait here, off the lock, and the runtime
+    /// (health checks included) keeps running.
+    pub async fn slot(&self) -> Result<Slot, StoreError> {
+        self.check_healthy()?;
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map(Slot)
+            .map_err(|_| StoreError::WriterGone)
+    }
+
+    /// Hand over one decision's mutations, holding `slot`. Never blocks.
     ///
     /// Must be called while the engine lock is held: records then reach the writer in decision
     /// order, so a later decision's record of a subject never lands before an earlier one's, and
     /// a request that observed another's effects is flushed with or after it. Safe to answer the
     /// observer only after its own ticket: nothing is acknowledged before it is durable.
-    pub fn submit(&self, mutations: Vec<Mutation>) -> Result<Ticket, StoreError> {
+    pub fn submit(&self, slot: Slot, mutations: Vec<Mutation>) -> Result<Ticket, StoreError> {
         if mutations.is_empty() {
             return Ok(Ticket::Ready);
         }
+        self.check_healthy()?;
         let tx = self.tx.as_ref().ok_or(StoreError::WriterGone)?;
         let (done, ticket) = match self.durability {
             Durability::Strict => {
@@ -116,25 +155,24 @@ impl Writer {
             }
             Durability::Relaxed => (None, Ticket::Ready),
         };
-        let job = Job { mutations, done };
-        match tx.try_send(job) {
-            Ok(()) => Ok(ticket),
-            // The disk is behind by QUEUE_BOUND batches: wait for room (backpressure).
-            Err(TrySendError::Full(job)) => tx
-                .send(job)
-                .map(|()| ticket)
-                .map_err(|_| StoreError::WriterGone),
-            Err(TrySendError::Disconnected(_)) => Err(StoreError::WriterGone),
-        }
+        tx.send(Job {
+            mutations,
+            done,
+            _slot: Some(slot),
+        })
+        .map_err(|_| StoreError::WriterGone)?;
+        Ok(ticket)
     }
 
     /// A ticket that completes once everything submitted before it is flushed.
     pub fn barrier(&self) -> Result<Ticket, StoreError> {
+        self.check_healthy()?;
         let tx = self.tx.as_ref().ok_or(StoreError::WriterGone)?;
         let (s, r) = oneshot::channel();
         tx.send(Job {
             mutations: Vec::new(),
             done: Some(s),
+            _slot: None,
         })
         .map_err(|_| StoreError::WriterGone)?;
         Ok(Ticket::Pending(r))
@@ -151,14 +189,19 @@ impl Drop for Writer {
     }
 }
 
-fn run(store: Store, rx: Receiver<Job>, durability: Durability) {
+fn run(store: Store, rx: Receiver<Job>, durability: Durability, failed: Arc<OnceLock<String>>) {
     let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
     let mut batch: Vec<Mutation> = Vec::new();
     let mut dirty = false;
     let mut last_flush = Instant::now();
     // After a failed write, memory is ahead of disk: the writer fails every later request too
-    // (fail-stop) rather than acknowledge state that a restart would not bring back.
-    let mut failed: Option<String> = None;
+    // (fail-stop) rather than acknowledge state that a restart would not bring back. The flag
+    // is shared, so `submit` refuses new work in relaxed mode too.
+    let fail = |e: &StoreError| {
+        if failed.set(e.to_string()).is_ok() {
+            tracing::error!(error = %e, "store write failed; every later write is refused until restart");
+        }
+    };
     loop {
         let first = match durability {
             Durability::Strict => match rx.recv() {
@@ -170,7 +213,7 @@ fn run(store: Store, rx: Receiver<Job>, durability: Durability) {
                 Err(RecvTimeoutError::Timeout) => {
                     if dirty {
                         if let Err(e) = store.flush() {
-                            tracing::error!(error = %e, "relaxed flush failed");
+                            fail(&e);
                         }
                         dirty = false;
                         last_flush = Instant::now();
@@ -191,7 +234,7 @@ fn run(store: Store, rx: Receiver<Job>, durability: Durability) {
         for job in &mut group {
             batch.append(&mut job.mutations);
         }
-        let mut result = match &failed {
+        let mut result = match failed.get() {
             Some(reason) => Err(StoreError::Failed(reason.clone())),
             None => store.apply(&batch),
         };
@@ -208,10 +251,7 @@ fn run(store: Store, rx: Receiver<Job>, durability: Durability) {
             }
         }
         if let Err(e) = &result {
-            if failed.is_none() {
-                tracing::error!(error = %e, "store write failed; every later write is refused until restart");
-                failed = Some(e.to_string());
-            }
+            fail(e);
         }
         let answer = result.map_err(|e| e.to_string());
         for job in group.drain(..) {
