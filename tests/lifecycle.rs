@@ -5,11 +5,7 @@ mod common;
 use common::*;
 
 use tokio::task::JoinSet;
-use tollgate::proto::quota_client::QuotaClient;
-use tollgate::proto::{
-    CommitRequest, Decision, GetUsageRequest, GetUsageResponse, RefundRequest, ReserveRequest,
-};
-use tonic::transport::Channel;
+use tollgate::proto::{CommitRequest, Decision, RefundRequest, ReserveRequest};
 use tonic::Code;
 
 /// A bucket of 1,000 tokens a minute, 10,000 tokens a day, 60 s holds (at most 600 s).
@@ -61,17 +57,6 @@ hold_seconds = 60
 
 const T0_SECS: i64 = (T0 / SEC) as i64;
 const WELL_FORMED_UNKNOWN_ID: &str = "0192a8a4-1c2b-7cc0-8d1e-0123456789ab";
-
-type Quota = QuotaClient<Channel>;
-
-async fn usage(q: &mut Quota, subject: &str) -> GetUsageResponse {
-    q.get_usage(GetUsageRequest {
-        subject: subject.to_string(),
-    })
-    .await
-    .expect("get_usage")
-    .into_inner()
-}
 
 fn commit(id: &str, prompt_tokens: u64, completion_tokens: u64) -> CommitRequest {
     CommitRequest {

@@ -10,17 +10,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use tokio::sync::Barrier;
-use tonic::transport::Channel;
 use tonic::Code;
 
 use tollgate::proto::admin_client::AdminClient;
 use tollgate::proto::quota_client::QuotaClient;
 use tollgate::proto::{
-    CommitRequest, Decision, GetSubjectRequest, GetUsageRequest, GetUsageResponse, LimitStatus,
-    RefundRequest, ReserveRequest, ReserveResponse, SetSubjectRequest,
+    CommitRequest, Decision, GetSubjectRequest, LimitStatus, RefundRequest, ReserveRequest,
+    ReserveResponse, SetSubjectRequest,
 };
-
-type Quota = QuotaClient<Channel>;
 
 const HOUR: u64 = 3600 * SEC;
 
@@ -37,15 +34,6 @@ fn retry_us(r: &ReserveResponse) -> Option<u64> {
 
 async fn rsv(q: &mut Quota, req: ReserveRequest) -> ReserveResponse {
     q.reserve(req).await.expect("reserve").into_inner()
-}
-
-async fn usage(q: &mut Quota, subject: &str) -> GetUsageResponse {
-    q.get_usage(GetUsageRequest {
-        subject: subject.to_string(),
-    })
-    .await
-    .expect("get_usage")
-    .into_inner()
 }
 
 fn dry(mut req: ReserveRequest) -> ReserveRequest {

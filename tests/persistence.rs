@@ -4,10 +4,9 @@ mod common;
 use common::*;
 
 use tollgate::proto::admin_client::AdminClient;
-use tollgate::proto::quota_client::QuotaClient;
 use tollgate::proto::{
-    CommitRequest, Decision, GetSubjectRequest, GetUsageRequest, GetUsageResponse, RefundRequest,
-    ResetUsageRequest, SetSubjectRequest,
+    CommitRequest, Decision, GetSubjectRequest, GetUsageResponse, RefundRequest, ResetUsageRequest,
+    SetSubjectRequest,
 };
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -29,17 +28,6 @@ hold_seconds = 120
 "#;
 
 const WELL_FORMED_UNKNOWN_ID: &str = "0192a8a4-1c2b-7cc0-8d1e-0123456789ab";
-
-type Quota = QuotaClient<Channel>;
-
-async fn usage(q: &mut Quota, subject: &str) -> GetUsageResponse {
-    q.get_usage(GetUsageRequest {
-        subject: subject.to_string(),
-    })
-    .await
-    .expect("get_usage")
-    .into_inner()
-}
 
 fn commit(id: &str, prompt_tokens: u64, completion_tokens: u64) -> CommitRequest {
     CommitRequest {

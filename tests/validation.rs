@@ -3,11 +3,7 @@
 mod common;
 use common::*;
 
-use tollgate::proto::quota_client::QuotaClient;
-use tollgate::proto::{
-    CommitRequest, Decision, GetUsageRequest, GetUsageResponse, RefundRequest, ReserveRequest,
-};
-use tonic::transport::Channel;
+use tollgate::proto::{CommitRequest, Decision, GetUsageRequest, RefundRequest, ReserveRequest};
 use tonic::Code;
 
 /// The minimal policy of the documentation.
@@ -20,17 +16,6 @@ default_tier = "big"
 [tiers.big]
 tokens_per_day = 1000000000
 "#;
-
-type Quota = QuotaClient<Channel>;
-
-async fn usage(q: &mut Quota, subject: &str) -> GetUsageResponse {
-    q.get_usage(GetUsageRequest {
-        subject: subject.to_string(),
-    })
-    .await
-    .expect("get_usage")
-    .into_inner()
-}
 
 /// A server where alice has one committed call (used 30) and one open hold (held 20), so
 /// "nothing changed" compares something.

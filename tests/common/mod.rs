@@ -239,3 +239,16 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// A Quota client.
+pub type Quota = QuotaClient<Channel>;
+
+/// GetUsage of `subject`.
+pub async fn usage(q: &mut Quota, subject: &str) -> proto::GetUsageResponse {
+    q.get_usage(proto::GetUsageRequest {
+        subject: subject.to_string(),
+    })
+    .await
+    .expect("get_usage")
+    .into_inner()
+}
