@@ -98,8 +98,8 @@ async fn caller(
     let request = ReserveRequest {
         subject: format!("load-{}", n % args.subjects.max(1)),
         model: "gpt-4o".into(),
-        prompt_tokens: args.prompt_tokens,
-        max_output_tokens: args.max_output_tokens,
+        prompt_tokens: Some(args.prompt_tokens),
+        max_output_tokens: Some(args.max_output_tokens),
         ..Default::default()
     };
     loop {

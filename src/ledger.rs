@@ -227,6 +227,11 @@ impl Ledger {
         self.answer(result, ticket, Wait::Own).await
     }
 
+    /// The policy in force (a snapshot: a reload swaps the whole policy).
+    pub fn policy(&self) -> Result<Arc<Policy>, LedgerError> {
+        Ok(self.lock()?.policy().clone())
+    }
+
     /// A subject's tier and whether it was assigned.
     pub fn subject_tier(&self, subject: &str) -> Result<(String, bool), LedgerError> {
         Ok(self.lock()?.subject_tier(subject))

@@ -25,6 +25,7 @@ pub mod ledger;
 pub mod policy;
 pub mod server;
 pub mod store;
+pub mod tokens;
 
 /// The generated gRPC types and services of `tollgate.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

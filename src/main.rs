@@ -10,7 +10,12 @@ use tollgate::clock::SystemClock;
 use tollgate::engine::Bounds;
 use tollgate::ledger::Ledger;
 use tollgate::policy::Policy;
+use tollgate::server::validate::DEFAULT_MAX_PROMPT_BYTES;
+use tollgate::server::ServeOptions;
 use tollgate::store::Durability;
+use tollgate::tokens::{count_chat, count_text, ChatMessage};
+
+use std::io::Read;
 
 /// Tollgate: a gRPC quota decision service for LLM token budgets.
 #[derive(Debug, Parser)]
@@ -24,6 +29,26 @@ struct Cli {
 enum Command {
     /// Serve the Quota and Admin gRPC services (with health and reflection).
     Serve(ServeArgs),
+    /// Count the tokens of text read from stdin (or, with --chat, of a JSON chat) with the
+    /// model's tokenizer, as the server counts them, and print the count.
+    CountTokens(CountTokensArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CountTokensArgs {
+    /// The model whose tokenizer counts (e.g. gpt-4o, gpt-4, or a model of the policy).
+    #[arg(long)]
+    model: String,
+    /// stdin is a JSON array of {"role", "content", "name"?} messages; counted as the chat API
+    /// counts them (per-message framing and reply priming included).
+    #[arg(long)]
+    chat: bool,
+    /// Policy file whose [models] table adds or overrides models (default: the embedded one).
+    #[arg(long, env = "TOLLGATE_POLICY")]
+    policy: Option<PathBuf>,
+    /// Also print the encoding, as "COUNT ENCODING".
+    #[arg(long)]
+    verbose: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -44,6 +69,10 @@ struct ServeArgs {
     /// flush every 10 ms (a crash may lose the last 10 ms of answered calls).
     #[arg(long, env = "TOLLGATE_DURABILITY", value_enum, default_value_t = Durability::Strict)]
     durability: Durability,
+    /// The most bytes of prompt text (or chat text) one request may carry; larger ones are
+    /// refused with INVALID_ARGUMENT. The gRPC message limit is set to match.
+    #[arg(long, env = "TOLLGATE_MAX_PROMPT_BYTES", default_value_t = DEFAULT_MAX_PROMPT_BYTES)]
+    max_prompt_bytes: usize,
 }
 
 fn main() -> ExitCode {
@@ -57,7 +86,70 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::CountTokens(args) => count_tokens(args),
     }
+}
+
+/// One chat message as `--chat` reads it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatMessageJson {
+    role: String,
+    content: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+fn count_tokens(args: CountTokensArgs) -> ExitCode {
+    let policy = match &args.policy {
+        Some(path) => Policy::from_file(path),
+        None => Ok(Policy::embedded_default()),
+    };
+    let policy = match policy {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tollgate: policy refused: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(encoding) = policy.encoding_for(&args.model) else {
+        eprintln!(
+            "tollgate: model {:?} has no known tokenizer; add [models.\"{}\"] encoding = \"o200k_base\" (or cl100k_base) to a policy and pass --policy",
+            args.model, args.model
+        );
+        return ExitCode::from(2);
+    };
+    let mut input = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+        eprintln!("tollgate: cannot read stdin as UTF-8 text: {e}");
+        return ExitCode::from(2);
+    }
+    let tokens = if args.chat {
+        let messages: Vec<ChatMessageJson> = match serde_json::from_str(&input) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("tollgate: stdin is not a JSON array of {{\"role\", \"content\", \"name\"?}} messages: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let chat: Vec<ChatMessage> = messages
+            .into_iter()
+            .map(|m| ChatMessage {
+                role: m.role,
+                content: m.content,
+                name: m.name.unwrap_or_default(),
+            })
+            .collect();
+        count_chat(encoding, &chat)
+    } else {
+        count_text(encoding, &input)
+    };
+    if args.verbose {
+        println!("{tokens} {}", encoding.name());
+    } else {
+        println!("{tokens}");
+    }
+    ExitCode::SUCCESS
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
@@ -109,7 +201,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         // The bound address on stdout, for scripts and tests that start on port 0.
         println!("tollgate listening on {addr}");
         tracing::info!(%addr, durability = ?args.durability, "serving");
-        match tollgate::server::serve(ledger, listener, args.admin_token, shutdown_signal()).await {
+        let options = ServeOptions {
+            admin_token: args.admin_token,
+            max_prompt_bytes: args.max_prompt_bytes,
+        };
+        match tollgate::server::serve(ledger, listener, options, shutdown_signal()).await {
             Ok(()) => {
                 tracing::info!("stopped");
                 ExitCode::SUCCESS

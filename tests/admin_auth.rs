@@ -33,7 +33,7 @@ async fn without_a_configured_token_every_admin_call_is_unauthenticated() {
     let server = tokio::spawn(tollgate::server::serve(
         ledger.clone(),
         listener,
-        None,
+        tollgate::server::ServeOptions::default(),
         async {
             let _ = stopped.await;
         },

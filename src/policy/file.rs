@@ -8,9 +8,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    Limits, Policy, Tier, DEFAULT_HOLD_SECONDS, DEFAULT_MAX_HOLD_SECONDS, HOLD_SECONDS_CEILING,
-    LIMIT_CEILING,
+    Limits, ModelConfig, Policy, Tier, DEFAULT_HOLD_SECONDS, DEFAULT_MAX_HOLD_SECONDS,
+    HOLD_SECONDS_CEILING, LIMIT_CEILING, MAX_MODEL_NAME_BYTES, MAX_TOKENS_PER_REQUEST,
 };
+use crate::tokens::{built_in_encoding, Encoding, ALL_ENCODINGS};
 
 /// Why a policy was refused: where, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,6 +43,15 @@ impl PolicyError {
 struct PolicyFile {
     default_tier: Spanned<String>,
     tiers: Spanned<BTreeMap<String, Spanned<TierFile>>>,
+    #[serde(default)]
+    models: BTreeMap<String, Spanned<ModelFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelFile {
+    encoding: Option<Spanned<String>>,
+    default_max_output_tokens: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -116,7 +126,58 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             ),
         ));
     }
-    Ok(Policy::new(file.default_tier.into_inner(), tiers))
+    let mut models = BTreeMap::new();
+    for (name, model) in file.models {
+        let span = model.span();
+        if name.is_empty()
+            || name.len() > MAX_MODEL_NAME_BYTES
+            || name.chars().any(char::is_control)
+        {
+            return Err(src.error(
+                span,
+                format!("model name {name:?} must be 1 to {MAX_MODEL_NAME_BYTES} bytes without control characters"),
+            ));
+        }
+        let m = model.into_inner();
+        let encoding = match m.encoding {
+            Some(e) => Some(Encoding::from_name(e.get_ref()).ok_or_else(|| {
+                let known: Vec<_> = ALL_ENCODINGS.iter().map(|e| e.name()).collect();
+                src.error(
+                    e.span(),
+                    format!(
+                        "encoding {:?} is unknown (known: {})",
+                        e.get_ref(),
+                        known.join(", ")
+                    ),
+                )
+            })?),
+            None => None,
+        };
+        let default_max_output_tokens = match m.default_max_output_tokens {
+            Some(v) if *v.get_ref() > MAX_TOKENS_PER_REQUEST => {
+                return Err(src.error(
+                    v.span(),
+                    format!("default_max_output_tokens must be at most {MAX_TOKENS_PER_REQUEST}"),
+                ))
+            }
+            Some(v) => Some(v.into_inner()),
+            None => None,
+        };
+        if encoding.is_none() && built_in_encoding(&name).is_none() {
+            return Err(src.error(
+                span,
+                format!("model {name:?} is not in the built-in table: give it an encoding (e.g. encoding = \"o200k_base\")"),
+            ));
+        }
+        models.insert(
+            name,
+            ModelConfig {
+                encoding,
+                default_max_output_tokens,
+            },
+        );
+    }
+    Ok(Policy::new(file.default_tier.into_inner(), tiers, models))
 }
 
 fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, PolicyError> {

@@ -6,6 +6,8 @@ mod file;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::tokens::{built_in_encoding, Encoding};
+
 pub use file::PolicyError;
 
 /// The policy served when none is given: `tollgate serve` works out of the box.
@@ -18,6 +20,14 @@ pub const DEFAULT_MAX_HOLD_SECONDS: u64 = 3600;
 /// No hold may live longer than a week: expired holds must be settled within the late-commit
 /// window, and a week-long hold is a leak, not a call.
 pub const HOLD_SECONDS_CEILING: u64 = 7 * 24 * 3600;
+/// Output tokens held when neither the Reserve nor the policy says: 4,096, the output ceiling
+/// of many chat models, so a Reserve without `max_output_tokens` rarely undercharges.
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4_096;
+/// Longest model name, in bytes (requests and policy alike).
+pub const MAX_MODEL_NAME_BYTES: usize = 128;
+/// Most tokens one request may hold or report: 100 million, far above any model's context
+/// window, and far enough below u64::MAX that no sum of them can overflow.
+pub const MAX_TOKENS_PER_REQUEST: u64 = 100_000_000;
 /// The largest value any limit may have: 10^15 keeps every sum in the engine far from overflow.
 pub const LIMIT_CEILING: u64 = 1_000_000_000_000_000;
 
@@ -60,11 +70,21 @@ pub struct Tier {
     pub limits: Limits,
 }
 
+/// What the policy says about one model.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// The encoding that counts its prompts (default: the built-in table).
+    pub encoding: Option<Encoding>,
+    /// Output tokens held when a Reserve gives no `max_output_tokens`.
+    pub default_max_output_tokens: Option<u64>,
+}
+
 /// A validated policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     default_tier: String,
     tiers: BTreeMap<String, Tier>,
+    models: BTreeMap<String, ModelConfig>,
 }
 
 impl Policy {
@@ -87,12 +107,62 @@ impl Policy {
             .expect("the embedded default policy is valid (checked by a unit test)")
     }
 
-    pub(crate) fn new(default_tier: String, tiers: BTreeMap<String, Tier>) -> Self {
+    pub(crate) fn new(
+        default_tier: String,
+        tiers: BTreeMap<String, Tier>,
+        models: BTreeMap<String, ModelConfig>,
+    ) -> Self {
         debug_assert!(tiers.contains_key(&default_tier));
         Self {
             default_tier,
             tiers,
+            models,
         }
+    }
+
+    /// The policy's entry for `model`: the entry of that exact name, or of the name it is a
+    /// dated snapshot of (`gpt-4o-2024-08-06` and `gpt-4-0613` take the entries `gpt-4o` and
+    /// `gpt-4`: a `-` then a digit follows the name). `gpt-4o-mini` does not take `gpt-4o`'s.
+    pub fn model(&self, model: &str) -> Option<&ModelConfig> {
+        if let Some(m) = self.models.get(model) {
+            return Some(m);
+        }
+        self.models
+            .iter()
+            .filter(|(name, _)| {
+                model.strip_prefix(name.as_str()).is_some_and(|rest| {
+                    rest.strip_prefix('-')
+                        .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+                })
+            })
+            .max_by_key(|(name, _)| name.len())
+            .map(|(_, m)| m)
+    }
+
+    /// The encoding that counts `model`'s prompts: the policy's `[models]` entry if it names
+    /// one, else the built-in table; `None` for a model neither knows.
+    pub fn encoding_for(&self, model: &str) -> Option<Encoding> {
+        self.model(model)
+            .and_then(|m| m.encoding)
+            .or_else(|| built_in_encoding(model))
+    }
+
+    /// Output tokens to hold for `model` when a Reserve gives no `max_output_tokens`.
+    pub fn default_max_output_tokens(&self, model: &str) -> u64 {
+        self.model(model)
+            .and_then(|m| m.default_max_output_tokens)
+            .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS)
+    }
+
+    /// Every encoding the policy's models may need, for loading at start.
+    pub fn encodings_in_use(&self) -> Vec<Encoding> {
+        let mut out: Vec<Encoding> = vec![Encoding::O200kBase, Encoding::Cl100kBase];
+        for e in self.models.values().filter_map(|m| m.encoding) {
+            if !out.contains(&e) {
+                out.push(e);
+            }
+        }
+        out
     }
 
     /// The tier a subject without an assignment gets.

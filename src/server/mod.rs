@@ -19,12 +19,35 @@ pub use quota::QuotaService;
 
 use crate::ledger::Ledger;
 use crate::proto;
+use crate::tokens::TokenCounter;
 
 /// How often the sweeper expires holds and purges settled records.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Calls in flight at once on one connection.
 pub const CONCURRENCY_PER_CONNECTION: usize = 1_024;
+
+/// Room in a request message beyond the prompt bound: the other fields, and the framing of
+/// up to `validate::MAX_MESSAGES` chat messages (a few bytes each).
+pub const MESSAGE_OVERHEAD_BYTES: usize = 1024 * 1024;
+
+/// How the server is configured beyond its ledger.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The bearer token Admin calls must carry (none: every Admin call is refused).
+    pub admin_token: Option<String>,
+    /// The most bytes of prompt text (or chat text) one request may carry.
+    pub max_prompt_bytes: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            admin_token: None,
+            max_prompt_bytes: validate::DEFAULT_MAX_PROMPT_BYTES,
+        }
+    }
+}
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +65,17 @@ pub enum ServeError {
 pub async fn serve(
     ledger: Arc<Ledger>,
     listener: TcpListener,
-    admin_token: Option<String>,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let counter = TokenCounter::for_this_machine();
+    // Load the tokenizers now, off the reactor, so the first requests do not pay for it.
+    counter.warm_up(
+        &ledger
+            .policy()
+            .map(|p| p.encodings_in_use())
+            .unwrap_or_default(),
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<proto::quota_server::QuotaServer<QuotaService>>()
@@ -62,10 +93,21 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let sweeper = tokio::spawn(sweep(ledger.clone()));
-    let quota = proto::quota_server::QuotaServer::new(QuotaService::new(ledger.clone()));
+    let quota = proto::quota_server::QuotaServer::new(QuotaService::new(
+        ledger.clone(),
+        counter,
+        options.max_prompt_bytes,
+    ))
+    // A message may carry a whole prompt: room for the prompt bound plus the other fields and
+    // the framing of up to MAX_MESSAGES chat messages. Past it, gRPC refuses the message.
+    .max_decoding_message_size(
+        options
+            .max_prompt_bytes
+            .saturating_add(MESSAGE_OVERHEAD_BYTES),
+    );
     let admin = proto::admin_server::AdminServer::with_interceptor(
         AdminService::new(ledger.clone()),
-        AdminAuth::new(admin_token),
+        AdminAuth::new(options.admin_token),
     );
     let health_for_shutdown = health.clone();
     // The builder's `tcp_nodelay` is ignored for an incoming stream of our own, so the accepted

@@ -5,20 +5,54 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::validate::{self, to_duration, to_timestamp};
-use crate::engine::{Decision, LimitStatus};
+use crate::engine::{Decision, LimitStatus, ReserveInput};
 use crate::ledger::Ledger;
+use crate::policy::Policy;
 use crate::proto;
+use crate::tokens::{Encoding, Prompt, TokenCounter};
 
-/// Serves Reserve, Commit, Refund and GetUsage.
+/// Serves Reserve, Commit, Refund, GetUsage and CountTokens.
 #[derive(Debug, Clone)]
 pub struct QuotaService {
     ledger: Arc<Ledger>,
+    counter: TokenCounter,
+    max_prompt_bytes: usize,
 }
 
 impl QuotaService {
-    /// A service over `ledger`.
-    pub fn new(ledger: Arc<Ledger>) -> Self {
-        Self { ledger }
+    /// A service over `ledger`, counting prompts with `counter`, refusing prompts over
+    /// `max_prompt_bytes` of text.
+    pub fn new(ledger: Arc<Ledger>, counter: TokenCounter, max_prompt_bytes: usize) -> Self {
+        Self {
+            ledger,
+            counter,
+            max_prompt_bytes,
+        }
+    }
+
+    /// The tokens of `prompt` for `model`, and the encoding that counted (none for a count the
+    /// caller made).
+    async fn count(
+        &self,
+        policy: &Policy,
+        model: &str,
+        prompt: Prompt,
+    ) -> Result<(u64, Option<Encoding>), Status> {
+        if let Prompt::Tokens(n) = prompt {
+            return Ok((n, None));
+        }
+        let encoding = policy.encoding_for(model).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "model: {model:?} has no known tokenizer; add it to the policy, e.g. \
+                 [models.\"{model}\"] encoding = \"o200k_base\" (or cl100k_base)"
+            ))
+        })?;
+        let tokens = self
+            .counter
+            .count(encoding, prompt)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok((tokens, Some(encoding)))
     }
 }
 
@@ -41,7 +75,18 @@ impl proto::quota_server::Quota for QuotaService {
         &self,
         request: Request<proto::ReserveRequest>,
     ) -> Result<Response<proto::ReserveResponse>, Status> {
-        let input = validate::reserve(request.into_inner())?;
+        let call = validate::reserve(request.into_inner(), self.max_prompt_bytes)?;
+        let policy = self.ledger.policy()?;
+        let (prompt_tokens, _) = self.count(&policy, &call.input.model, call.prompt).await?;
+        let max_output_tokens = call
+            .max_output_tokens
+            .unwrap_or_else(|| policy.default_max_output_tokens(&call.input.model));
+        validate::hold_total(prompt_tokens, max_output_tokens)?;
+        let input = ReserveInput {
+            prompt_tokens,
+            max_output_tokens,
+            ..call.input
+        };
         let subject = input.subject.clone();
         let o = self.ledger.reserve(input).await?;
         let decision = match o.decision {
@@ -95,6 +140,40 @@ impl proto::quota_server::Quota for QuotaService {
         let o = self.ledger.refund(id).await?;
         Ok(Response::new(proto::RefundResponse {
             released_tokens: o.released_tokens,
+        }))
+    }
+
+    async fn count_tokens(
+        &self,
+        request: Request<proto::CountTokensRequest>,
+    ) -> Result<Response<proto::CountTokensResponse>, Status> {
+        let req = request.into_inner();
+        if req.model.is_empty() {
+            return Err(Status::invalid_argument(
+                "model: is required (it picks the tokenizer)",
+            ));
+        }
+        validate::model(&req.model)?;
+        let prompt = validate::prompt(
+            None,
+            req.prompt,
+            req.messages,
+            &req.model,
+            self.max_prompt_bytes,
+        )
+        .map_err(|s| {
+            // CountTokens has no prompt_tokens: say what it does take.
+            if s.message().starts_with("prompt: give exactly one") {
+                Status::invalid_argument("prompt: give exactly one of prompt or messages")
+            } else {
+                s
+            }
+        })?;
+        let policy = self.ledger.policy()?;
+        let (tokens, encoding) = self.count(&policy, &req.model, prompt).await?;
+        Ok(Response::new(proto::CountTokensResponse {
+            tokens,
+            encoding: encoding.map(|e| e.name().to_string()).unwrap_or_default(),
         }))
     }
 

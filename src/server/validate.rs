@@ -8,16 +8,15 @@ use tonic::Status;
 use crate::engine::{ReservationId, ReserveInput, Usage};
 use crate::policy::HOLD_SECONDS_CEILING;
 use crate::proto;
+use crate::tokens::{ChatMessage, Prompt};
 
 /// Longest subject, in bytes.
 pub const MAX_SUBJECT_BYTES: usize = 256;
 /// Longest model name, in bytes.
-pub const MAX_MODEL_BYTES: usize = 128;
+pub const MAX_MODEL_BYTES: usize = crate::policy::MAX_MODEL_NAME_BYTES;
 /// Longest idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
-/// Most tokens one request may hold or report: 100 million, far above any model's context
-/// window, and far enough below u64::MAX that no sum of them can overflow.
-pub const MAX_TOKENS_PER_REQUEST: u64 = 100_000_000;
+pub use crate::policy::MAX_TOKENS_PER_REQUEST;
 
 fn invalid(field: &str, rule: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {rule}"))
@@ -42,6 +41,11 @@ fn check_text(field: &str, value: &str, max: usize, required: bool) -> Result<()
 /// A subject: 1 to 256 bytes of UTF-8 without control characters.
 pub fn subject(value: &str) -> Result<(), Status> {
     check_text("subject", value, MAX_SUBJECT_BYTES, true)
+}
+
+/// A model name: up to 128 bytes without control characters.
+pub fn model(value: &str) -> Result<(), Status> {
+    check_text("model", value, MAX_MODEL_BYTES, false)
 }
 
 /// A tier name as given to SetSubject.
@@ -77,8 +81,100 @@ fn duration_us(field: &str, d: &prost_types::Duration) -> Result<u64, Status> {
     Ok(us)
 }
 
+/// Most messages in one chat.
+pub const MAX_MESSAGES: usize = 10_000;
+/// Longest `role` or `name` of a chat message, in bytes.
+pub const MAX_ROLE_BYTES: usize = 64;
+/// Default bound on the text of one prompt (or the roles, contents and names of one chat).
+pub const DEFAULT_MAX_PROMPT_BYTES: usize = 4 * 1024 * 1024;
+
+/// A Reserve, checked, before its prompt is counted.
+#[derive(Debug, Clone)]
+pub struct ReserveCall {
+    /// Everything but the prompt count and output hold.
+    pub input: ReserveInput,
+    /// The prompt in the form given.
+    pub prompt: Prompt,
+    /// `max_output_tokens`, if given.
+    pub max_output_tokens: Option<u64>,
+}
+
+/// The prompt of a request: exactly one of a count, a text or a chat.
+pub fn prompt(
+    prompt_tokens: Option<u64>,
+    text: Option<String>,
+    messages: Vec<proto::ChatMessage>,
+    model: &str,
+    max_prompt_bytes: usize,
+) -> Result<Prompt, Status> {
+    let given = usize::from(prompt_tokens.is_some())
+        + usize::from(text.is_some())
+        + usize::from(!messages.is_empty());
+    if given != 1 {
+        return Err(invalid(
+            "prompt",
+            format!("give exactly one of prompt_tokens, prompt or messages (got {given})"),
+        ));
+    }
+    let prompt = match (prompt_tokens, text) {
+        (Some(n), _) => Prompt::Tokens(tokens("prompt_tokens", n)?),
+        (None, Some(t)) => Prompt::Text(t),
+        (None, None) => {
+            if messages.len() > MAX_MESSAGES {
+                return Err(invalid(
+                    "messages",
+                    format!(
+                        "must be at most {MAX_MESSAGES} messages (got {})",
+                        messages.len()
+                    ),
+                ));
+            }
+            let mut chat = Vec::with_capacity(messages.len());
+            for (i, m) in messages.into_iter().enumerate() {
+                check_text(
+                    &format!("messages[{i}].role"),
+                    &m.role,
+                    MAX_ROLE_BYTES,
+                    true,
+                )?;
+                check_text(
+                    &format!("messages[{i}].name"),
+                    &m.name,
+                    MAX_ROLE_BYTES,
+                    false,
+                )?;
+                chat.push(ChatMessage {
+                    role: m.role,
+                    content: m.content,
+                    name: m.name,
+                });
+            }
+            Prompt::Chat(chat)
+        }
+    };
+    let bytes = prompt.text_bytes();
+    if bytes > max_prompt_bytes {
+        let field = if matches!(prompt, Prompt::Text(_)) {
+            "prompt"
+        } else {
+            "messages"
+        };
+        return Err(invalid(
+            field,
+            format!("must be at most {max_prompt_bytes} bytes of text (got {bytes}); the server's --max-prompt-bytes sets this"),
+        ));
+    }
+    if !matches!(prompt, Prompt::Tokens(_)) && model.is_empty() {
+        return Err(invalid(
+            "model",
+            "is required when the prompt is given as text or messages (it picks the tokenizer)",
+        ));
+    }
+    Ok(prompt)
+}
+
 /// A Reserve request, checked.
-pub fn reserve(req: proto::ReserveRequest) -> Result<ReserveInput, Status> {
+pub fn reserve(req: proto::ReserveRequest, max_prompt_bytes: usize) -> Result<ReserveCall, Status> {
     subject(&req.subject)?;
     check_text("model", &req.model, MAX_MODEL_BYTES, false)?;
     check_text(
@@ -87,29 +183,47 @@ pub fn reserve(req: proto::ReserveRequest) -> Result<ReserveInput, Status> {
         MAX_IDEMPOTENCY_KEY_BYTES,
         false,
     )?;
-    let prompt_tokens = tokens("prompt_tokens", req.prompt_tokens)?;
-    let max_output_tokens = tokens("max_output_tokens", req.max_output_tokens)?;
-    if prompt_tokens + max_output_tokens > MAX_TOKENS_PER_REQUEST {
-        return Err(invalid(
-            "max_output_tokens",
-            format!("prompt_tokens + max_output_tokens must be at most {MAX_TOKENS_PER_REQUEST}"),
-        ));
-    }
+    let max_output_tokens = req
+        .max_output_tokens
+        .map(|n| tokens("max_output_tokens", n))
+        .transpose()?;
     let hold_us = req
         .hold
         .as_ref()
         .map(|d| duration_us("hold", d))
         .transpose()?;
-    Ok(ReserveInput {
-        subject: req.subject,
-        model: req.model,
-        prompt_tokens,
+    let prompt = prompt(
+        req.prompt_tokens,
+        req.prompt,
+        req.messages,
+        &req.model,
+        max_prompt_bytes,
+    )?;
+    Ok(ReserveCall {
+        input: ReserveInput {
+            subject: req.subject,
+            model: req.model,
+            prompt_tokens: 0,
+            max_output_tokens: 0,
+            idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
+            hold_us,
+            dry_run: req.dry_run,
+            id: ReservationId(0),
+        },
+        prompt,
         max_output_tokens,
-        idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
-        hold_us,
-        dry_run: req.dry_run,
-        id: ReservationId(0),
     })
+}
+
+/// The hold of a Reserve whose prompt is counted: prompt + output within the per-request bound.
+pub fn hold_total(prompt_tokens: u64, max_output_tokens: u64) -> Result<(), Status> {
+    if prompt_tokens.saturating_add(max_output_tokens) > MAX_TOKENS_PER_REQUEST {
+        return Err(invalid(
+            "max_output_tokens",
+            format!("prompt_tokens + max_output_tokens must be at most {MAX_TOKENS_PER_REQUEST} (got {prompt_tokens} + {max_output_tokens})"),
+        ));
+    }
+    Ok(())
 }
 
 /// A reservation id as returned by Reserve.

@@ -78,7 +78,11 @@ impl TestServer {
         let (tx, rx) = oneshot::channel::<()>();
         let l = ledger.clone();
         let handle = tokio::spawn(async move {
-            tollgate::server::serve(l, listener, Some(ADMIN_TOKEN.to_string()), async {
+            let options = tollgate::server::ServeOptions {
+                admin_token: Some(ADMIN_TOKEN.to_string()),
+                ..Default::default()
+            };
+            tollgate::server::serve(l, listener, options, async {
                 let _ = rx.await;
             })
             .await
@@ -167,8 +171,8 @@ pub fn reserve(subject: &str, prompt_tokens: u64, max_output_tokens: u64) -> Res
     ReserveRequest {
         subject: subject.to_string(),
         model: "gpt-4o".to_string(),
-        prompt_tokens,
-        max_output_tokens,
+        prompt_tokens: Some(prompt_tokens),
+        max_output_tokens: Some(max_output_tokens),
         ..Default::default()
     }
 }

@@ -1,0 +1,20 @@
+//! Token counting on the server, with the model's own tokenizer (tiktoken-rs), so callers in
+//! any language need no tokenizer of their own.
+//!
+//! - [`Encoding`]: the BPE encodings, each loaded once per process and shared.
+//! - [`built_in_encoding`]: model name to encoding, after OpenAI's table.
+//! - [`count_text`], [`count_chat`]: the counting rules.
+//! - [`TokenCounter`]: counts for requests: small inputs inline, large ones on blocking threads
+//!   with bounded concurrency, so a 4 MiB prompt never stalls small requests.
+
+mod count;
+mod counter;
+mod encoding;
+mod models;
+
+pub use count::{
+    count_chat, count_text, ChatMessage, REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, TOKENS_PER_NAME,
+};
+pub use counter::{CountError, Prompt, TokenCounter, INLINE_MAX_BYTES};
+pub use encoding::{Encoding, ALL as ALL_ENCODINGS};
+pub use models::built_in_encoding;
