@@ -9,7 +9,7 @@ use crate::engine::{Decision, LimitStatus, ReserveInput};
 use crate::ledger::Ledger;
 use crate::policy::Policy;
 use crate::proto;
-use crate::tokens::{Encoding, Prompt, TokenCounter};
+use crate::tokens::{CountError, Encoding, Prompt, TokenCounter};
 
 /// Serves Reserve, Commit, Refund, GetUsage and CountTokens.
 #[derive(Debug, Clone)]
@@ -51,7 +51,11 @@ impl QuotaService {
             .counter
             .count(encoding, prompt)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| match e {
+                CountError::Busy(_) => Status::resource_exhausted(e.to_string()),
+                CountError::Closed => Status::unavailable(e.to_string()),
+                CountError::Tokenizer => Status::internal(e.to_string()),
+            })?;
         Ok((tokens, Some(encoding)))
     }
 }

@@ -47,6 +47,9 @@ pub enum CountError {
     /// The process is shutting down.
     #[error("token counting is shutting down")]
     Closed,
+    /// Too many large prompts are waiting to be counted; retry shortly.
+    #[error("{0} large prompts are already waiting to be counted; retry shortly")]
+    Busy(usize),
 }
 
 /// Counts prompts for requests.
@@ -54,16 +57,30 @@ pub enum CountError {
 /// Why a semaphore over `spawn_blocking`: tokio's blocking pool grows to hundreds of threads,
 /// and a burst of megabyte prompts would then take every core; with one permit a core, big
 /// prompts queue among themselves while small ones, counted inline, keep flowing.
+///
+/// Why a bound on waiting too: each waiting request holds its prompt (up to the prompt bound,
+/// 4 MiB by default) in memory, so at most [`WAITING_PER_CORE`] per core may wait; beyond that
+/// a request is refused at once (RESOURCE_EXHAUSTED) rather than memory growing.
 #[derive(Debug, Clone)]
 pub struct TokenCounter {
     permits: Arc<Semaphore>,
+    waiting: Arc<Semaphore>,
+    waiting_bound: usize,
 }
 
+/// Large prompts that may wait for a counting thread, per core.
+pub const WAITING_PER_CORE: usize = 16;
+
 impl TokenCounter {
-    /// A counter that runs at most `parallel` large counts at once.
+    /// A counter that runs at most `parallel` large counts at once, with at most
+    /// `parallel * WAITING_PER_CORE` waiting.
     pub fn new(parallel: usize) -> Self {
+        let parallel = parallel.max(1);
+        let waiting_bound = parallel * WAITING_PER_CORE;
         Self {
-            permits: Arc::new(Semaphore::new(parallel.max(1))),
+            permits: Arc::new(Semaphore::new(parallel)),
+            waiting: Arc::new(Semaphore::new(waiting_bound)),
+            waiting_bound,
         }
     }
 
@@ -89,6 +106,10 @@ impl TokenCounter {
         if prompt.text_bytes() <= INLINE_MAX_BYTES && encoding.is_loaded() {
             return guarded(encoding, &prompt);
         }
+        let _place = self
+            .waiting
+            .try_acquire()
+            .map_err(|_| CountError::Busy(self.waiting_bound))?;
         let _permit = self
             .permits
             .acquire()
@@ -108,4 +129,41 @@ fn guarded(encoding: Encoding, prompt: &Prompt) -> Result<u64, CountError> {
         Prompt::Chat(m) => count_chat(encoding, m),
     }))
     .map_err(|_| CountError::Tokenizer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn large_prompts_wait_within_a_bound_and_small_ones_do_not_wait() {
+        let counter = TokenCounter::new(1);
+        Encoding::O200kBase.bpe();
+        // Occupy the only counting thread.
+        let busy = counter.permits.clone().acquire_owned().await.unwrap();
+        let big = Prompt::Text("word ".repeat(INLINE_MAX_BYTES));
+        let mut waiters = Vec::new();
+        for _ in 0..WAITING_PER_CORE {
+            let (c, p) = (counter.clone(), big.clone());
+            waiters.push(tokio::spawn(async move {
+                c.count(Encoding::O200kBase, p).await
+            }));
+        }
+        while counter.waiting.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        // The waiting room is full: the next large prompt is refused at once ...
+        assert_eq!(
+            counter.count(Encoding::O200kBase, big.clone()).await,
+            Err(CountError::Busy(WAITING_PER_CORE))
+        );
+        // ... while a small one is still counted inline.
+        let small = Prompt::Text("hello world".into());
+        assert_eq!(counter.count(Encoding::O200kBase, small).await, Ok(2));
+        drop(busy);
+        let expected = count_text(Encoding::O200kBase, &"word ".repeat(INLINE_MAX_BYTES));
+        for w in waiters {
+            assert_eq!(w.await.unwrap(), Ok(expected));
+        }
+    }
 }

@@ -15,6 +15,6 @@ mod models;
 pub use count::{
     count_chat, count_text, ChatMessage, REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, TOKENS_PER_NAME,
 };
-pub use counter::{CountError, Prompt, TokenCounter, INLINE_MAX_BYTES};
+pub use counter::{CountError, Prompt, TokenCounter, INLINE_MAX_BYTES, WAITING_PER_CORE};
 pub use encoding::{Encoding, ALL as ALL_ENCODINGS};
 pub use models::built_in_encoding;
