@@ -124,6 +124,12 @@ fn count_tokens(args: CountTokensArgs) -> ExitCode {
         eprintln!("tollgate: cannot read stdin as UTF-8 text: {e}");
         return ExitCode::from(2);
     }
+    if !args.chat {
+        if let Err(e) = tollgate::tokens::check_countable(&input) {
+            eprintln!("tollgate: cannot count stdin: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let tokens = if args.chat {
         let messages: Vec<ChatMessageJson> = match serde_json::from_str(&input) {
             Ok(m) => m,
@@ -132,6 +138,13 @@ fn count_tokens(args: CountTokensArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        if let Some(e) = messages
+            .iter()
+            .find_map(|m| tollgate::tokens::check_countable(&m.content).err())
+        {
+            eprintln!("tollgate: cannot count stdin: {e}");
+            return ExitCode::from(2);
+        }
         let chat: Vec<ChatMessage> = messages
             .into_iter()
             .map(|m| ChatMessage {

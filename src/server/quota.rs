@@ -41,6 +41,11 @@ impl QuotaService {
         if let Prompt::Tokens(n) = prompt {
             return Ok((n, None));
         }
+        let field = if matches!(prompt, Prompt::Chat(_)) {
+            "messages"
+        } else {
+            "prompt"
+        };
         let encoding = policy.encoding_for(model).ok_or_else(|| {
             Status::invalid_argument(format!(
                 "model: {model:?} has no known tokenizer; add it to the policy, e.g. \
@@ -53,6 +58,7 @@ impl QuotaService {
             .await
             .map_err(|e| match e {
                 CountError::Busy(_) => Status::resource_exhausted(e.to_string()),
+                CountError::Uncountable(_) => Status::invalid_argument(format!("{field}: {e}")),
                 CountError::Closed => Status::unavailable(e.to_string()),
                 CountError::Tokenizer => Status::internal(e.to_string()),
             })?;

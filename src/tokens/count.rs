@@ -20,6 +20,33 @@ pub const TOKENS_PER_NAME: u64 = 1;
 /// Tokens that prime the assistant's reply, once per chat.
 pub const REPLY_PRIMING_TOKENS: u64 = 3;
 
+/// The longest run of whitespace the tokenizer is given. tiktoken's pre-tokenizing pattern
+/// (`\s+(?!\S)`) overflows its regex engine's stack on a whitespace run of about a million
+/// characters; no real prompt holds one, so a longer run is refused up front with a clear error
+/// rather than failing inside the tokenizer.
+pub const MAX_WHITESPACE_RUN: usize = 900_000;
+
+/// Why a text cannot be counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("it holds a run of more than {MAX_WHITESPACE_RUN} whitespace characters, which the tokenizer cannot split; shorten the run, or send prompt_tokens")]
+pub struct Uncountable;
+
+/// Check that `text` is within what the tokenizer can split. O(n), no allocation.
+pub fn check_countable(text: &str) -> Result<(), Uncountable> {
+    let mut run = 0usize;
+    for c in text.chars() {
+        if c.is_whitespace() {
+            run += 1;
+            if run > MAX_WHITESPACE_RUN {
+                return Err(Uncountable);
+            }
+        } else {
+            run = 0;
+        }
+    }
+    Ok(())
+}
+
 /// Tokens of `text`. Everything is ordinary text: a `<|endoftext|>` inside a prompt is user
 /// input, not a special token, and is counted as the characters it is.
 pub fn count_text(encoding: Encoding, text: &str) -> u64 {
@@ -54,6 +81,17 @@ mod tests {
         assert_eq!(count_text(Encoding::O200kBase, "hello world"), 2);
         assert_eq!(count_text(Encoding::Cl100kBase, "hello world"), 2);
         assert_eq!(count_text(Encoding::O200kBase, ""), 0);
+    }
+
+    #[test]
+    fn whitespace_runs_past_the_tokenizer_limit_are_refused_up_front() {
+        let at_limit = " ".repeat(MAX_WHITESPACE_RUN);
+        assert_eq!(check_countable(&at_limit), Ok(()));
+        assert!(count_text(Encoding::O200kBase, &at_limit) > 0);
+        let over = format!("word{} word", "\t".repeat(MAX_WHITESPACE_RUN + 1));
+        assert_eq!(check_countable(&over), Err(Uncountable));
+        // Long runs of anything else are fine (a million letters is one word to the tokenizer).
+        assert_eq!(check_countable(&"a".repeat(MAX_WHITESPACE_RUN * 2)), Ok(()));
     }
 
     #[test]

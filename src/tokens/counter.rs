@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use super::{count_chat, count_text, ChatMessage, Encoding};
+use super::{check_countable, count_chat, count_text, ChatMessage, Encoding};
 
 /// Inputs up to this many bytes, with their encoding loaded, are counted inline on the async
-/// worker: at tiktoken's worst case (~0.3 s of CPU per MB, a long run without spaces) that is
-/// under 5 ms, and usually tens of microseconds. Larger ones go to a blocking thread.
+/// worker; larger ones go to a blocking thread. Measured on the project's 2-core machine:
+/// 16 KiB of ordinary text takes about 5–8 ms, and tiktoken-rs 0.12's merge for long pieces
+/// keeps an adversarial 16 KiB (one unbroken run) in the same range (see BENCHMARKS.md).
 pub const INLINE_MAX_BYTES: usize = 16 * 1024;
 
 /// A prompt as a request gives it.
@@ -40,6 +41,9 @@ impl Prompt {
 /// Why counting failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CountError {
+    /// The text is beyond what the tokenizer can split (see [`super::check_countable`]).
+    #[error(transparent)]
+    Uncountable(#[from] super::Uncountable),
     /// The tokenizer panicked on this input (a defect in it); the request fails, the service
     /// does not.
     #[error("the tokenizer failed on this input")]
@@ -102,6 +106,15 @@ impl TokenCounter {
     pub async fn count(&self, encoding: Encoding, prompt: Prompt) -> Result<u64, CountError> {
         if let Prompt::Tokens(n) = prompt {
             return Ok(n);
+        }
+        match &prompt {
+            Prompt::Text(t) => check_countable(t)?,
+            Prompt::Chat(messages) => {
+                for m in messages {
+                    check_countable(&m.content)?;
+                }
+            }
+            Prompt::Tokens(_) => {}
         }
         if prompt.text_bytes() <= INLINE_MAX_BYTES && encoding.is_loaded() {
             return guarded(encoding, &prompt);

@@ -13,7 +13,8 @@ mod encoding;
 mod models;
 
 pub use count::{
-    count_chat, count_text, ChatMessage, REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, TOKENS_PER_NAME,
+    check_countable, count_chat, count_text, ChatMessage, Uncountable, MAX_WHITESPACE_RUN,
+    REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, TOKENS_PER_NAME,
 };
 pub use counter::{CountError, Prompt, TokenCounter, INLINE_MAX_BYTES, WAITING_PER_CORE};
 pub use encoding::{Encoding, ALL as ALL_ENCODINGS};

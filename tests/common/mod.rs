@@ -22,6 +22,7 @@ use tollgate::policy::Policy;
 use tollgate::proto::admin_client::AdminClient;
 use tollgate::proto::quota_client::QuotaClient;
 use tollgate::proto::{self, ReserveRequest};
+use tollgate::server::ServeOptions;
 use tollgate::store::Durability;
 
 /// 2026-03-10T12:00:00Z: noon, so a test can move within the day or across midnight.
@@ -54,12 +55,41 @@ impl TestServer {
         .await
     }
 
+    /// A fresh server on `policy_toml` served with `options` exactly as given (its
+    /// `admin_token` included), in a new temporary data directory, at T0.
+    pub async fn start_with_options(policy_toml: &str, options: ServeOptions) -> Self {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        Self::start_in_with_options(
+            policy_toml,
+            dir,
+            Arc::new(ManualClock::new(T0)),
+            Bounds::default(),
+            options,
+        )
+        .await
+    }
+
     /// A server over an existing data directory and clock (for restarts).
     pub async fn start_in(
         policy_toml: &str,
         dir: Arc<tempfile::TempDir>,
         clock: Arc<ManualClock>,
         bounds: Bounds,
+    ) -> Self {
+        let options = ServeOptions {
+            admin_token: Some(ADMIN_TOKEN.to_string()),
+            ..Default::default()
+        };
+        Self::start_in_with_options(policy_toml, dir, clock, bounds, options).await
+    }
+
+    /// A server over an existing data directory and clock, served with `options`.
+    pub async fn start_in_with_options(
+        policy_toml: &str,
+        dir: Arc<tempfile::TempDir>,
+        clock: Arc<ManualClock>,
+        bounds: Bounds,
+        options: ServeOptions,
     ) -> Self {
         let policy = Arc::new(Policy::from_toml(policy_toml, "test.toml").expect("test policy"));
         let ledger = Arc::new(
@@ -78,10 +108,6 @@ impl TestServer {
         let (tx, rx) = oneshot::channel::<()>();
         let l = ledger.clone();
         let handle = tokio::spawn(async move {
-            let options = tollgate::server::ServeOptions {
-                admin_token: Some(ADMIN_TOKEN.to_string()),
-                ..Default::default()
-            };
             tollgate::server::serve(l, listener, options, async {
                 let _ = rx.await;
             })
