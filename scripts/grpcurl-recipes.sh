@@ -64,5 +64,7 @@ expect '"promptTokens": "20"' "Reserve counts chat messages (framing, name, prim
 expect '"tier": "pro"' "SetSubject/GetSubject assign the pro tier"
 expect '"assigned": true' "GetSubject says the tier was assigned"
 expect '"subject": "alice"' "ResetUsage answers"
+# Extend's answer is an object with expiresAt alone.
+if tr -d ' \n' <"$work/out.txt" | grep -qE '\{"expiresAt":"[^"]+"\}'; then echo "ok: Extend answers with the new expiry"; else echo "MISSING: Extend's answer"; fails=$((fails + 1)); fi
 if [ "$fails" -ne 0 ]; then cat "$work/out.txt"; echo "$fails recipe checks failed"; exit 1; fi
 echo "grpcurl recipes: all checks passed"

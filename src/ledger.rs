@@ -211,6 +211,17 @@ impl Ledger {
         self.answer(result, ticket, wait).await
     }
 
+    /// Extend: push a hold's expiry out, and answer once durable.
+    pub async fn extend(&self, id: ReservationId, hold_us: u64) -> Result<u64, LedgerError> {
+        let (result, ticket) = self
+            .decide(|e, now, out| e.extend(id, hold_us, now, out))
+            .await?;
+        let wait = result
+            .as_ref()
+            .map_or_else(Wait::for_error, |_| Wait::Earlier);
+        self.answer(result, ticket, wait).await
+    }
+
     /// A subject's usage, from memory. Holds past their deadline are expired first, so the
     /// answer is current; that expiry is persisted but not awaited (replaying it after a crash
     /// gives the same result, since the deadlines are durable).
@@ -230,6 +241,12 @@ impl Ledger {
     /// The policy in force (a snapshot: a reload swaps the whole policy).
     pub fn policy(&self) -> Result<Arc<Policy>, LedgerError> {
         Ok(self.lock()?.policy().clone())
+    }
+
+    /// Put a new policy in force (see [`Engine::set_policy`]).
+    pub fn set_policy(&self, policy: Arc<Policy>) -> Result<(), LedgerError> {
+        self.lock()?.set_policy(policy);
+        Ok(())
     }
 
     /// A subject's tier and whether it was assigned.

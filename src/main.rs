@@ -29,9 +29,18 @@ struct Cli {
 enum Command {
     /// Serve the Quota and Admin gRPC services (with health and reflection).
     Serve(ServeArgs),
+    /// Check a policy file offline: print a summary of its tiers and models, or the file, line
+    /// and reason it is refused (exit 2).
+    CheckPolicy(CheckPolicyArgs),
     /// Count the tokens of text read from stdin (or, with --chat, of a JSON chat) with the
     /// model's tokenizer, as the server counts them, and print the count.
     CountTokens(CountTokensArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckPolicyArgs {
+    /// The policy file (TOML).
+    file: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,7 +96,21 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::CountTokens(args) => count_tokens(args),
+        Command::CheckPolicy(args) => check_policy(&args.file),
     }
+}
+
+fn check_policy(file: &std::path::Path) -> ExitCode {
+    let policy = match Policy::from_file(file) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tollgate: policy refused: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("{}: OK", file.display());
+    print!("{}", policy.summary());
+    ExitCode::SUCCESS
 }
 
 /// One chat message as `--chat` reads it.
@@ -211,6 +234,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         if args.admin_token.as_deref().is_none_or(str::is_empty) {
             tracing::warn!("no --admin-token: every Admin call will be refused");
         }
+        let _reloader = args
+            .policy
+            .clone()
+            .map(|path| tollgate::server::reload::spawn_reloader(ledger.clone(), path));
         // The bound address on stdout, for scripts and tests that start on port 0.
         println!("tollgate listening on {addr}");
         tracing::info!(%addr, durability = ?args.durability, "serving");

@@ -161,6 +161,12 @@ impl Engine {
         &self.policy
     }
 
+    /// Put a new policy in force. Usage, holds and assignments are kept; a subject assigned to
+    /// a tier the new policy lacks gets the default tier; limits apply from the next decision.
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        self.policy = policy;
+    }
+
     /// The bounds in force.
     pub fn bounds(&self) -> Bounds {
         self.bounds

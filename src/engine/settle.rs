@@ -4,7 +4,7 @@ use super::{
     Engine, EngineError, HoldState, LimitStatus, Mutation, Reservation, ReservationId, Settlement,
     Usage,
 };
-use crate::clock::utc_day;
+use crate::clock::{utc_day, MICROS_PER_SECOND};
 
 /// The answer to a Commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,6 +208,60 @@ impl Engine {
         Ok(RefundOutcome {
             released_tokens: held,
         })
+    }
+
+    /// Push an open hold's expiry out so that it lives at least `hold_us` from now (never
+    /// pulling it in), within the tier's `max_hold_seconds` per call and
+    /// `max_hold_lifetime_seconds` in all. Returns the new expiry. Repeating it is harmless.
+    pub fn extend(
+        &mut self,
+        id: ReservationId,
+        hold_us: u64,
+        now_us: u64,
+        out: &mut Vec<Mutation>,
+    ) -> Result<u64, EngineError> {
+        self.expire_if_overdue(id, now_us, out);
+        let r = self.existing(id, now_us)?;
+        if r.state != HoldState::Held {
+            return Err(EngineError::IllegalTransition {
+                id,
+                state: r.state.name(),
+                detail: "only a HELD reservation can be extended".into(),
+            });
+        }
+        let tier = self.tier_of(&r.subject);
+        let limits = &tier.limits;
+        if hold_us > limits.max_hold_seconds * MICROS_PER_SECOND {
+            return Err(EngineError::InvalidArgument {
+                field: "hold",
+                rule: format!(
+                    "must be at most {} seconds (max_hold_seconds of tier {:?})",
+                    limits.max_hold_seconds, tier.name
+                ),
+            });
+        }
+        let wanted = now_us.saturating_add(hold_us).max(r.expires_us);
+        let lifetime_us = limits.max_hold_lifetime_seconds * MICROS_PER_SECOND;
+        if wanted.saturating_sub(r.created_us) > lifetime_us {
+            return Err(EngineError::InvalidArgument {
+                field: "hold",
+                rule: format!(
+                    "would make the hold live {} s in all, more than max_hold_lifetime_seconds ({}) of tier {:?}",
+                    (wanted - r.created_us) / MICROS_PER_SECOND,
+                    limits.max_hold_lifetime_seconds,
+                    tier.name
+                ),
+            });
+        }
+        if wanted == r.expires_us {
+            return Ok(wanted);
+        }
+        let mut r = r.clone();
+        self.deadlines.remove(&(r.expires_us, id));
+        r.expires_us = wanted;
+        self.deadlines.insert((wanted, id));
+        self.put_reservation(r, out);
+        Ok(wanted)
     }
 
     /// Expire holds whose deadline has passed (at most `max_per_pass`): each is charged in full,

@@ -8,8 +8,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    Limits, ModelConfig, Policy, Tier, DEFAULT_HOLD_SECONDS, DEFAULT_MAX_HOLD_SECONDS,
-    HOLD_SECONDS_CEILING, LIMIT_CEILING, MAX_MODEL_NAME_BYTES, MAX_TOKENS_PER_REQUEST,
+    Limits, ModelConfig, Policy, Tier, DEFAULT_HOLD_SECONDS, DEFAULT_MAX_HOLD_LIFETIME_SECONDS,
+    DEFAULT_MAX_HOLD_SECONDS, HOLD_SECONDS_CEILING, LIMIT_CEILING, MAX_MODEL_NAME_BYTES,
+    MAX_TOKENS_PER_REQUEST,
 };
 use crate::tokens::{built_in_encoding, Encoding, ALL_ENCODINGS};
 
@@ -64,6 +65,7 @@ struct TierFile {
     max_concurrent: Option<Spanned<u32>>,
     hold_seconds: Option<Spanned<u64>>,
     max_hold_seconds: Option<Spanned<u64>>,
+    max_hold_lifetime_seconds: Option<Spanned<u64>>,
 }
 
 struct Source<'a> {
@@ -205,10 +207,18 @@ fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, Poli
         ));
     }
     let max_hold_seconds = max_hold.unwrap_or(DEFAULT_MAX_HOLD_SECONDS.max(hold.unwrap_or(0)));
+    let lifetime = bounded("max_hold_lifetime_seconds", &t.max_hold_lifetime_seconds)?;
+    let max_hold_lifetime_seconds =
+        lifetime.unwrap_or(DEFAULT_MAX_HOLD_LIFETIME_SECONDS.max(max_hold_seconds));
     let hold_seconds = hold.unwrap_or(DEFAULT_HOLD_SECONDS.min(max_hold_seconds));
     for (field, value, v) in [
         ("hold_seconds", hold_seconds, &t.hold_seconds),
         ("max_hold_seconds", max_hold_seconds, &t.max_hold_seconds),
+        (
+            "max_hold_lifetime_seconds",
+            max_hold_lifetime_seconds,
+            &t.max_hold_lifetime_seconds,
+        ),
     ] {
         if !(1..=HOLD_SECONDS_CEILING).contains(&value) {
             let at = v.as_ref().map_or(span.clone(), Spanned::span);
@@ -217,6 +227,12 @@ fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, Poli
                 format!("{field} must be from 1 to {HOLD_SECONDS_CEILING} (a week)"),
             ));
         }
+    }
+    if max_hold_seconds > max_hold_lifetime_seconds {
+        return Err(src.error(
+            span,
+            format!("max_hold_seconds ({max_hold_seconds}) must not exceed max_hold_lifetime_seconds ({max_hold_lifetime_seconds})"),
+        ));
     }
     if hold_seconds > max_hold_seconds {
         return Err(src.error(
@@ -232,5 +248,6 @@ fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, Poli
         max_concurrent: t.max_concurrent.map(Spanned::into_inner),
         hold_seconds,
         max_hold_seconds,
+        max_hold_lifetime_seconds,
     })
 }

@@ -17,6 +17,9 @@ pub const DEFAULT_POLICY_TOML: &str = include_str!("default.toml");
 pub const DEFAULT_HOLD_SECONDS: u64 = 300;
 /// Longest hold a Reserve may ask for when a tier does not say (`max_hold_seconds`).
 pub const DEFAULT_MAX_HOLD_SECONDS: u64 = 3600;
+/// Longest a hold may live in all, through Extends, when a tier does not say
+/// (`max_hold_lifetime_seconds`): a day, or `max_hold_seconds` if that is longer.
+pub const DEFAULT_MAX_HOLD_LIFETIME_SECONDS: u64 = 24 * 3600;
 /// No hold may live longer than a week: expired holds must be settled within the late-commit
 /// window, and a week-long hold is a leak, not a call.
 pub const HOLD_SECONDS_CEILING: u64 = 7 * 24 * 3600;
@@ -46,8 +49,10 @@ pub struct Limits {
     pub max_concurrent: Option<u32>,
     /// Default hold life, in seconds.
     pub hold_seconds: u64,
-    /// Longest hold a Reserve may ask for, in seconds.
+    /// Longest hold a Reserve or Extend may ask for, in seconds.
     pub max_hold_seconds: u64,
+    /// Longest a hold may live in all, from its Reserve to its (extended) expiry, in seconds.
+    pub max_hold_lifetime_seconds: u64,
 }
 
 impl Limits {
@@ -152,6 +157,46 @@ impl Policy {
         self.model(model)
             .and_then(|m| m.default_max_output_tokens)
             .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS)
+    }
+
+    /// A readable summary: each tier's limits (the default marked), and each model entry.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let show = |v: Option<u64>| v.map_or_else(|| "unlimited".to_string(), |v| v.to_string());
+        for t in self.tiers.values() {
+            let l = &t.limits;
+            let default = if t.name == self.default_tier {
+                " (default)"
+            } else {
+                ""
+            };
+            let _ = writeln!(out, "tier {}{default}", t.name);
+            let _ = writeln!(
+                out,
+                "  tokens_per_minute {} (burst {}), requests_per_minute {}, tokens_per_day {}, max_concurrent {}",
+                show(l.tokens_per_minute),
+                show(l.bucket().map(|b| b.capacity)),
+                show(l.requests_per_minute),
+                show(l.tokens_per_day),
+                show(l.max_concurrent.map(u64::from)),
+            );
+            let _ = writeln!(
+                out,
+                "  holds: {} s by default, at most {} s a request, {} s in all",
+                l.hold_seconds, l.max_hold_seconds, l.max_hold_lifetime_seconds
+            );
+        }
+        for (name, m) in &self.models {
+            let _ = writeln!(
+                out,
+                "model {name}: encoding {}, default_max_output_tokens {}",
+                self.encoding_for(name).map_or("?", Encoding::name),
+                m.default_max_output_tokens
+                    .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS)
+            );
+        }
+        out
     }
 
     /// Every encoding the policy's models may need, for loading at start.

@@ -3,6 +3,7 @@
 
 mod admin;
 mod quota;
+pub mod reload;
 mod status;
 pub mod validate;
 

@@ -187,6 +187,19 @@ impl proto::quota_server::Quota for QuotaService {
         }))
     }
 
+    async fn extend(
+        &self,
+        request: Request<proto::ExtendRequest>,
+    ) -> Result<Response<proto::ExtendResponse>, Status> {
+        let req = request.into_inner();
+        let id = validate::reservation_id(&req.reservation_id)?;
+        let hold_us = validate::required_hold(req.hold.as_ref())?;
+        let expires_us = self.ledger.extend(id, hold_us).await?;
+        Ok(Response::new(proto::ExtendResponse {
+            expires_at: Some(to_timestamp(expires_us)),
+        }))
+    }
+
     async fn get_usage(
         &self,
         request: Request<proto::GetUsageRequest>,

@@ -226,6 +226,17 @@ pub fn hold_total(prompt_tokens: u64, max_output_tokens: u64) -> Result<(), Stat
     Ok(())
 }
 
+/// The `hold` of an Extend: required and positive.
+pub fn required_hold(hold: Option<&prost_types::Duration>) -> Result<u64, Status> {
+    match hold {
+        Some(d) => duration_us("hold", d),
+        None => Err(invalid(
+            "hold",
+            "is required (how long the hold must live from now)",
+        )),
+    }
+}
+
 /// A reservation id as returned by Reserve.
 pub fn reservation_id(value: &str) -> Result<ReservationId, Status> {
     if value.is_empty() {

@@ -1,0 +1,90 @@
+//! Reloading the policy without a restart: on SIGHUP, and when the policy file changes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::ledger::Ledger;
+use crate::policy::Policy;
+
+/// How often the policy file is checked for a change (its modification time and size).
+/// Polling, rather than inotify, works the same on every filesystem, including the symlink swap
+/// Kubernetes uses to update a mounted ConfigMap; a stat a second costs nothing.
+pub const POLICY_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Reload `path` into `ledger` now. A bad policy is refused with its file, line and reason,
+/// and the one in force stays. Returns whether a new policy was put in force.
+pub fn reload(ledger: &Ledger, path: &Path, why: &str) -> bool {
+    match Policy::from_file(path) {
+        Ok(policy) => {
+            let unchanged = ledger.policy().is_ok_and(|old| *old == policy);
+            if unchanged {
+                tracing::info!(%why, file = %path.display(), "policy reload: no change");
+                return false;
+            }
+            let tiers = policy.tiers().count();
+            match ledger.set_policy(Arc::new(policy)) {
+                Ok(()) => {
+                    tracing::info!(%why, file = %path.display(), tiers, "policy reloaded; usage and holds kept");
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload failed");
+                    false
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(%why, error = %e, "policy reload refused; the previous policy stays in force");
+            false
+        }
+    }
+}
+
+/// Watch `path` for SIGHUP and for changes, for as long as the returned task runs.
+pub fn spawn_reloader(ledger: Arc<Ledger>, path: PathBuf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading on file change only");
+                None
+            }
+        };
+        let mut last = stamp(&path);
+        let mut tick = tokio::time::interval(POLICY_POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            #[cfg(unix)]
+            let hup_signal = async {
+                match hup.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hup_signal = std::future::pending::<()>();
+            tokio::select! {
+                () = hup_signal => {
+                    last = stamp(&path);
+                    reload(&ledger, &path, "SIGHUP");
+                }
+                _ = tick.tick() => {
+                    let now = stamp(&path);
+                    if now != last {
+                        last = now;
+                        reload(&ledger, &path, "file changed");
+                    }
+                }
+            }
+        }
+    })
+}
