@@ -62,11 +62,18 @@ pub struct ReserveOutcome {
 
 /// Of several refusals, the one to report: the one a client must wait longest for, since a retry
 /// can only succeed once every limit admits it (never counts as longest).
+/// A model outside the tier is reported before anything else: it is the most basic refusal.
 fn binding(refusals: &[Refusal]) -> Option<Refusal> {
     refusals
         .iter()
         .copied()
-        .max_by_key(|r| r.retry_after_us.unwrap_or(u64::MAX))
+        .find(|r| r.limit == "model")
+        .or_else(|| {
+            refusals
+                .iter()
+                .copied()
+                .max_by_key(|r| r.retry_after_us.unwrap_or(u64::MAX))
+        })
 }
 
 impl Engine {
@@ -108,7 +115,7 @@ impl Engine {
         };
 
         let mut state = self.subject_state(&input.subject);
-        let refusals = state.refusals(&limits, now_us, held);
+        let refusals = state.refusals(&limits, now_us, held, &input.model);
         if let Some(refusal) = binding(&refusals) {
             return Ok(ReserveOutcome {
                 decision: Decision::Denied,

@@ -73,9 +73,16 @@ impl SubjectState {
             .saturating_add(self.held_tokens)
     }
 
-    /// Every limit that refuses a Reserve of `tokens` now. Empty means admitted.
-    pub fn refusals(&self, limits: &Limits, now_us: u64, tokens: u64) -> Vec<Refusal> {
+    /// Every limit that refuses a Reserve of `tokens` for `model` now. Empty means admitted.
+    pub fn refusals(&self, limits: &Limits, now_us: u64, tokens: u64, model: &str) -> Vec<Refusal> {
         let mut out = Vec::new();
+        if !limits.allows_model(model) {
+            // No wait helps: the tier does not include the model.
+            out.push(Refusal {
+                limit: "model",
+                retry_after_us: None,
+            });
+        }
         if let Some(max) = limits.max_concurrent {
             if self.open_holds >= max {
                 out.push(Refusal {

@@ -66,6 +66,7 @@ struct TierFile {
     hold_seconds: Option<Spanned<u64>>,
     max_hold_seconds: Option<Spanned<u64>>,
     max_hold_lifetime_seconds: Option<Spanned<u64>>,
+    models: Option<Spanned<Vec<String>>>,
 }
 
 struct Source<'a> {
@@ -249,5 +250,22 @@ fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, Poli
         hold_seconds,
         max_hold_seconds,
         max_hold_lifetime_seconds,
+        models: match t.models {
+            Some(list) => {
+                let at = list.span();
+                let names = list.into_inner();
+                if let Some(bad) = names
+                    .iter()
+                    .find(|n| n.is_empty() || n.len() > MAX_MODEL_NAME_BYTES)
+                {
+                    return Err(src.error(
+                        at,
+                        format!("models: {bad:?} must be 1 to {MAX_MODEL_NAME_BYTES} bytes"),
+                    ));
+                }
+                Some(names)
+            }
+            None => None,
+        },
     })
 }

@@ -53,6 +53,27 @@ pub struct Limits {
     pub max_hold_seconds: u64,
     /// Longest a hold may live in all, from its Reserve to its (extended) expiry, in seconds.
     pub max_hold_lifetime_seconds: u64,
+    /// The models the tier may use (`None`: any). A name also admits its dated snapshots
+    /// (`gpt-4o` admits `gpt-4o-2024-08-06`, not `gpt-4o-mini`).
+    pub models: Option<Vec<String>>,
+}
+
+/// Whether `model` is `name` or one of its dated snapshots (`name-<digit>...`).
+pub fn model_matches(name: &str, model: &str) -> bool {
+    model == name
+        || model.strip_prefix(name).is_some_and(|rest| {
+            rest.strip_prefix('-')
+                .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+        })
+}
+
+impl Limits {
+    /// Whether the tier may use `model`.
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| model_matches(n, model)))
+    }
 }
 
 impl Limits {
@@ -134,12 +155,7 @@ impl Policy {
         }
         self.models
             .iter()
-            .filter(|(name, _)| {
-                model.strip_prefix(name.as_str()).is_some_and(|rest| {
-                    rest.strip_prefix('-')
-                        .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
-                })
-            })
+            .filter(|(name, _)| model_matches(name, model))
             .max_by_key(|(name, _)| name.len())
             .map(|(_, m)| m)
     }
@@ -185,6 +201,13 @@ impl Policy {
                 out,
                 "  holds: {} s by default, at most {} s a request, {} s in all",
                 l.hold_seconds, l.max_hold_seconds, l.max_hold_lifetime_seconds
+            );
+            let _ = writeln!(
+                out,
+                "  models: {}",
+                l.models
+                    .as_ref()
+                    .map_or_else(|| "any".to_string(), |m| m.join(", "))
             );
         }
         for (name, m) in &self.models {

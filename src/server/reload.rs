@@ -48,15 +48,18 @@ pub fn reload(ledger: &Ledger, path: &Path, why: &str) -> bool {
 
 /// Watch `path` for SIGHUP and for changes, for as long as the returned task runs.
 pub fn spawn_reloader(ledger: Arc<Ledger>, path: PathBuf) -> tokio::task::JoinHandle<()> {
+    // The SIGHUP handler is installed here, before returning, not in the task: until it is,
+    // SIGHUP's default action kills the process, and the caller announces it is listening (and
+    // so may be sent SIGHUP) right after this returns, possibly before the task first runs.
+    #[cfg(unix)]
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading on file change only");
+            None
+        }
+    };
     tokio::spawn(async move {
-        #[cfg(unix)]
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading on file change only");
-                None
-            }
-        };
         let mut last = stamp(&path);
         let mut tick = tokio::time::interval(POLICY_POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
