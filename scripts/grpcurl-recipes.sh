@@ -63,6 +63,7 @@ expect '"reservedTokens": "308"' "Reserve holds counted prompt + max_output"
 expect '"promptTokens": "20"' "Reserve counts chat messages (framing, name, priming)"
 expect '"tier": "pro"' "SetSubject/GetSubject assign the pro tier"
 expect '"assigned": true' "GetSubject says the tier was assigned"
+expect '"tokensPerDay": "50000"' "SetSubject takes per-subject overrides"
 expect '"subject": "alice"' "ResetUsage answers"
 # Extend's answer is an object with expiresAt alone.
 if tr -d ' \n' <"$work/out.txt" | grep -qE '\{"expiresAt":"[^"]+"\}'; then echo "ok: Extend answers with the new expiry"; else echo "MISSING: Extend's answer"; fails=$((fails + 1)); fi

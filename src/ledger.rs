@@ -12,7 +12,7 @@ use crate::engine::{
     Bounds, CommitOutcome, Engine, EngineError, Mutation, RefundOutcome, ReservationId,
     ReserveInput, ReserveOutcome, Usage, UsageReport,
 };
-use crate::policy::Policy;
+use crate::policy::{Overrides, Policy};
 use crate::store::{Durability, Store, StoreError, Ticket, Writer};
 
 /// Why a ledger call failed.
@@ -230,10 +230,15 @@ impl Ledger {
         Ok(result?)
     }
 
-    /// Assign a tier to a subject, durably.
-    pub async fn set_subject(&self, subject: &str, tier: &str) -> Result<(), LedgerError> {
+    /// Set a subject's tier and overrides, durably.
+    pub async fn set_subject(
+        &self,
+        subject: &str,
+        tier: &str,
+        overrides: Overrides,
+    ) -> Result<(), LedgerError> {
         let (result, ticket) = self
-            .decide(|e, _, out| e.set_subject(subject, tier, out))
+            .decide(|e, _, out| e.set_subject(subject, tier, overrides, out))
             .await?;
         self.answer(result, ticket, Wait::Own).await
     }
@@ -249,8 +254,8 @@ impl Ledger {
         Ok(())
     }
 
-    /// A subject's tier and whether it was assigned.
-    pub fn subject_tier(&self, subject: &str) -> Result<(String, bool), LedgerError> {
+    /// A subject's tier, whether it was assigned, and its overrides.
+    pub fn subject_tier(&self, subject: &str) -> Result<(String, bool, Overrides), LedgerError> {
         Ok(self.lock()?.subject_tier(subject))
     }
 

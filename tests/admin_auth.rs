@@ -47,6 +47,7 @@ async fn without_a_configured_token_every_admin_call_is_unauthenticated() {
         let mut set = tonic::Request::new(SetSubjectRequest {
             subject: "alice".into(),
             tier: "pro".into(),
+            ..Default::default()
         });
         let mut get = tonic::Request::new(GetSubjectRequest {
             subject: "alice".into(),
@@ -76,7 +77,7 @@ async fn without_a_configured_token_every_admin_call_is_unauthenticated() {
     // Nothing was assigned.
     assert_eq!(
         ledger.subject_tier("alice").unwrap(),
-        ("free".to_string(), false)
+        ("free".to_string(), false, Default::default())
     );
     let _ = stop.send(());
     server.await.unwrap().unwrap();

@@ -171,6 +171,7 @@ async fn every_acknowledged_change_survives_kill_9() {
         .set_subject(SetSubjectRequest {
             subject: "alice".into(),
             tier: "gold".into(),
+            ..Default::default()
         })
         .await
         .expect("SetSubject")

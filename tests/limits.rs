@@ -704,6 +704,7 @@ async fn set_subject_moves_a_subject_to_another_tier() {
         .set_subject(SetSubjectRequest {
             subject: "bob".into(),
             tier: "pro".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -714,6 +715,7 @@ async fn set_subject_moves_a_subject_to_another_tier() {
         .set_subject(SetSubjectRequest {
             subject: "bob".into(),
             tier: "pro".into(),
+            ..Default::default()
         })
         .await
         .expect("set_subject")
@@ -760,6 +762,7 @@ async fn set_subject_moves_a_subject_to_another_tier() {
         .set_subject(SetSubjectRequest {
             subject: "bob".into(),
             tier: "gold".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -771,6 +774,7 @@ async fn set_subject_moves_a_subject_to_another_tier() {
         .set_subject(SetSubjectRequest {
             subject: "bob".into(),
             tier: "free".into(),
+            ..Default::default()
         })
         .await
         .expect("set_subject");

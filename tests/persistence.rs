@@ -85,6 +85,7 @@ async fn holds_usage_bucket_keys_and_tiers_survive_a_restart() {
         .set_subject(SetSubjectRequest {
             subject: "carol".into(),
             tier: "pro".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -245,6 +246,7 @@ async fn admin_calls_without_the_right_bearer_token_are_unauthenticated() {
             .set_subject(SetSubjectRequest {
                 subject: "alice".into(),
                 tier: "pro".into(),
+                ..Default::default()
             })
             .await,
         Code::Unauthenticated,
@@ -291,6 +293,7 @@ async fn admin_calls_without_the_right_bearer_token_are_unauthenticated() {
                 .set_subject(SetSubjectRequest {
                     subject: "alice".into(),
                     tier: "pro".into(),
+                    ..Default::default()
                 })
                 .await,
             Code::Unauthenticated,
@@ -323,6 +326,7 @@ async fn set_subject_assigns_a_tier_and_an_unknown_tier_is_invalid() {
                 .set_subject(SetSubjectRequest {
                     subject: "alice".into(),
                     tier: tier.into(),
+                    ..Default::default()
                 })
                 .await,
             Code::InvalidArgument,
@@ -342,6 +346,7 @@ async fn set_subject_assigns_a_tier_and_an_unknown_tier_is_invalid() {
         .set_subject(SetSubjectRequest {
             subject: "alice".into(),
             tier: "pro".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

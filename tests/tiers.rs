@@ -70,6 +70,7 @@ async fn a_free_user_asking_for_an_expert_model_is_denied_by_model() {
         .set_subject(SetSubjectRequest {
             subject: "ann".into(),
             tier: "pro".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -99,4 +100,106 @@ fn a_bad_model_list_is_refused_with_its_line() {
     .unwrap_err()
     .to_string();
     assert!(e.starts_with("p.toml:3:"), "{e}");
+}
+
+#[tokio::test]
+async fn overrides_apply_to_one_subject_and_survive_a_restart() {
+    let server = TestServer::start(POLICY).await;
+    let mut admin = server.admin().await;
+    let set = admin
+        .set_subject(SetSubjectRequest {
+            subject: "vip".into(),
+            tier: "free".into(),
+            overrides: Some(tollgate::proto::LimitOverrides {
+                tokens_per_day: Some(50_000),
+                max_concurrent: Some(1),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(set.overrides.unwrap().tokens_per_day, Some(50_000));
+
+    let mut q = server.quota().await;
+    // 20,000 is over free's 10,000 a day but within vip's override.
+    let r = q
+        .reserve(for_model("vip", "gpt-4o-mini", 20_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(decision(&r), Decision::Allowed);
+    assert_eq!(limit(&r.limits, "tokens_per_day").limit, 50_000);
+    // max_concurrent = 1 comes from the override too (free sets none).
+    let r2 = q
+        .reserve(for_model("vip", "gpt-4o-mini", 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r2.denied_by, "max_concurrent");
+    // Another free subject keeps the tier's limits.
+    let other = q
+        .reserve(for_model("ann", "gpt-4o-mini", 20_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(other.denied_by, "tokens_per_day");
+
+    let server = server.restart(POLICY).await;
+    let mut admin = server.admin().await;
+    let got = admin
+        .get_subject(tollgate::proto::GetSubjectRequest {
+            subject: "vip".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((got.tier.as_str(), got.assigned), ("free", true));
+    let o = got.overrides.unwrap();
+    assert_eq!(
+        (o.tokens_per_day, o.max_concurrent),
+        (Some(50_000), Some(1))
+    );
+    let mut q = server.quota().await;
+    let u = usage(&mut q, "vip").await;
+    assert_eq!(limit(&u.limits, "tokens_per_day").limit, 50_000);
+    assert_eq!(limit(&u.limits, "max_concurrent").limit, 1);
+    assert_eq!(u.held_tokens, 20_000);
+
+    // SetSubject replaces: without overrides, the tier's limits are back.
+    admin
+        .set_subject(SetSubjectRequest {
+            subject: "vip".into(),
+            tier: "free".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let u = usage(&mut q, "vip").await;
+    assert_eq!(limit(&u.limits, "tokens_per_day").limit, 10_000);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_override_above_the_ceiling_is_invalid() {
+    let server = TestServer::start(POLICY).await;
+    let mut admin = server.admin().await;
+    let e = admin
+        .set_subject(SetSubjectRequest {
+            subject: "x".into(),
+            tier: "free".into(),
+            overrides: Some(tollgate::proto::LimitOverrides {
+                tokens_per_day: Some(u64::MAX),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().starts_with("overrides: tokens_per_day"),
+        "{}",
+        e.message()
+    );
+    server.stop().await;
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{Engine, HoldState, Mutation, Reservation, SubjectState};
+use crate::policy::SubjectConfig;
 
 impl Engine {
     /// Remove settled reservations older than the retention, or the oldest beyond
@@ -54,10 +55,8 @@ impl Engine {
             let Some(state) = self.subjects.get(&subject) else {
                 continue;
             };
-            let tier = self
-                .policy
-                .resolve(self.assignments.get(&*subject).map(String::as_str));
-            if state.is_at_rest(&tier.limits, now_us) {
+            let limits = self.limits_of(&subject);
+            if state.is_at_rest(&limits, now_us) {
                 self.subjects.remove(&subject);
                 out.push(Mutation::Subject {
                     subject: subject.to_string(),
@@ -78,7 +77,7 @@ impl Engine {
         &mut self,
         subjects: HashMap<String, SubjectState>,
         reservations: Vec<Reservation>,
-        assignments: HashMap<String, String>,
+        assignments: HashMap<String, SubjectConfig>,
     ) -> Vec<String> {
         let mut problems = Vec::new();
         self.subjects = subjects

@@ -28,7 +28,7 @@ pub use subject::{LimitStatus, Refusal, SubjectState};
 pub use window::RequestWindow;
 
 use crate::clock::{utc_day, MICROS_PER_DAY};
-use crate::policy::{Policy, Tier};
+use crate::policy::{Limits, Overrides, Policy, SubjectConfig, Tier, LIMIT_CEILING};
 
 /// One change to durable state. `None` deletes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,12 +47,12 @@ pub enum Mutation {
         /// The new record.
         record: Option<Box<Reservation>>,
     },
-    /// A subject's tier assignment.
+    /// A subject's tier and overrides.
     Assignment {
         /// The subject.
         subject: String,
-        /// The tier.
-        tier: Option<String>,
+        /// What was set.
+        config: Option<SubjectConfig>,
     },
 }
 
@@ -128,7 +128,7 @@ pub struct Engine {
     /// Every subject in `subjects`, once, in the order the sweeper visits them to forget those
     /// at rest: a round-robin that costs O(1) per subject visited, never a scan of all.
     rest_queue: VecDeque<Arc<str>>,
-    assignments: HashMap<String, String>,
+    assignments: HashMap<String, SubjectConfig>,
     reservations: HashMap<ReservationId, Reservation>,
     /// Open holds by deadline: the sweeper pops from the front.
     deadlines: BTreeSet<(u64, ReservationId)>,
@@ -175,7 +175,16 @@ impl Engine {
     /// The tier of a subject.
     pub fn tier_of(&self, subject: &str) -> &Tier {
         self.policy
-            .resolve(self.assignments.get(subject).map(String::as_str))
+            .resolve(self.assignments.get(subject).map(|c| c.tier.as_str()))
+    }
+
+    /// The limits of a subject: its tier's, with its overrides applied.
+    pub fn limits_of(&self, subject: &str) -> Limits {
+        let tier = &self.tier_of(subject).limits;
+        match self.assignments.get(subject) {
+            Some(c) if !c.overrides.is_empty() => c.overrides.apply(tier),
+            _ => tier.clone(),
+        }
     }
 
     fn subject_state(&self, subject: &str) -> SubjectState {
@@ -235,6 +244,7 @@ impl Engine {
     /// A subject's usage and limits.
     pub fn usage(&self, subject: &str, now_us: u64) -> UsageReport {
         let tier = self.tier_of(subject);
+        let limits = self.limits_of(subject);
         let state = self.subject_state(subject);
         let today = utc_day(now_us);
         UsageReport {
@@ -244,15 +254,16 @@ impl Engine {
             held_tokens: state.held_tokens,
             requests: state.day_requests.get(today),
             open_holds: state.open_holds,
-            limits: state.statuses(&tier.limits, now_us),
+            limits: state.statuses(&limits, now_us),
         }
     }
 
-    /// Assign a tier to a subject.
+    /// Set a subject's tier and limit overrides (replacing what was set before).
     pub fn set_subject(
         &mut self,
         subject: &str,
         tier: &str,
+        overrides: Overrides,
         out: &mut Vec<Mutation>,
     ) -> Result<(), EngineError> {
         if self.policy.tier(tier).is_none() {
@@ -265,20 +276,33 @@ impl Engine {
                 ),
             });
         }
-        self.assignments
-            .insert(subject.to_string(), tier.to_string());
+        if let Some((field, value)) = overrides.out_of_range() {
+            return Err(EngineError::InvalidArgument {
+                field: "overrides",
+                rule: format!("{field} = {value} is above the ceiling of {LIMIT_CEILING}"),
+            });
+        }
+        let config = SubjectConfig {
+            tier: tier.to_string(),
+            overrides,
+        };
+        self.assignments.insert(subject.to_string(), config.clone());
         out.push(Mutation::Assignment {
             subject: subject.to_string(),
-            tier: Some(tier.to_string()),
+            config: Some(config),
         });
         Ok(())
     }
 
-    /// A subject's tier and whether it was assigned (rather than the default).
-    pub fn subject_tier(&self, subject: &str) -> (String, bool) {
+    /// A subject's tier, whether it was assigned (rather than the default), and its overrides.
+    pub fn subject_tier(&self, subject: &str) -> (String, bool, Overrides) {
         (
             self.tier_of(subject).name.clone(),
             self.assignments.contains_key(subject),
+            self.assignments
+                .get(subject)
+                .map(|c| c.overrides.clone())
+                .unwrap_or_default(),
         )
     }
 

@@ -98,7 +98,7 @@ impl Engine {
             }
         }
 
-        let limits = self.tier_of(&input.subject).limits.clone();
+        let limits = self.limits_of(&input.subject);
         let hold_us = match input.hold_us {
             Some(h) if h > limits.max_hold_seconds * MICROS_PER_SECOND => {
                 return Err(EngineError::InvalidArgument {
@@ -269,7 +269,7 @@ impl Engine {
             let show = |h: Option<u64>| h.map_or("(default)".to_string(), |us| format!("{us}us"));
             return differs("hold", show(first.requested_hold_us), show(input.hold_us));
         }
-        let limits = &self.tier_of(&input.subject).limits;
+        let limits = &self.limits_of(&input.subject);
         Ok(Some(ReserveOutcome {
             decision: Decision::Allowed,
             reservation_id: Some(first.id),

@@ -66,7 +66,7 @@ impl Engine {
                 ..
             } => {
                 if first == usage {
-                    let limits = &self.tier_of(&subject).limits;
+                    let limits = &self.limits_of(&subject);
                     let statuses = self.subject_state(&subject).statuses(limits, now_us);
                     return Ok(CommitOutcome {
                         settlement,
@@ -102,7 +102,7 @@ impl Engine {
             released_tokens: held.saturating_sub(actual),
             debt_tokens: actual.saturating_sub(held),
         };
-        let limits = self.tier_of(&subject).limits.clone();
+        let limits = self.limits_of(&subject);
         let mut state = self.subject_state(&subject);
         let today = utc_day(now_us);
         match expired_at {
@@ -187,7 +187,7 @@ impl Engine {
         }
         let subject = r.subject.clone();
         let expires_us = r.expires_us;
-        let limits = self.tier_of(&subject).limits.clone();
+        let limits = self.limits_of(&subject);
         let mut state = self.subject_state(&subject);
         state.held_tokens -= held;
         state.open_holds -= 1;
@@ -230,7 +230,7 @@ impl Engine {
             });
         }
         let tier = self.tier_of(&r.subject);
-        let limits = &tier.limits;
+        let limits = &self.limits_of(&r.subject);
         if hold_us > limits.max_hold_seconds * MICROS_PER_SECOND {
             return Err(EngineError::InvalidArgument {
                 field: "hold",

@@ -46,7 +46,7 @@ const START: u64 = 1_773_186_600_000_000;
 struct Disk {
     subjects: BTreeMap<String, SubjectState>,
     reservations: BTreeMap<ReservationId, Reservation>,
-    assignments: BTreeMap<String, String>,
+    assignments: BTreeMap<String, crate::policy::SubjectConfig>,
 }
 
 impl Disk {
@@ -69,7 +69,7 @@ impl Disk {
                         self.reservations.remove(&id);
                     }
                 },
-                Mutation::Assignment { subject, tier } => match tier {
+                Mutation::Assignment { subject, config } => match config {
                     Some(t) => {
                         self.assignments.insert(subject, t);
                     }
@@ -237,7 +237,12 @@ fn random_operations_keep_every_invariant_and_replay_from_mutations() {
                     let subject = subjects[2 + rng.below(2) as usize];
                     let tier = if rng.below(2) == 0 { "free" } else { "open" };
                     let mut muts = Vec::new();
-                    e.set_subject(subject, tier, &mut muts).unwrap();
+                    // Sometimes with an override that tightens the day quota.
+                    let overrides = crate::policy::Overrides {
+                        tokens_per_day: (rng.below(2) == 0).then_some(5_000),
+                        ..Default::default()
+                    };
+                    e.set_subject(subject, tier, overrides, &mut muts).unwrap();
                     disk.apply(muts);
                 }
                 87 => {

@@ -58,6 +58,71 @@ pub struct Limits {
     pub models: Option<Vec<String>>,
 }
 
+/// Limits set for one subject by an operator (Admin.SetSubject), over its tier's. Each set
+/// field replaces the tier's value; an override cannot make a limit unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Overrides {
+    /// Replaces `tokens_per_minute`.
+    pub tokens_per_minute: Option<u64>,
+    /// Replaces `burst_tokens` (applies where `tokens_per_minute` is set).
+    pub burst_tokens: Option<u64>,
+    /// Replaces `requests_per_minute`.
+    pub requests_per_minute: Option<u64>,
+    /// Replaces `tokens_per_day`.
+    pub tokens_per_day: Option<u64>,
+    /// Replaces `max_concurrent`.
+    pub max_concurrent: Option<u32>,
+}
+
+impl Overrides {
+    /// Whether no limit is overridden.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The first value above [`LIMIT_CEILING`], as (field, value).
+    pub fn out_of_range(&self) -> Option<(&'static str, u64)> {
+        [
+            ("tokens_per_minute", self.tokens_per_minute),
+            ("burst_tokens", self.burst_tokens),
+            ("requests_per_minute", self.requests_per_minute),
+            ("tokens_per_day", self.tokens_per_day),
+        ]
+        .into_iter()
+        .find_map(|(f, v)| v.filter(|v| *v > LIMIT_CEILING).map(|v| (f, v)))
+    }
+
+    /// `limits` with these overrides applied.
+    pub fn apply(&self, limits: &Limits) -> Limits {
+        let mut l = limits.clone();
+        if let Some(v) = self.tokens_per_minute {
+            l.tokens_per_minute = Some(v);
+        }
+        if let Some(v) = self.burst_tokens {
+            l.burst_tokens = Some(v);
+        }
+        if let Some(v) = self.requests_per_minute {
+            l.requests_per_minute = Some(v);
+        }
+        if let Some(v) = self.tokens_per_day {
+            l.tokens_per_day = Some(v);
+        }
+        if let Some(v) = self.max_concurrent {
+            l.max_concurrent = Some(v);
+        }
+        l
+    }
+}
+
+/// What an operator set for one subject: its tier and limit overrides. Persisted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SubjectConfig {
+    /// The tier (if a policy reload removes it, the default tier applies).
+    pub tier: String,
+    /// Limits over the tier's.
+    pub overrides: Overrides,
+}
+
 /// Whether `model` is `name` or one of its dated snapshots (`name-<digit>...`).
 pub fn model_matches(name: &str, model: &str) -> bool {
     model == name

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::validate;
 use crate::ledger::Ledger;
+use crate::policy::Overrides;
 use crate::proto;
 
 /// Serves SetSubject, GetSubject and ResetUsage.
@@ -71,6 +72,26 @@ impl Interceptor for AdminAuth {
     }
 }
 
+fn from_proto(o: proto::LimitOverrides) -> Overrides {
+    Overrides {
+        tokens_per_minute: o.tokens_per_minute,
+        burst_tokens: o.burst_tokens,
+        requests_per_minute: o.requests_per_minute,
+        tokens_per_day: o.tokens_per_day,
+        max_concurrent: o.max_concurrent,
+    }
+}
+
+fn to_proto(o: &Overrides) -> proto::LimitOverrides {
+    proto::LimitOverrides {
+        tokens_per_minute: o.tokens_per_minute,
+        burst_tokens: o.burst_tokens,
+        requests_per_minute: o.requests_per_minute,
+        tokens_per_day: o.tokens_per_day,
+        max_concurrent: o.max_concurrent,
+    }
+}
+
 #[tonic::async_trait]
 impl proto::admin_server::Admin for AdminService {
     async fn set_subject(
@@ -80,11 +101,15 @@ impl proto::admin_server::Admin for AdminService {
         let req = request.into_inner();
         validate::subject(&req.subject)?;
         validate::tier(&req.tier)?;
-        self.ledger.set_subject(&req.subject, &req.tier).await?;
-        tracing::info!(subject = %req.subject, tier = %req.tier, "subject assigned");
+        let overrides = req.overrides.map(from_proto).unwrap_or_default();
+        self.ledger
+            .set_subject(&req.subject, &req.tier, overrides.clone())
+            .await?;
+        tracing::info!(subject = %req.subject, tier = %req.tier, ?overrides, "subject set");
         Ok(Response::new(proto::SetSubjectResponse {
             subject: req.subject,
             tier: req.tier,
+            overrides: Some(to_proto(&overrides)),
         }))
     }
 
@@ -94,11 +119,12 @@ impl proto::admin_server::Admin for AdminService {
     ) -> Result<Response<proto::GetSubjectResponse>, Status> {
         let subject = request.into_inner().subject;
         validate::subject(&subject)?;
-        let (tier, assigned) = self.ledger.subject_tier(&subject)?;
+        let (tier, assigned, overrides) = self.ledger.subject_tier(&subject)?;
         Ok(Response::new(proto::GetSubjectResponse {
             subject,
             tier,
             assigned,
+            overrides: Some(to_proto(&overrides)),
         }))
     }
 

@@ -20,10 +20,12 @@ use std::sync::Arc;
 pub use writer::{Durability, Ticket, Writer};
 
 use crate::engine::{Mutation, Reservation, SubjectState};
+use crate::policy::SubjectConfig;
 
 /// The on-disk format version. A data directory written by another version is refused rather
 /// than misread.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: a subject's tier assignment became a `SubjectConfig` (tier and overrides).
+pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_KEY: &[u8] = b"!format";
 
 /// A storage failure: the request that met it is answered UNAVAILABLE, and nothing is
@@ -64,8 +66,8 @@ pub struct Snapshot {
     pub subjects: HashMap<String, SubjectState>,
     /// All reservation records (open and settled).
     pub reservations: Vec<Reservation>,
-    /// Tier assignments.
-    pub assignments: HashMap<String, String>,
+    /// Tiers and overrides set by operators.
+    pub assignments: HashMap<String, SubjectConfig>,
 }
 
 /// The sled database of one data directory.
@@ -153,9 +155,9 @@ impl Store {
                 }
                 b'a' => {
                     let subject = std::str::from_utf8(rest).map_err(|e| corrupt(&key, e))?;
-                    let tier = std::str::from_utf8(&value).map_err(|e| corrupt(&key, e))?;
-                    snap.assignments
-                        .insert(subject.to_string(), tier.to_string());
+                    let config: SubjectConfig =
+                        postcard::from_bytes(&value).map_err(|e| corrupt(&key, e))?;
+                    snap.assignments.insert(subject.to_string(), config);
                 }
                 b'!' => {}
                 _ => return Err(corrupt(&key, "unknown record kind")),
@@ -218,10 +220,13 @@ fn encode(m: &Mutation, b: &mut sled::Batch) {
                 None => b.remove(key),
             }
         }
-        Mutation::Assignment { subject, tier } => {
+        Mutation::Assignment { subject, config } => {
             let key = prefixed(b'a', subject.as_bytes());
-            match tier {
-                Some(t) => b.insert(key, t.as_bytes()),
+            match config {
+                Some(c) => b.insert(
+                    key,
+                    postcard::to_allocvec(c).expect("encode subject config"),
+                ),
                 None => b.remove(key),
             }
         }
@@ -275,7 +280,13 @@ mod tests {
                 },
                 Mutation::Assignment {
                     subject: "alice".into(),
-                    tier: Some("pro".into()),
+                    config: Some(SubjectConfig {
+                        tier: "pro".into(),
+                        overrides: crate::policy::Overrides {
+                            tokens_per_day: Some(7),
+                            ..Default::default()
+                        },
+                    }),
                 },
             ])
             .unwrap();
@@ -284,6 +295,7 @@ mod tests {
         let snap = Store::open(dir.path()).unwrap().load().unwrap();
         assert_eq!(snap.subjects["alice"], state);
         assert_eq!(snap.reservations, vec![r]);
-        assert_eq!(snap.assignments["alice"], "pro");
+        assert_eq!(snap.assignments["alice"].tier, "pro");
+        assert_eq!(snap.assignments["alice"].overrides.tokens_per_day, Some(7));
     }
 }
