@@ -298,7 +298,10 @@ impl Engine {
     pub fn subject_tier(&self, subject: &str) -> (String, bool, Overrides) {
         (
             self.tier_of(subject).name.clone(),
-            self.assignments.contains_key(subject),
+            // Assigned to a tier the policy still has (a reload may have removed it).
+            self.assignments
+                .get(subject)
+                .is_some_and(|c| self.policy.tier(&c.tier).is_some()),
             self.assignments
                 .get(subject)
                 .map(|c| c.overrides.clone())

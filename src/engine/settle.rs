@@ -241,6 +241,10 @@ impl Engine {
             });
         }
         let wanted = now_us.saturating_add(hold_us).max(r.expires_us);
+        if wanted == r.expires_us {
+            // Nothing to push out (even if a reload has since lowered the lifetime).
+            return Ok(wanted);
+        }
         let lifetime_us = limits.max_hold_lifetime_seconds * MICROS_PER_SECOND;
         if wanted.saturating_sub(r.created_us) > lifetime_us {
             return Err(EngineError::InvalidArgument {
@@ -252,9 +256,6 @@ impl Engine {
                     tier.name
                 ),
             });
-        }
-        if wanted == r.expires_us {
-            return Ok(wanted);
         }
         let mut r = r.clone();
         self.deadlines.remove(&(r.expires_us, id));

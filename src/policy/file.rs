@@ -15,8 +15,7 @@ use super::{
 use crate::tokens::{built_in_encoding, Encoding, ALL_ENCODINGS};
 
 /// Why a policy was refused: where, and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{origin}:{line}:{column}: {reason}")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyError {
     /// The file (or `<embedded default policy>`).
     pub origin: String,
@@ -27,6 +26,23 @@ pub struct PolicyError {
     /// What is wrong.
     pub reason: String,
 }
+
+impl std::fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.line == 0 {
+            // The file itself could not be read: there is no position to name.
+            write!(f, "{}: {}", self.origin, self.reason)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.origin, self.line, self.column, self.reason
+            )
+        }
+    }
+}
+
+impl std::error::Error for PolicyError {}
 
 impl PolicyError {
     pub(super) fn unreadable(origin: &str, err: &std::io::Error) -> Self {
@@ -207,8 +223,12 @@ fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, Poli
             "burst_tokens needs tokens_per_minute (the bucket's refill)",
         ));
     }
-    let max_hold_seconds = max_hold.unwrap_or(DEFAULT_MAX_HOLD_SECONDS.max(hold.unwrap_or(0)));
     let lifetime = bounded("max_hold_lifetime_seconds", &t.max_hold_lifetime_seconds)?;
+    // Defaults give way to what the tier sets: a default never contradicts an explicit value.
+    let max_hold_seconds = max_hold.unwrap_or_else(|| {
+        let d = DEFAULT_MAX_HOLD_SECONDS.max(hold.unwrap_or(0));
+        lifetime.map_or(d, |l| d.min(l).max(hold.unwrap_or(0)))
+    });
     let max_hold_lifetime_seconds =
         lifetime.unwrap_or(DEFAULT_MAX_HOLD_LIFETIME_SECONDS.max(max_hold_seconds));
     let hold_seconds = hold.unwrap_or(DEFAULT_HOLD_SECONDS.min(max_hold_seconds));

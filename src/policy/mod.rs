@@ -349,6 +349,26 @@ mod tests {
         assert_eq!(l.hold_seconds, DEFAULT_HOLD_SECONDS);
     }
 
+    #[test]
+    fn a_lifetime_alone_caps_the_default_max_hold() {
+        let p = Policy::from_toml(
+            "default_tier = \"t\"\n[tiers.t]\nmax_hold_lifetime_seconds = 600\n",
+            "p.toml",
+        )
+        .unwrap();
+        let l = &p.default_tier().limits;
+        assert_eq!((l.max_hold_seconds, l.max_hold_lifetime_seconds), (600, 600));
+        assert_eq!(l.hold_seconds, DEFAULT_HOLD_SECONDS);
+    }
+
+    #[test]
+    fn an_unreadable_file_is_named_without_a_position() {
+        let e = Policy::from_file(Path::new("/nonexistent/policy.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/nonexistent/policy.toml: cannot read"), "{e}");
+    }
+
     fn error_of(text: &str) -> String {
         Policy::from_toml(text, "p.toml").unwrap_err().to_string()
     }

@@ -24,7 +24,12 @@ pub fn reload(ledger: &Ledger, path: &Path, why: &str) -> bool {
         Ok(policy) => {
             let unchanged = ledger.policy().is_ok_and(|old| *old == policy);
             if unchanged {
-                tracing::info!(%why, file = %path.display(), "policy reload: no change");
+                // An operator's SIGHUP deserves an answer in the log; a poll does not.
+                if why == "SIGHUP" {
+                    tracing::info!(%why, file = %path.display(), "policy reload: no change");
+                } else {
+                    tracing::debug!(%why, file = %path.display(), "policy reload: no change");
+                }
                 return false;
             }
             let tiers = policy.tiers().count();
@@ -60,7 +65,12 @@ pub fn spawn_reloader(ledger: Arc<Ledger>, path: PathBuf) -> tokio::task::JoinHa
         }
     };
     tokio::spawn(async move {
-        let mut last = stamp(&path);
+        // `last` is the stamp of the policy in force; `seen` the stamp at the previous poll.
+        // Starting `last` empty makes the first stable poll compare the file with the policy
+        // in force, so a change made while the server started is not missed (an unchanged
+        // file is a no-op).
+        let mut last = None;
+        let mut seen = stamp(&path);
         let mut tick = tokio::time::interval(POLICY_POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -78,14 +88,18 @@ pub fn spawn_reloader(ledger: Arc<Ledger>, path: PathBuf) -> tokio::task::JoinHa
             tokio::select! {
                 () = hup_signal => {
                     last = stamp(&path);
+                    seen = last;
                     reload(&ledger, &path, "SIGHUP");
                 }
                 _ = tick.tick() => {
+                    // Reload only a file that looks the same on two polls in a row, so a file
+                    // being rewritten in place is never read half-written.
                     let now = stamp(&path);
-                    if now != last {
+                    if now != last && now == seen {
                         last = now;
                         reload(&ledger, &path, "file changed");
                     }
+                    seen = now;
                 }
             }
         }
