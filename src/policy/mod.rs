@@ -357,7 +357,10 @@ mod tests {
         )
         .unwrap();
         let l = &p.default_tier().limits;
-        assert_eq!((l.max_hold_seconds, l.max_hold_lifetime_seconds), (600, 600));
+        assert_eq!(
+            (l.max_hold_seconds, l.max_hold_lifetime_seconds),
+            (600, 600)
+        );
         assert_eq!(l.hold_seconds, DEFAULT_HOLD_SECONDS);
     }
 
@@ -366,7 +369,10 @@ mod tests {
         let e = Policy::from_file(Path::new("/nonexistent/policy.toml"))
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("/nonexistent/policy.toml: cannot read"), "{e}");
+        assert!(
+            e.starts_with("/nonexistent/policy.toml: cannot read"),
+            "{e}"
+        );
     }
 
     fn error_of(text: &str) -> String {
