@@ -79,3 +79,81 @@ pub fn utc_day(now_micros: u64) -> u32 {
 pub fn until_next_utc_day(now_micros: u64) -> u64 {
     MICROS_PER_DAY - now_micros % MICROS_PER_DAY
 }
+
+/// (year, month 1-12) of a day number since the epoch, by the proleptic Gregorian calendar
+/// (Howard Hinnant's civil-from-days algorithm, exact for every day a u32 can name).
+fn civil_month(day: u32) -> (i64, u32) {
+    let z = i64::from(day) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, u32::try_from(month).unwrap_or(1))
+}
+
+/// Days since the epoch of the first day of (year, month), the inverse of `civil_month`.
+fn days_from_civil(year: i64, month: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The UTC calendar month of a time, as months since January 1970.
+pub fn utc_month(now_micros: u64) -> u32 {
+    let (year, month) = civil_month(utc_day(now_micros));
+    u32::try_from((year - 1970) * 12 + i64::from(month) - 1).unwrap_or(0)
+}
+
+/// Microseconds from `now_micros` until the first instant of the next UTC month.
+pub fn until_next_utc_month(now_micros: u64) -> u64 {
+    let (year, month) = civil_month(utc_day(now_micros));
+    let (ny, nm) = if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    };
+    let next = u64::try_from(days_from_civil(ny, nm)).unwrap_or(0) * MICROS_PER_DAY;
+    next.saturating_sub(now_micros)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: u64 = MICROS_PER_DAY;
+
+    #[test]
+    fn months_follow_the_calendar() {
+        assert_eq!(utc_month(0), 0, "1970-01");
+        assert_eq!(utc_month(31 * DAY - 1), 0, "1970-01-31T23:59:59.999999");
+        assert_eq!(utc_month(31 * DAY), 1, "1970-02-01");
+        // 2024 is a leap year: Feb has 29 days. 2024-02-01 is day 19754, 2024-03-01 day 19783.
+        assert_eq!(utc_month(19_754 * DAY), 649);
+        assert_eq!(utc_month(19_783 * DAY - 1), 649);
+        assert_eq!(utc_month(19_783 * DAY), 650);
+        assert_eq!(until_next_utc_month(19_782 * DAY), DAY);
+        // 2026-12-31T12:00 to 2027-01-01: half a day.
+        let dec31 = 20_818 * DAY;
+        assert_eq!(utc_month(dec31), (2026 - 1970) * 12 + 11);
+        assert_eq!(until_next_utc_month(dec31 + DAY / 2), DAY / 2);
+    }
+
+    #[test]
+    fn civil_round_trips_for_every_day_of_four_centuries() {
+        for day in (0..146_097u32 * 2).step_by(7) {
+            let (y, m) = civil_month(day);
+            let first = days_from_civil(y, m);
+            assert!(
+                first <= i64::from(day) && i64::from(day) - first < 31,
+                "{day}"
+            );
+        }
+    }
+}

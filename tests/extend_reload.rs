@@ -985,7 +985,7 @@ default_max_output_tokens = 1000
         "tier basic (default)",
         "  holds: 60 s by default, at most 3600 s a request, 86400 s in all",
         "tier gold",
-        "  tokens_per_minute 6000 (burst 9000), requests_per_minute unlimited, tokens_per_day unlimited, max_concurrent 3",
+        "  tokens_per_minute 6000 (burst 9000), requests_per_minute unlimited, tokens_per_day unlimited, tokens_per_month unlimited, max_concurrent 3",
         "  holds: 300 s by default, at most 100000 s a request, 100000 s in all",
         "tier short",
         "  holds: 300 s by default, at most 300 s a request, 600 s in all",

@@ -203,3 +203,160 @@ async fn an_override_above_the_ceiling_is_invalid() {
     );
     server.stop().await;
 }
+
+const MONTHLY: &str = r#"
+default_tier = "m"
+
+[tiers.m]
+tokens_per_day = 100000
+tokens_per_month = 1000
+"#;
+
+#[tokio::test]
+async fn tokens_per_month_spans_days_and_resets_with_the_utc_month() {
+    // T0 is 2026-03-10T12:00Z: the next month starts in 21 days and 12 hours.
+    let to_april: u64 = (21 * 24 + 12) * 3600;
+    let server = TestServer::start(MONTHLY).await;
+    let mut q = server.quota().await;
+    let r = q
+        .reserve(reserve("ann", 600, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    q.commit(tollgate::proto::CommitRequest {
+        reservation_id: r.reservation_id,
+        prompt_tokens: 600,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = q
+        .reserve(reserve("ann", 500, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.denied_by, "tokens_per_month");
+    assert_eq!(r.retry_after.unwrap().seconds, to_april as i64);
+    assert_eq!(limit(&r.limits, "tokens_per_month").remaining, 400);
+
+    // A new day does not reset the month.
+    server.advance_secs(24 * 3600);
+    let u = usage(&mut q, "ann").await;
+    assert_eq!((u.used_tokens, u.used_tokens_month), (0, 600));
+    let r = q
+        .reserve(reserve("ann", 500, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.denied_by, "tokens_per_month");
+
+    // April does.
+    server.advance_secs(to_april - 24 * 3600);
+    let u = usage(&mut q, "ann").await;
+    assert_eq!(u.used_tokens_month, 0);
+    let r = q
+        .reserve(reserve("ann", 500, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(decision(&r), Decision::Allowed);
+    // More than the whole month can never fit.
+    let r = q
+        .reserve(reserve("bob", 1001, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.denied_by, "tokens_per_month");
+    assert!(r.retry_after.is_none());
+    server.stop().await;
+}
+
+const SHADOW: &str = r#"
+default_tier = "enforced"
+
+[tiers.enforced]
+tokens_per_day = 100
+
+[tiers.trial]
+tokens_per_day = 100
+models = ["gpt-4o-mini"]
+enforce = false
+"#;
+
+#[tokio::test]
+async fn shadow_mode_never_denies_but_reports_and_counts() {
+    let server = TestServer::start(SHADOW).await;
+    let mut admin = server.admin().await;
+    admin
+        .set_subject(SetSubjectRequest {
+            subject: "tess".into(),
+            tier: "trial".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut q = server.quota().await;
+
+    // Within the limits: nothing to report.
+    let ok = q
+        .reserve(for_model("tess", "gpt-4o-mini", 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.shadow_denied_by, "");
+    // Over the day quota: allowed anyway, and the would-be denial is reported.
+    let r = q
+        .reserve(for_model("tess", "gpt-4o-mini", 150))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(decision(&r), Decision::Allowed);
+    assert_eq!(r.shadow_denied_by, "tokens_per_day");
+    assert!(!r.reservation_id.is_empty());
+    // A model outside the tier: allowed too, reported as "model".
+    let r = q
+        .reserve(for_model("tess", "gpt-4o", 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (decision(&r), r.shadow_denied_by.as_str()),
+        (Decision::Allowed, "model")
+    );
+    // A dry run reports without counting.
+    let dry = q
+        .reserve(ReserveRequest {
+            dry_run: true,
+            ..for_model("tess", "gpt-4o-mini", 500)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dry.shadow_denied_by, "tokens_per_day");
+
+    let u = usage(&mut q, "tess").await;
+    assert_eq!((u.shadow_denials, u.held_tokens, u.requests), (2, 170, 3));
+
+    // An enforced tier still denies.
+    let r = q.reserve(reserve("ed", 150, 0)).await.unwrap().into_inner();
+    assert_eq!(
+        (decision(&r), r.denied_by.as_str()),
+        (Decision::Denied, "tokens_per_day")
+    );
+    assert_eq!(usage(&mut q, "ed").await.shadow_denials, 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_whole_policy_can_be_in_shadow_mode() {
+    let policy = format!("enforce = false\n{SHADOW}");
+    let server = TestServer::start(&policy).await;
+    let mut q = server.quota().await;
+    let r = q.reserve(reserve("ed", 150, 0)).await.unwrap().into_inner();
+    assert_eq!(
+        (decision(&r), r.shadow_denied_by.as_str()),
+        (Decision::Allowed, "tokens_per_day")
+    );
+    assert_eq!(usage(&mut q, "ed").await.shadow_denials, 1);
+    server.stop().await;
+}

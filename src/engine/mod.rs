@@ -109,6 +109,10 @@ pub struct UsageReport {
     pub open_holds: u32,
     /// Every limit of its tier.
     pub limits: Vec<LimitStatus>,
+    /// Tokens charged this UTC calendar month.
+    pub used_tokens_month: u64,
+    /// Reserves allowed today only because of shadow mode.
+    pub shadow_denials: u64,
 }
 
 /// The whole in-memory state of the quota ledger.
@@ -255,6 +259,8 @@ impl Engine {
             requests: state.day_requests.get(today),
             open_holds: state.open_holds,
             limits: state.statuses(&limits, now_us),
+            used_tokens_month: state.month_tokens.get(crate::clock::utc_month(now_us)),
+            shadow_denials: state.day_shadow_denials.get(today),
         }
     }
 

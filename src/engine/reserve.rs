@@ -58,6 +58,8 @@ pub struct ReserveOutcome {
     pub expires_us: Option<u64>,
     /// This answers an earlier Reserve with the same idempotency key.
     pub replayed: bool,
+    /// Shadow mode: the limit that would have denied this Reserve, allowed anyway.
+    pub shadow_denied_by: Option<&'static str>,
 }
 
 /// Of several refusals, the one to report: the one a client must wait longest for, since a retry
@@ -116,20 +118,26 @@ impl Engine {
 
         let mut state = self.subject_state(&input.subject);
         let refusals = state.refusals(&limits, now_us, held, &input.model);
-        if let Some(refusal) = binding(&refusals) {
-            return Ok(ReserveOutcome {
-                decision: Decision::Denied,
-                reservation_id: None,
-                model: input.model,
-                reserved_tokens: 0,
-                prompt_tokens: input.prompt_tokens,
-                denied_by: Some(refusal.limit),
-                retry_after_us: refusal.retry_after_us,
-                limits: state.statuses(&limits, now_us),
-                expires_us: None,
-                replayed: false,
-            });
-        }
+        let enforce = self.policy.enforce() && limits.enforce;
+        let shadow_denied_by = match binding(&refusals) {
+            Some(refusal) if !enforce => Some(refusal.limit),
+            Some(refusal) => {
+                return Ok(ReserveOutcome {
+                    decision: Decision::Denied,
+                    reservation_id: None,
+                    model: input.model,
+                    reserved_tokens: 0,
+                    prompt_tokens: input.prompt_tokens,
+                    denied_by: Some(refusal.limit),
+                    retry_after_us: refusal.retry_after_us,
+                    limits: state.statuses(&limits, now_us),
+                    expires_us: None,
+                    replayed: false,
+                    shadow_denied_by: None,
+                })
+            }
+            None => None,
+        };
         if input.dry_run {
             return Ok(ReserveOutcome {
                 decision: Decision::Allowed,
@@ -142,6 +150,7 @@ impl Engine {
                 limits: state.statuses(&limits, now_us),
                 expires_us: None,
                 replayed: false,
+                shadow_denied_by,
             });
         }
         self.check_room(&input.subject, &state)?;
@@ -156,6 +165,14 @@ impl Engine {
         }
         state.window.record(now_us);
         state.day_requests.add(utc_day(now_us), 1);
+        if shadow_denied_by.is_some() {
+            state.day_shadow_denials.add(utc_day(now_us), 1);
+            tracing::info!(
+                subject = %input.subject,
+                would_deny = shadow_denied_by.unwrap_or_default(),
+                "shadow mode: allowed a Reserve that would have been denied"
+            );
+        }
         state.held_tokens += held;
         state.open_holds += 1;
         self.put_subject(&input.subject, state, out);
@@ -190,6 +207,7 @@ impl Engine {
             limits: state.statuses(&limits, now_us),
             expires_us: Some(expires_us),
             replayed: false,
+            shadow_denied_by,
         };
         self.put_reservation(reservation, out);
         Ok(outcome)
@@ -281,6 +299,7 @@ impl Engine {
             limits: self.subject_state(&input.subject).statuses(limits, now_us),
             expires_us: Some(first.expires_us),
             replayed: true,
+            shadow_denied_by: None,
         }))
     }
 }

@@ -4,7 +4,7 @@ use super::{
     Engine, EngineError, HoldState, LimitStatus, Mutation, Reservation, ReservationId, Settlement,
     Usage,
 };
-use crate::clock::{utc_day, MICROS_PER_SECOND};
+use crate::clock::MICROS_PER_SECOND;
 
 /// The answer to a Commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,12 +104,11 @@ impl Engine {
         };
         let limits = self.limits_of(&subject);
         let mut state = self.subject_state(&subject);
-        let today = utc_day(now_us);
         match expired_at {
             None => {
                 state.held_tokens -= held;
                 state.open_holds -= 1;
-                state.day_tokens.add(today, actual);
+                state.charge(now_us, actual);
                 self.deadlines
                     .remove(&(self.reservations[&id].expires_us, id));
                 self.open_holds -= 1;
@@ -118,9 +117,9 @@ impl Engine {
                 // Expiry charged the full hold to its day; reconcile to the real usage. Tokens
                 // given back to a day that is over change nothing; debt lands on today.
                 if actual > held {
-                    state.day_tokens.add(today, actual - held);
-                } else if utc_day(at_us) == today {
-                    state.day_tokens.sub(today, held - actual);
+                    state.charge(now_us, actual - held);
+                } else {
+                    state.uncharge(at_us, now_us, held - actual);
                 }
                 self.settled.remove(&(at_us, id));
             }
@@ -295,7 +294,7 @@ impl Engine {
         // The hold expired at its deadline, not when this runs (a pass can run late, e.g. after
         // a restart past midnight): charge the deadline's day, which is a no-op if that day is
         // already over for this subject.
-        state.day_tokens.add(utc_day(deadline), held);
+        state.charge(deadline, held);
         self.put_subject(&r.subject, state, out);
         self.open_holds -= 1;
         r.state = HoldState::Expired { at_us: deadline };

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{PeriodCounter, RequestWindow, TokenBucket};
-use crate::clock::{until_next_utc_day, utc_day};
+use crate::clock::{until_next_utc_day, until_next_utc_month, utc_day, utc_month};
 use crate::policy::Limits;
 
 /// All live quota state of one subject. Small and `Copy`: a decision copies it, changes the copy
@@ -19,6 +19,10 @@ pub struct SubjectState {
     pub day_tokens: PeriodCounter,
     /// Reserves admitted in the UTC day.
     pub day_requests: PeriodCounter,
+    /// Tokens charged (committed or expired) in the UTC calendar month.
+    pub month_tokens: PeriodCounter,
+    /// Reserves allowed in the UTC day only because of shadow mode.
+    pub day_shadow_denials: PeriodCounter,
     /// Tokens in open holds.
     pub held_tokens: u64,
     /// Open holds.
@@ -73,6 +77,31 @@ impl SubjectState {
             .saturating_add(self.held_tokens)
     }
 
+    /// Tokens counted against `tokens_per_month` this month: charged plus held.
+    pub fn month_spent(&self, now_us: u64) -> u64 {
+        self.month_tokens
+            .get(utc_month(now_us))
+            .saturating_add(self.held_tokens)
+    }
+
+    /// Charge `tokens` of usage that became known at `at_us` (a Commit now, or an expiry at its
+    /// deadline) to the day and month counters.
+    pub fn charge(&mut self, at_us: u64, tokens: u64) {
+        self.day_tokens.add(utc_day(at_us), tokens);
+        self.month_tokens.add(utc_month(at_us), tokens);
+    }
+
+    /// Give back `tokens` charged at `charged_us` to the day and month counters, if those
+    /// periods are still the current ones at `now_us` (a period that is over stays as it was).
+    pub fn uncharge(&mut self, charged_us: u64, now_us: u64, tokens: u64) {
+        if utc_day(charged_us) == utc_day(now_us) {
+            self.day_tokens.sub(utc_day(now_us), tokens);
+        }
+        if utc_month(charged_us) == utc_month(now_us) {
+            self.month_tokens.sub(utc_month(now_us), tokens);
+        }
+    }
+
     /// Every limit that refuses a Reserve of `tokens` for `model` now. Empty means admitted.
     pub fn refusals(&self, limits: &Limits, now_us: u64, tokens: u64, model: &str) -> Vec<Refusal> {
         let mut out = Vec::new();
@@ -105,6 +134,21 @@ impl SubjectState {
                 out.push(Refusal {
                     limit: "tokens_per_minute",
                     retry_after_us: bucket.wait_for(config, now_us, tokens),
+                });
+            }
+        }
+        if let Some(per_month) = limits.tokens_per_month {
+            if self.month_spent(now_us).saturating_add(tokens) > per_month {
+                let retry_after_us = if tokens > per_month {
+                    None
+                } else if self.held_tokens.saturating_add(tokens) > per_month {
+                    Some(HOLDS_RETRY_US)
+                } else {
+                    Some(until_next_utc_month(now_us))
+                };
+                out.push(Refusal {
+                    limit: "tokens_per_month",
+                    retry_after_us,
                 });
             }
         }
@@ -162,6 +206,15 @@ impl SubjectState {
                 reset_after_us: until_next_utc_day(now_us),
             });
         }
+        if let Some(per_month) = limits.tokens_per_month {
+            out.push(LimitStatus {
+                name: "tokens_per_month",
+                scope,
+                limit: per_month,
+                remaining: per_month.saturating_sub(self.month_spent(now_us)),
+                reset_after_us: until_next_utc_month(now_us),
+            });
+        }
         if let Some(max) = limits.max_concurrent {
             out.push(LimitStatus {
                 name: "max_concurrent",
@@ -188,5 +241,9 @@ impl SubjectState {
             && self.window.until_empty(now_us) == 0
             && self.day_tokens.get(today) == 0
             && self.day_requests.get(today) == 0
+            && self.day_shadow_denials.get(today) == 0
+            // Month usage matters only where a month limit counts it.
+            && (limits.tokens_per_month.is_none()
+                || self.month_tokens.get(utc_month(now_us)) == 0)
     }
 }

@@ -58,6 +58,8 @@ impl PolicyError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
+    #[serde(default)]
+    enforce: Option<bool>,
     default_tier: Spanned<String>,
     tiers: Spanned<BTreeMap<String, Spanned<TierFile>>>,
     #[serde(default)]
@@ -78,7 +80,9 @@ struct TierFile {
     burst_tokens: Option<Spanned<u64>>,
     requests_per_minute: Option<Spanned<u64>>,
     tokens_per_day: Option<Spanned<u64>>,
+    tokens_per_month: Option<Spanned<u64>>,
     max_concurrent: Option<Spanned<u32>>,
+    enforce: Option<bool>,
     hold_seconds: Option<Spanned<u64>>,
     max_hold_seconds: Option<Spanned<u64>>,
     max_hold_lifetime_seconds: Option<Spanned<u64>>,
@@ -196,7 +200,12 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             },
         );
     }
-    Ok(Policy::new(file.default_tier.into_inner(), tiers, models))
+    Ok(Policy::new(
+        file.enforce.unwrap_or(true),
+        file.default_tier.into_inner(),
+        tiers,
+        models,
+    ))
 }
 
 fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, PolicyError> {
@@ -215,6 +224,7 @@ fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, Poli
     let burst_tokens = bounded("burst_tokens", &t.burst_tokens)?;
     let requests_per_minute = bounded("requests_per_minute", &t.requests_per_minute)?;
     let tokens_per_day = bounded("tokens_per_day", &t.tokens_per_day)?;
+    let tokens_per_month = bounded("tokens_per_month", &t.tokens_per_month)?;
     let hold = bounded("hold_seconds", &t.hold_seconds)?;
     let max_hold = bounded("max_hold_seconds", &t.max_hold_seconds)?;
     if burst_tokens.is_some() && tokens_per_minute.is_none() {
@@ -266,7 +276,9 @@ fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, Poli
         burst_tokens,
         requests_per_minute,
         tokens_per_day,
+        tokens_per_month,
         max_concurrent: t.max_concurrent.map(Spanned::into_inner),
+        enforce: t.enforce.unwrap_or(true),
         hold_seconds,
         max_hold_seconds,
         max_hold_lifetime_seconds,

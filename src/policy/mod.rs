@@ -45,6 +45,8 @@ pub struct Limits {
     pub requests_per_minute: Option<u64>,
     /// Tokens charged and held in a UTC day.
     pub tokens_per_day: Option<u64>,
+    /// Tokens charged and held in a UTC calendar month.
+    pub tokens_per_month: Option<u64>,
     /// Open holds at once.
     pub max_concurrent: Option<u32>,
     /// Default hold life, in seconds.
@@ -53,6 +55,9 @@ pub struct Limits {
     pub max_hold_seconds: u64,
     /// Longest a hold may live in all, from its Reserve to its (extended) expiry, in seconds.
     pub max_hold_lifetime_seconds: u64,
+    /// False: shadow mode. Decide as usual, report and count what would have been denied, and
+    /// allow anyway (a safe way to roll out new limits).
+    pub enforce: bool,
     /// The models the tier may use (`None`: any). A name also admits its dated snapshots
     /// (`gpt-4o` admits `gpt-4o-2024-08-06`, not `gpt-4o-mini`).
     pub models: Option<Vec<String>>,
@@ -70,6 +75,8 @@ pub struct Overrides {
     pub requests_per_minute: Option<u64>,
     /// Replaces `tokens_per_day`.
     pub tokens_per_day: Option<u64>,
+    /// Replaces `tokens_per_month`.
+    pub tokens_per_month: Option<u64>,
     /// Replaces `max_concurrent`.
     pub max_concurrent: Option<u32>,
 }
@@ -87,6 +94,7 @@ impl Overrides {
             ("burst_tokens", self.burst_tokens),
             ("requests_per_minute", self.requests_per_minute),
             ("tokens_per_day", self.tokens_per_day),
+            ("tokens_per_month", self.tokens_per_month),
         ]
         .into_iter()
         .find_map(|(f, v)| v.filter(|v| *v > LIMIT_CEILING).map(|v| (f, v)))
@@ -106,6 +114,9 @@ impl Overrides {
         }
         if let Some(v) = self.tokens_per_day {
             l.tokens_per_day = Some(v);
+        }
+        if let Some(v) = self.tokens_per_month {
+            l.tokens_per_month = Some(v);
         }
         if let Some(v) = self.max_concurrent {
             l.max_concurrent = Some(v);
@@ -173,6 +184,7 @@ pub struct ModelConfig {
 /// A validated policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
+    enforce: bool,
     default_tier: String,
     tiers: BTreeMap<String, Tier>,
     models: BTreeMap<String, ModelConfig>,
@@ -199,12 +211,14 @@ impl Policy {
     }
 
     pub(crate) fn new(
+        enforce: bool,
         default_tier: String,
         tiers: BTreeMap<String, Tier>,
         models: BTreeMap<String, ModelConfig>,
     ) -> Self {
         debug_assert!(tiers.contains_key(&default_tier));
         Self {
+            enforce,
             default_tier,
             tiers,
             models,
@@ -255,12 +269,14 @@ impl Policy {
             let _ = writeln!(out, "tier {}{default}", t.name);
             let _ = writeln!(
                 out,
-                "  tokens_per_minute {} (burst {}), requests_per_minute {}, tokens_per_day {}, max_concurrent {}",
+                "  tokens_per_minute {} (burst {}), requests_per_minute {}, tokens_per_day {}, tokens_per_month {}, max_concurrent {}{}",
                 show(l.tokens_per_minute),
                 show(l.bucket().map(|b| b.capacity)),
                 show(l.requests_per_minute),
                 show(l.tokens_per_day),
+                show(l.tokens_per_month),
                 show(l.max_concurrent.map(u64::from)),
+                if l.enforce && self.enforce { "" } else { " (shadow mode: not enforced)" },
             );
             let _ = writeln!(
                 out,
@@ -296,6 +312,11 @@ impl Policy {
             }
         }
         out
+    }
+
+    /// False: the whole policy is in shadow mode (see [`Limits::enforce`]).
+    pub fn enforce(&self) -> bool {
+        self.enforce
     }
 
     /// The tier a subject without an assignment gets.

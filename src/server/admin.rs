@@ -78,6 +78,7 @@ fn from_proto(o: proto::LimitOverrides) -> Overrides {
         burst_tokens: o.burst_tokens,
         requests_per_minute: o.requests_per_minute,
         tokens_per_day: o.tokens_per_day,
+        tokens_per_month: o.tokens_per_month,
         max_concurrent: o.max_concurrent,
     }
 }
@@ -88,6 +89,7 @@ fn to_proto(o: &Overrides) -> proto::LimitOverrides {
         burst_tokens: o.burst_tokens,
         requests_per_minute: o.requests_per_minute,
         tokens_per_day: o.tokens_per_day,
+        tokens_per_month: o.tokens_per_month,
         max_concurrent: o.max_concurrent,
     }
 }

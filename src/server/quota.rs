@@ -125,6 +125,7 @@ impl proto::quota_server::Quota for QuotaService {
             expires_at: o.expires_us.map(to_timestamp),
             prompt_tokens: o.prompt_tokens,
             replayed: o.replayed,
+            shadow_denied_by: o.shadow_denied_by.unwrap_or_default().to_string(),
         }))
     }
 
@@ -215,6 +216,8 @@ impl proto::quota_server::Quota for QuotaService {
             requests: u.requests,
             open_holds: u.open_holds,
             limits: limits(u.limits),
+            used_tokens_month: u.used_tokens_month,
+            shadow_denials: u.shadow_denials,
         }))
     }
 }

@@ -25,7 +25,8 @@ use crate::policy::SubjectConfig;
 /// The on-disk format version. A data directory written by another version is refused rather
 /// than misread.
 /// Version 2: a subject's tier assignment became a `SubjectConfig` (tier and overrides).
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 3: subject state counts the UTC month and shadow-mode denials.
+pub const FORMAT_VERSION: u32 = 3;
 const FORMAT_KEY: &[u8] = b"!format";
 
 /// A storage failure: the request that met it is answered UNAVAILABLE, and nothing is
