@@ -84,3 +84,40 @@ async fn a_600_token_reserve_is_denied_and_two_300s_admit_one() {
     assert_eq!(u.tier, "free");
     server.stop().await;
 }
+
+/// A new user's first call against the embedded default policy: a short prompt as text, no
+/// max_output_tokens. Every tier must admit it (the default output hold is 4,096 tokens).
+#[tokio::test]
+async fn the_embedded_default_policy_admits_a_typical_first_reserve_in_every_tier() {
+    let server = TestServer::start(tollgate::policy::DEFAULT_POLICY_TOML).await;
+    let mut admin = server.admin().await;
+    let mut q = server.quota().await;
+    for tier in ["free", "pro", "enterprise"] {
+        let subject = format!("new-{tier}");
+        admin
+            .set_subject(tollgate::proto::SetSubjectRequest {
+                subject: subject.clone(),
+                tier: tier.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let r = q
+            .reserve(tollgate::proto::ReserveRequest {
+                subject,
+                model: "gpt-4o-mini".into(),
+                prompt: Some("Hello there, how many tokens is this?".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(decision(&r), Decision::Allowed, "{tier}: {r:?}");
+        assert_eq!(
+            r.reserved_tokens,
+            r.prompt_tokens + tollgate::policy::DEFAULT_MAX_OUTPUT_TOKENS,
+            "{tier}"
+        );
+    }
+    server.stop().await;
+}
