@@ -164,6 +164,19 @@ impl Ledger {
         Ok(result?)
     }
 
+    /// The answer to a call on an existing hold (Commit, Refund, Extend): a success may repeat
+    /// an earlier one, so it waits like a replay; an error waits as [`Wait::for_error`] says.
+    async fn answer_settlement<T>(
+        &self,
+        result: Result<T, EngineError>,
+        ticket: Ticket,
+    ) -> Result<T, LedgerError> {
+        let wait = result
+            .as_ref()
+            .map_or_else(Wait::for_error, |_| Wait::Earlier);
+        self.answer(result, ticket, wait).await
+    }
+
     /// The current time by the ledger's clock.
     pub fn now_micros(&self) -> u64 {
         self.clock.now_micros()
@@ -195,20 +208,14 @@ impl Ledger {
         let (result, ticket) = self
             .decide(|e, now, out| e.commit(id, usage, now, out))
             .await?;
-        let wait = result
-            .as_ref()
-            .map_or_else(Wait::for_error, |_| Wait::Earlier);
-        self.answer(result, ticket, wait).await
+        self.answer_settlement(result, ticket).await
     }
 
     /// Refund: give the hold back, and answer once durable (a retry: once the first Refund is
     /// durable).
     pub async fn refund(&self, id: ReservationId) -> Result<RefundOutcome, LedgerError> {
         let (result, ticket) = self.decide(|e, now, out| e.refund(id, now, out)).await?;
-        let wait = result
-            .as_ref()
-            .map_or_else(Wait::for_error, |_| Wait::Earlier);
-        self.answer(result, ticket, wait).await
+        self.answer_settlement(result, ticket).await
     }
 
     /// Extend: push a hold's expiry out, and answer once durable.
@@ -216,10 +223,7 @@ impl Ledger {
         let (result, ticket) = self
             .decide(|e, now, out| e.extend(id, hold_us, now, out))
             .await?;
-        let wait = result
-            .as_ref()
-            .map_or_else(Wait::for_error, |_| Wait::Earlier);
-        self.answer(result, ticket, wait).await
+        self.answer_settlement(result, ticket).await
     }
 
     /// A subject's usage, from memory. Holds past their deadline are expired first, so the

@@ -114,26 +114,6 @@ fn holds_and_records(server: &TestServer) -> (usize, usize) {
     (open, records)
 }
 
-#[track_caller]
-fn assert_status<T: std::fmt::Debug>(
-    result: Result<tonic::Response<T>, tonic::Status>,
-    code: Code,
-    needles: &[&str],
-) {
-    let status = match result {
-        Ok(r) => panic!("expected {code:?}, got OK: {:?}", r.into_inner()),
-        Err(s) => s,
-    };
-    assert_eq!(status.code(), code, "{status:?}");
-    for needle in needles {
-        assert!(
-            status.message().contains(needle),
-            "message {:?} should contain {needle:?}",
-            status.message()
-        );
-    }
-}
-
 #[tokio::test]
 async fn commit_charges_actual_usage_and_gives_the_rest_back_to_every_limit() {
     let server = TestServer::start(POLICY).await;

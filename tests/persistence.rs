@@ -55,26 +55,6 @@ fn counts(u: &GetUsageResponse) -> (u64, u64, u32, u64) {
     (u.held_tokens, u.used_tokens, u.open_holds, u.requests)
 }
 
-#[track_caller]
-fn assert_status<T: std::fmt::Debug>(
-    result: Result<tonic::Response<T>, tonic::Status>,
-    code: Code,
-    needles: &[&str],
-) {
-    let status = match result {
-        Ok(r) => panic!("expected {code:?}, got OK: {:?}", r.into_inner()),
-        Err(s) => s,
-    };
-    assert_eq!(status.code(), code, "{status:?}");
-    for needle in needles {
-        assert!(
-            status.message().contains(needle),
-            "message {:?} should contain {needle:?}",
-            status.message()
-        );
-    }
-}
-
 #[tokio::test]
 async fn holds_usage_bucket_keys_and_tiers_survive_a_restart() {
     let server = TestServer::start(POLICY).await;

@@ -183,11 +183,11 @@ impl Engine {
     }
 
     /// The limits of a subject: its tier's, with its overrides applied.
-    pub fn limits_of(&self, subject: &str) -> Limits {
+    pub fn limits_of(&self, subject: &str) -> Arc<Limits> {
         let tier = &self.tier_of(subject).limits;
         match self.assignments.get(subject) {
-            Some(c) if !c.overrides.is_empty() => c.overrides.apply(tier),
-            _ => tier.clone(),
+            Some(c) if !c.overrides.is_empty() => Arc::new(c.overrides.apply(tier)),
+            _ => Arc::clone(tier),
         }
     }
 

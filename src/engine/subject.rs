@@ -53,12 +53,53 @@ pub struct LimitStatus {
     pub reset_after_us: u64,
 }
 
-/// Retry hint for `max_concurrent`: a slot frees when some call ends, which tollgate cannot
-/// predict, so callers are told to try again in a second.
-const CONCURRENCY_RETRY_US: u64 = 1_000_000;
-/// Retry hint for `tokens_per_day` when open holds, not charged usage, are what block: the
-/// same reasoning as for concurrency.
+/// Retry hint when what blocks is open holds (`max_concurrent`, or a period quota filled by
+/// held tokens): they free when some call ends, which tollgate cannot predict, so callers are
+/// told to try again in a second.
 const HOLDS_RETRY_US: u64 = 1_000_000;
+
+/// A token quota over a calendar period (the UTC day or month): its name, its limit, what is
+/// spent in the period now (charged + held), and how long until the next period.
+struct PeriodQuota {
+    name: &'static str,
+    limit: u64,
+    spent: u64,
+    until_next_us: u64,
+}
+
+impl PeriodQuota {
+    /// The refusal of `tokens` more, if they do not fit; `held` are the open holds' tokens,
+    /// which outlive the period.
+    fn refusal(&self, held: u64, tokens: u64) -> Option<Refusal> {
+        if self.spent.saturating_add(tokens) <= self.limit {
+            return None;
+        }
+        let retry_after_us = if tokens > self.limit {
+            // Larger than the whole period: never fits.
+            None
+        } else if held.saturating_add(tokens) > self.limit {
+            // Open holds alone block it, and a new period does not release them.
+            Some(HOLDS_RETRY_US)
+        } else {
+            // A new period starts from zero charged tokens.
+            Some(self.until_next_us)
+        };
+        Some(Refusal {
+            limit: self.name,
+            retry_after_us,
+        })
+    }
+
+    fn status(&self) -> LimitStatus {
+        LimitStatus {
+            name: self.name,
+            scope: "subject",
+            limit: self.limit,
+            remaining: self.limit.saturating_sub(self.spent),
+            reset_after_us: self.until_next_us,
+        }
+    }
+}
 
 impl SubjectState {
     /// The bucket as of now (a subject never charged has a full one).
@@ -82,6 +123,27 @@ impl SubjectState {
         self.month_tokens
             .get(utc_month(now_us))
             .saturating_add(self.held_tokens)
+    }
+
+    /// The period quotas the tier sets, as of `now_us`: the day's, then the month's.
+    fn period_quotas(
+        &self,
+        limits: &Limits,
+        now_us: u64,
+    ) -> impl DoubleEndedIterator<Item = PeriodQuota> {
+        let day = limits.tokens_per_day.map(|limit| PeriodQuota {
+            name: "tokens_per_day",
+            limit,
+            spent: self.day_spent(now_us),
+            until_next_us: until_next_utc_day(now_us),
+        });
+        let month = limits.tokens_per_month.map(|limit| PeriodQuota {
+            name: "tokens_per_month",
+            limit,
+            spent: self.month_spent(now_us),
+            until_next_us: until_next_utc_month(now_us),
+        });
+        day.into_iter().chain(month)
     }
 
     /// Charge `tokens` of usage that became known at `at_us` (a Commit now, or an expiry at its
@@ -116,7 +178,7 @@ impl SubjectState {
             if self.open_holds >= max {
                 out.push(Refusal {
                     limit: "max_concurrent",
-                    retry_after_us: (max > 0).then_some(CONCURRENCY_RETRY_US),
+                    retry_after_us: (max > 0).then_some(HOLDS_RETRY_US),
                 });
             }
         }
@@ -137,40 +199,13 @@ impl SubjectState {
                 });
             }
         }
-        if let Some(per_month) = limits.tokens_per_month {
-            if self.month_spent(now_us).saturating_add(tokens) > per_month {
-                let retry_after_us = if tokens > per_month {
-                    None
-                } else if self.held_tokens.saturating_add(tokens) > per_month {
-                    Some(HOLDS_RETRY_US)
-                } else {
-                    Some(until_next_utc_month(now_us))
-                };
-                out.push(Refusal {
-                    limit: "tokens_per_month",
-                    retry_after_us,
-                });
-            }
-        }
-        if let Some(per_day) = limits.tokens_per_day {
-            if self.day_spent(now_us).saturating_add(tokens) > per_day {
-                let retry_after_us = if tokens > per_day {
-                    // Larger than the whole day: never fits.
-                    None
-                } else if self.held_tokens.saturating_add(tokens) > per_day {
-                    // Open holds alone block it, and they outlive midnight: it fits only once
-                    // some settle, which tollgate cannot predict.
-                    Some(HOLDS_RETRY_US)
-                } else {
-                    // A new day starts from zero charged tokens.
-                    Some(until_next_utc_day(now_us))
-                };
-                out.push(Refusal {
-                    limit: "tokens_per_day",
-                    retry_after_us,
-                });
-            }
-        }
+        out.extend(
+            // Month first, day last: when both refuse and no wait can lift either, the binding
+            // refusal (the last of equals) is the day's, the narrower of the two.
+            self.period_quotas(limits, now_us)
+                .rev()
+                .filter_map(|q| q.refusal(self.held_tokens, tokens)),
+        );
         out
     }
 
@@ -197,24 +232,7 @@ impl SubjectState {
                 reset_after_us: self.window.until_empty(now_us),
             });
         }
-        if let Some(per_day) = limits.tokens_per_day {
-            out.push(LimitStatus {
-                name: "tokens_per_day",
-                scope,
-                limit: per_day,
-                remaining: per_day.saturating_sub(self.day_spent(now_us)),
-                reset_after_us: until_next_utc_day(now_us),
-            });
-        }
-        if let Some(per_month) = limits.tokens_per_month {
-            out.push(LimitStatus {
-                name: "tokens_per_month",
-                scope,
-                limit: per_month,
-                remaining: per_month.saturating_sub(self.month_spent(now_us)),
-                reset_after_us: until_next_utc_month(now_us),
-            });
-        }
+        out.extend(self.period_quotas(limits, now_us).map(|q| q.status()));
         if let Some(max) = limits.max_concurrent {
             out.push(LimitStatus {
                 name: "max_concurrent",

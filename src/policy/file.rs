@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -133,7 +134,13 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             ));
         }
         let limits = tier_limits(&src, tier)?;
-        tiers.insert(name.clone(), Tier { name, limits });
+        tiers.insert(
+            name.clone(),
+            Tier {
+                name,
+                limits: Arc::new(limits),
+            },
+        );
     }
     if tiers.is_empty() {
         return Err(src.error(tiers_span, "the policy must define at least one tier"));

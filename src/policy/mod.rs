@@ -5,6 +5,7 @@ mod file;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::tokens::{built_in_encoding, Encoding};
 
@@ -169,7 +170,8 @@ pub struct Tier {
     /// The tier's name, as subjects are assigned to it.
     pub name: String,
     /// What the tier allows.
-    pub limits: Limits,
+    /// Shared, so a decision takes the tier's limits with a reference count, not a deep copy.
+    pub limits: Arc<Limits>,
 }
 
 /// What the policy says about one model.

@@ -86,11 +86,19 @@ impl proto::quota_server::Quota for QuotaService {
         request: Request<proto::ReserveRequest>,
     ) -> Result<Response<proto::ReserveResponse>, Status> {
         let call = validate::reserve(request.into_inner(), self.max_prompt_bytes)?;
-        let policy = self.ledger.policy()?;
-        let (prompt_tokens, _) = self.count(&policy, &call.input.model, call.prompt).await?;
-        let max_output_tokens = call
-            .max_output_tokens
-            .unwrap_or_else(|| policy.default_max_output_tokens(&call.input.model));
+        // The policy is read (a brief lock) only when it is needed: to pick the tokenizer, or
+        // the output hold the caller left out. A caller that counts and sets both skips it.
+        let (prompt_tokens, max_output_tokens) = match (&call.prompt, call.max_output_tokens) {
+            (Prompt::Tokens(n), Some(max)) => (*n, max),
+            _ => {
+                let policy = self.ledger.policy()?;
+                let max = call
+                    .max_output_tokens
+                    .unwrap_or_else(|| policy.default_max_output_tokens(&call.input.model));
+                let (n, _) = self.count(&policy, &call.input.model, call.prompt).await?;
+                (n, max)
+            }
+        };
         validate::hold_total(prompt_tokens, max_output_tokens)?;
         let input = ReserveInput {
             prompt_tokens,

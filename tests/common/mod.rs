@@ -282,3 +282,24 @@ pub async fn usage(q: &mut Quota, subject: &str) -> proto::GetUsageResponse {
     .expect("get_usage")
     .into_inner()
 }
+
+/// Assert `result` is an error with `code` whose message contains every one of `needles`.
+#[track_caller]
+pub fn assert_status<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+    code: tonic::Code,
+    needles: &[&str],
+) {
+    let status = match result {
+        Ok(r) => panic!("expected {code:?}, got OK: {:?}", r.into_inner()),
+        Err(s) => s,
+    };
+    assert_eq!(status.code(), code, "{status:?}");
+    for needle in needles {
+        assert!(
+            status.message().contains(needle),
+            "message {:?} should contain {needle:?}",
+            status.message()
+        );
+    }
+}
