@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::clock::Clock;
 use crate::engine::{
     Bounds, CommitOutcome, Engine, EngineError, Mutation, RefundOutcome, ReservationId,
-    ReserveInput, ReserveOutcome, Usage, UsageReport,
+    ReserveInput, ReserveOutcome, Usage, UsageQuery, UsageReport,
 };
 use crate::policy::{Overrides, Policy};
 use crate::store::{Durability, Store, StoreError, Ticket, Writer};
@@ -37,7 +37,7 @@ pub struct Housekeeping {
     pub expired: usize,
     /// Settled reservations purged after the retention.
     pub purged: usize,
-    /// Subjects at rest forgotten.
+    /// Scopes at rest forgotten.
     pub forgotten: usize,
 }
 
@@ -97,16 +97,16 @@ impl Ledger {
         let store = Store::open(data_dir)?;
         let snapshot = store.load()?;
         let mut engine = Engine::new(policy, bounds);
-        let (subjects, reservations) = (snapshot.subjects.len(), snapshot.reservations.len());
+        let (scopes, reservations) = (snapshot.scopes.len(), snapshot.reservations.len());
         for problem in engine.restore(
-            snapshot.subjects,
+            snapshot.scopes,
             snapshot.reservations,
             snapshot.assignments,
         ) {
             tracing::warn!(%problem, "repaired on load");
         }
         tracing::info!(
-            subjects,
+            scopes,
             reservations,
             open_holds = engine.open_holds(),
             dir = %data_dir.display(),
@@ -226,23 +226,24 @@ impl Ledger {
         self.answer_settlement(result, ticket).await
     }
 
-    /// A subject's usage, from memory. Holds past their deadline are expired first, so the
+    /// A scope's usage, from memory. Holds past their deadline are expired first, so the
     /// answer is current; that expiry is persisted but not awaited (replaying it after a crash
     /// gives the same result, since the deadlines are durable).
-    pub async fn usage(&self, subject: &str) -> Result<UsageReport, LedgerError> {
-        let (result, _ticket) = self.decide(|e, now, _| Ok(e.usage(subject, now))).await?;
+    pub async fn usage(&self, query: &UsageQuery) -> Result<UsageReport, LedgerError> {
+        let (result, _ticket) = self.decide(|e, now, _| Ok(e.usage(query, now))).await?;
         Ok(result?)
     }
 
-    /// Set a subject's tier and overrides, durably.
+    /// Set a subject's tier, group and overrides, durably.
     pub async fn set_subject(
         &self,
         subject: &str,
         tier: &str,
+        group: Option<String>,
         overrides: Overrides,
     ) -> Result<(), LedgerError> {
         let (result, ticket) = self
-            .decide(|e, _, out| e.set_subject(subject, tier, overrides, out))
+            .decide(|e, _, out| e.set_subject(subject, tier, group, overrides, out))
             .await?;
         self.answer(result, ticket, Wait::Own).await
     }
@@ -258,9 +259,12 @@ impl Ledger {
         Ok(())
     }
 
-    /// A subject's tier, whether it was assigned, and its overrides.
-    pub fn subject_tier(&self, subject: &str) -> Result<(String, bool, Overrides), LedgerError> {
-        Ok(self.lock()?.subject_tier(subject))
+    /// A subject's tier, whether it was assigned, its overrides and its group.
+    pub fn subject_config(
+        &self,
+        subject: &str,
+    ) -> Result<(String, bool, Overrides, Option<String>), LedgerError> {
+        Ok(self.lock()?.subject_config(subject))
     }
 
     /// Forget a subject's usage, durably.
@@ -284,7 +288,7 @@ impl Ledger {
                 Ok(Housekeeping {
                     expired: e.expire_due(now, out),
                     purged: e.purge_settled(now, out),
-                    forgotten: e.forget_subjects_at_rest(now, out),
+                    forgotten: e.forget_scopes_at_rest(now, out),
                 })
             })
             .await?;
@@ -297,10 +301,10 @@ impl Ledger {
         Ok(())
     }
 
-    /// Counts for inspection: (open holds, reservation records, subjects in memory).
+    /// Counts for inspection: (open holds, reservation records, scopes in memory).
     pub fn counts(&self) -> Result<(usize, usize, usize), LedgerError> {
         let e = self.lock()?;
-        Ok((e.open_holds(), e.reservation_count(), e.subject_count()))
+        Ok((e.open_holds(), e.reservation_count(), e.scope_count()))
     }
 
     /// Bytes the store takes on disk.

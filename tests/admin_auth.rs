@@ -76,8 +76,8 @@ async fn without_a_configured_token_every_admin_call_is_unauthenticated() {
     }
     // Nothing was assigned.
     assert_eq!(
-        ledger.subject_tier("alice").unwrap(),
-        ("free".to_string(), false, Default::default())
+        ledger.subject_config("alice").unwrap(),
+        ("free".to_string(), false, Default::default(), None)
     );
     let _ = stop.send(());
     server.await.unwrap().unwrap();

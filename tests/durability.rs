@@ -116,6 +116,7 @@ async fn admin(
 async fn usage(q: &mut QuotaClient<Channel>, subject: &str) -> GetUsageResponse {
     q.get_usage(GetUsageRequest {
         subject: subject.into(),
+        ..Default::default()
     })
     .await
     .expect("GetUsage")
@@ -704,6 +705,14 @@ fn a_bad_policy_file_stops_the_binary_with_file_line_and_reason() {
     }
 }
 
+/// The usage query for subject "alice".
+fn alice() -> tollgate::engine::UsageQuery {
+    tollgate::engine::UsageQuery {
+        subject: Some("alice".into()),
+        ..Default::default()
+    }
+}
+
 /// A Reserve of `tokens` prompt tokens for `subject`, as the ledger takes it.
 fn input(subject: &str, tokens: u64, hold_us: Option<u64>) -> ReserveInput {
     ReserveInput {
@@ -714,6 +723,9 @@ fn input(subject: &str, tokens: u64, hold_us: Option<u64>) -> ReserveInput {
         idempotency_key: None,
         hold_us,
         dry_run: false,
+        prompt_tokens_for: Vec::new(),
+        group: None,
+        client_ip: None,
         id: ReservationId(0),
     }
 }
@@ -781,7 +793,7 @@ async fn a_refused_call_keeps_the_expiries_it_made() {
         );
         // A later decision persists alice's state (which has the expiry's charge).
         ledger.reserve(input("alice", 1, None)).await.unwrap();
-        let before = ledger.usage("alice").await.unwrap();
+        let before = ledger.usage(&alice()).await.unwrap();
         assert_eq!(
             (before.used_tokens, before.held_tokens, before.open_holds),
             (100, 1, 1),
@@ -790,7 +802,7 @@ async fn a_refused_call_keeps_the_expiries_it_made() {
         drop(ledger);
 
         let ledger = open();
-        let after = ledger.usage("alice").await.unwrap();
+        let after = ledger.usage(&alice()).await.unwrap();
         assert_eq!(
             (
                 after.used_tokens,

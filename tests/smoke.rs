@@ -73,6 +73,7 @@ async fn a_600_token_reserve_is_denied_and_two_300s_admit_one() {
     let u = q
         .get_usage(tollgate::proto::GetUsageRequest {
             subject: "alice".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -115,6 +115,7 @@ async fn overrides_apply_to_one_subject_and_survive_a_restart() {
                 max_concurrent: Some(1),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -192,6 +193,7 @@ async fn an_override_above_the_ceiling_is_invalid() {
                 tokens_per_day: Some(u64::MAX),
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap_err();

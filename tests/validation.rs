@@ -97,6 +97,7 @@ async fn an_empty_subject_is_invalid_for_reserve_and_get_usage() {
     let m = assert_invalid(
         q.get_usage(GetUsageRequest {
             subject: String::new(),
+            ..Default::default()
         })
         .await,
         "subject",
@@ -117,6 +118,7 @@ async fn a_subject_of_257_bytes_is_invalid_and_256_is_accepted() {
     assert_invalid(
         q.get_usage(GetUsageRequest {
             subject: long.clone(),
+            ..Default::default()
         })
         .await,
         "subject",
@@ -146,6 +148,7 @@ async fn a_subject_with_a_control_character_is_invalid() {
         assert_invalid(
             q.get_usage(GetUsageRequest {
                 subject: subject.to_string(),
+                ..Default::default()
             })
             .await,
             "subject",

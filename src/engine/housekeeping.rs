@@ -1,10 +1,9 @@
 //! Keeping memory bounded: purging settled reservations after the retention, forgetting
-//! subjects at rest, and rebuilding the engine from persisted records.
+//! scopes at rest, and rebuilding the engine from persisted records.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use super::{Engine, HoldState, Mutation, Reservation, SubjectState};
+use super::{Engine, HoldState, Mutation, Reservation, ScopeKey, ScopeState};
 use crate::policy::SubjectConfig;
 
 impl Engine {
@@ -44,80 +43,94 @@ impl Engine {
         out.push(Mutation::Reservation { id, record: None });
     }
 
-    /// Visit the next `max_per_pass` subjects in round-robin order and forget those whose
-    /// state is the same as a fresh subject's. Returns how many were forgotten.
-    pub fn forget_subjects_at_rest(&mut self, now_us: u64, out: &mut Vec<Mutation>) -> usize {
+    /// Visit the next `max_per_pass` scopes in round-robin order and forget those whose state
+    /// is the same as a fresh scope's. Returns how many were forgotten.
+    pub fn forget_scopes_at_rest(&mut self, now_us: u64, out: &mut Vec<Mutation>) -> usize {
         let mut forgotten = 0;
         for _ in 0..self.bounds.max_per_pass.min(self.rest_queue.len()) {
-            let Some(subject) = self.rest_queue.pop_front() else {
+            let Some(key) = self.rest_queue.pop_front() else {
                 break;
             };
-            let Some(state) = self.subjects.get(&subject) else {
+            let Some(state) = self.scopes.get(&key) else {
                 continue;
             };
-            let limits = self.limits_of(&subject);
+            let limits = self.scope_limits(&key);
             if state.is_at_rest(&limits, now_us) {
-                self.subjects.remove(&subject);
-                out.push(Mutation::Subject {
-                    subject: subject.to_string(),
+                self.scopes.remove(&key);
+                out.push(Mutation::Scope {
+                    key,
                     state: None,
                 });
                 forgotten += 1;
             } else {
-                self.rest_queue.push_back(subject);
+                self.rest_queue.push_back(key);
             }
         }
         forgotten
     }
 
     /// Rebuild from persisted records. Reservations are the truth for what is held: each
-    /// subject's `held_tokens` and `open_holds` are recomputed from them, and a disagreement is
-    /// reported (it would mean a torn write, which sled's atomic batches rule out).
+    /// scope's held tokens, held money and open holds are recomputed from them, and a
+    /// disagreement is reported (it would mean a torn write, which sled's atomic batches rule
+    /// out).
     pub fn restore(
         &mut self,
-        subjects: HashMap<String, SubjectState>,
+        scopes: HashMap<ScopeKey, ScopeState>,
         reservations: Vec<Reservation>,
         assignments: HashMap<String, SubjectConfig>,
     ) -> Vec<String> {
         let mut problems = Vec::new();
-        self.subjects = subjects
-            .into_iter()
-            .map(|(k, v)| (Arc::<str>::from(k), v))
-            .collect();
+        self.scopes = scopes;
         self.assignments = assignments;
-        let mut held: HashMap<&str, (u64, u32)> = HashMap::new();
+        let mut held: HashMap<ScopeKey, ScopeState> = HashMap::new();
         for r in &reservations {
             if r.state == HoldState::Held {
-                let e = held.entry(r.subject.as_str()).or_default();
-                e.0 += r.held_tokens();
-                e.1 += 1;
+                for key in r.scopes() {
+                    let hold = r.hold_on(key.kind());
+                    let e = held.entry(key).or_default();
+                    e.held_tokens += hold.tokens;
+                    e.held_usd += hold.usd;
+                    if hold.on_downgrade_budget {
+                        e.downgrade_held_tokens += hold.tokens;
+                    }
+                    e.open_holds += 1;
+                }
             }
         }
-        for (subject, state) in self.subjects.iter_mut() {
-            let (tokens, count) = held.remove(&**subject).unwrap_or_default();
-            if state.held_tokens != tokens || state.open_holds != count {
+        let holds = |s: &ScopeState| {
+            (
+                s.held_tokens,
+                s.downgrade_held_tokens,
+                s.held_usd,
+                s.open_holds,
+            )
+        };
+        for (key, state) in self.scopes.iter_mut() {
+            let truth = held.remove(key).unwrap_or_default();
+            if holds(state) != holds(&truth) {
                 problems.push(format!(
-                    "subject {subject:?}: stored {} tokens in {} holds, reservations say {tokens} in {count}",
-                    state.held_tokens, state.open_holds
+                    "scope {:?} {:?}: stored holds (tokens, downgrade tokens, µUSD, count) {:?}, reservations say {:?}",
+                    key.kind(),
+                    key.id(),
+                    holds(state),
+                    holds(&truth)
                 ));
-                state.held_tokens = tokens;
-                state.open_holds = count;
+                state.held_tokens = truth.held_tokens;
+                state.downgrade_held_tokens = truth.downgrade_held_tokens;
+                state.held_usd = truth.held_usd;
+                state.open_holds = truth.open_holds;
             }
         }
-        for (subject, (tokens, count)) in held {
+        for (key, truth) in held {
             problems.push(format!(
-                "subject {subject:?} has {count} open holds but no state"
+                "scope {:?} {:?} has {} open holds but no state",
+                key.kind(),
+                key.id(),
+                truth.open_holds
             ));
-            self.subjects.insert(
-                Arc::from(subject),
-                SubjectState {
-                    held_tokens: tokens,
-                    open_holds: count,
-                    ..SubjectState::default()
-                },
-            );
+            self.scopes.insert(key, truth);
         }
-        self.rest_queue = self.subjects.keys().cloned().collect();
+        self.rest_queue = self.scopes.keys().cloned().collect();
         for r in reservations {
             match r.state.finished_at() {
                 None => {

@@ -3,7 +3,11 @@
 //!
 //! Each call that changes state pushes the [`Mutation`]s it makes, in order and as it makes
 //! them, to an `out` vector the caller passes, so that no error path can lose one; the ledger
-//! persists them before it answers. Denials and dry runs change nothing and push none.
+//! persists them before it answers. Dry runs change nothing and push nothing; a denial changes
+//! only the counters of denials and savings.
+//!
+//! A Reserve is checked and charged against every scope that applies to it at once: its
+//! subject, its group, its client IP and the fleet ([`ScopeKey`]), under the one engine lock.
 
 mod bucket;
 mod error;
@@ -11,8 +15,9 @@ mod housekeeping;
 mod period;
 mod reservation;
 mod reserve;
+mod scope;
 mod settle;
-mod subject;
+mod usage;
 mod window;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -21,24 +26,27 @@ use std::sync::Arc;
 pub use bucket::{BucketLimit, TokenBucket, UNITS_PER_TOKEN};
 pub use error::EngineError;
 pub use period::PeriodCounter;
-pub use reservation::{HoldState, MalformedId, Reservation, ReservationId, Settlement, Usage};
+pub use reservation::{
+    HoldState, MalformedId, Requested, Reservation, ReservationId, Settlement, Usage,
+};
 pub use reserve::{Decision, ReserveInput, ReserveOutcome};
+pub use scope::{Ask, Hold, LimitStatus, Refusal, ScopeKey, ScopeKind, ScopeState};
 pub use settle::{CommitOutcome, RefundOutcome};
-pub use subject::{LimitStatus, Refusal, SubjectState};
+pub use usage::{UsageQuery, UsageReport};
 pub use window::RequestWindow;
 
-use crate::clock::{utc_day, MICROS_PER_DAY};
+use crate::clock::MICROS_PER_DAY;
 use crate::policy::{Limits, Overrides, Policy, SubjectConfig, Tier, LIMIT_CEILING};
 
 /// One change to durable state. `None` deletes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mutation {
-    /// A subject's quota state.
-    Subject {
-        /// The subject.
-        subject: String,
+    /// A scope's quota state.
+    Scope {
+        /// The scope.
+        key: ScopeKey,
         /// Its new state.
-        state: Option<SubjectState>,
+        state: Option<ScopeState>,
     },
     /// A reservation record.
     Reservation {
@@ -65,9 +73,9 @@ pub struct Bounds {
     /// Open holds of one subject, whatever its tier says (a tier without `max_concurrent` must
     /// still not let one subject fill the table).
     pub max_holds_per_subject: u32,
-    /// Subjects with live state. Subjects at rest are forgotten by the sweeper; while the table
-    /// is full, Reserves for new subjects are refused.
-    pub max_subjects: usize,
+    /// Scopes (subjects, groups, client IPs) with live state. Scopes at rest are forgotten by
+    /// the sweeper; while the table is full, Reserves that need a new scope are refused.
+    pub max_scopes: usize,
     /// Settled reservations kept for retries and late Commits. Past this, the oldest go first,
     /// even if younger than the retention (with their idempotency keys).
     pub max_settled: usize,
@@ -84,35 +92,12 @@ impl Default for Bounds {
         Self {
             max_open_holds: 1_000_000,
             max_holds_per_subject: 10_000,
-            max_subjects: 2_000_000,
+            max_scopes: 2_000_000,
             max_settled: 2_000_000,
             retention_us: MICROS_PER_DAY,
             max_per_pass: 4_096,
         }
     }
-}
-
-/// A subject's usage, for GetUsage.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageReport {
-    /// The subject.
-    pub subject: String,
-    /// Its tier.
-    pub tier: String,
-    /// Tokens charged this UTC day.
-    pub used_tokens: u64,
-    /// Tokens in open holds.
-    pub held_tokens: u64,
-    /// Reserves admitted this UTC day.
-    pub requests: u64,
-    /// Open holds.
-    pub open_holds: u32,
-    /// Every limit of its tier.
-    pub limits: Vec<LimitStatus>,
-    /// Tokens charged this UTC calendar month.
-    pub used_tokens_month: u64,
-    /// Reserves allowed today only because of shadow mode.
-    pub shadow_denials: u64,
 }
 
 /// The whole in-memory state of the quota ledger.
@@ -128,10 +113,10 @@ pub struct UsageReport {
 pub struct Engine {
     policy: Arc<Policy>,
     bounds: Bounds,
-    subjects: HashMap<Arc<str>, SubjectState>,
-    /// Every subject in `subjects`, once, in the order the sweeper visits them to forget those
-    /// at rest: a round-robin that costs O(1) per subject visited, never a scan of all.
-    rest_queue: VecDeque<Arc<str>>,
+    scopes: HashMap<ScopeKey, ScopeState>,
+    /// Every scope in `scopes`, once, in the order the sweeper visits them to forget those
+    /// at rest: a round-robin that costs O(1) per scope visited, never a scan of all.
+    rest_queue: VecDeque<ScopeKey>,
     assignments: HashMap<String, SubjectConfig>,
     reservations: HashMap<ReservationId, Reservation>,
     /// Open holds by deadline: the sweeper pops from the front.
@@ -149,7 +134,7 @@ impl Engine {
         Self {
             policy,
             bounds,
-            subjects: HashMap::new(),
+            scopes: HashMap::new(),
             rest_queue: VecDeque::new(),
             assignments: HashMap::new(),
             reservations: HashMap::new(),
@@ -191,23 +176,46 @@ impl Engine {
         }
     }
 
-    fn subject_state(&self, subject: &str) -> SubjectState {
-        self.subjects.get(subject).copied().unwrap_or_default()
+    /// The limits of a scope: a subject's tier with its overrides, or the policy's for a
+    /// group, a client IP or the fleet.
+    pub fn scope_limits(&self, key: &ScopeKey) -> Arc<Limits> {
+        let scopes = self.policy.scopes();
+        match key {
+            ScopeKey::Subject(s) => self.limits_of(s),
+            ScopeKey::Group(g) => scopes.group(g),
+            ScopeKey::Ip(ip) => scopes.ip(*ip),
+            ScopeKey::Global => scopes.global(),
+        }
     }
 
-    fn put_subject(&mut self, subject: &str, state: SubjectState, out: &mut Vec<Mutation>) {
-        match self.subjects.get_mut(subject) {
+    /// Whether a scope's refusals are enforced (false: shadow mode).
+    fn enforces(&self, limits: &Limits) -> bool {
+        self.policy.enforce() && limits.enforce
+    }
+
+    fn scope_state(&self, key: &ScopeKey) -> ScopeState {
+        self.scopes.get(key).copied().unwrap_or_default()
+    }
+
+    fn put_scope(&mut self, key: &ScopeKey, state: ScopeState, out: &mut Vec<Mutation>) {
+        match self.scopes.get_mut(key) {
             Some(slot) => *slot = state,
             None => {
-                let key: Arc<str> = Arc::from(subject);
-                self.subjects.insert(key.clone(), state);
-                self.rest_queue.push_back(key);
+                self.scopes.insert(key.clone(), state);
+                self.rest_queue.push_back(key.clone());
             }
         }
-        out.push(Mutation::Subject {
-            subject: subject.to_string(),
+        out.push(Mutation::Scope {
+            key: key.clone(),
             state: Some(state),
         });
+    }
+
+    /// The group a subject is assigned to by SetSubject, if any.
+    pub fn assigned_group(&self, subject: &str) -> Option<&str> {
+        self.assignments
+            .get(subject)
+            .and_then(|c| c.group.as_deref())
     }
 
     fn put_reservation(&mut self, r: Reservation, out: &mut Vec<Mutation>) {
@@ -240,35 +248,17 @@ impl Engine {
         self.reservations.len()
     }
 
-    /// Subjects with live state in memory.
-    pub fn subject_count(&self) -> usize {
-        self.subjects.len()
+    /// Scopes with live state in memory.
+    pub fn scope_count(&self) -> usize {
+        self.scopes.len()
     }
 
-    /// A subject's usage and limits.
-    pub fn usage(&self, subject: &str, now_us: u64) -> UsageReport {
-        let tier = self.tier_of(subject);
-        let limits = self.limits_of(subject);
-        let state = self.subject_state(subject);
-        let today = utc_day(now_us);
-        UsageReport {
-            subject: subject.to_string(),
-            tier: tier.name.clone(),
-            used_tokens: state.day_tokens.get(today),
-            held_tokens: state.held_tokens,
-            requests: state.day_requests.get(today),
-            open_holds: state.open_holds,
-            limits: state.statuses(&limits, now_us),
-            used_tokens_month: state.month_tokens.get(crate::clock::utc_month(now_us)),
-            shadow_denials: state.day_shadow_denials.get(today),
-        }
-    }
-
-    /// Set a subject's tier and limit overrides (replacing what was set before).
+    /// Set a subject's tier, group and limit overrides (replacing what was set before).
     pub fn set_subject(
         &mut self,
         subject: &str,
         tier: &str,
+        group: Option<String>,
         overrides: Overrides,
         out: &mut Vec<Mutation>,
     ) -> Result<(), EngineError> {
@@ -291,6 +281,7 @@ impl Engine {
         let config = SubjectConfig {
             tier: tier.to_string(),
             overrides,
+            group,
         };
         self.assignments.insert(subject.to_string(), config.clone());
         out.push(Mutation::Assignment {
@@ -300,18 +291,16 @@ impl Engine {
         Ok(())
     }
 
-    /// A subject's tier, whether it was assigned (rather than the default), and its overrides.
-    pub fn subject_tier(&self, subject: &str) -> (String, bool, Overrides) {
+    /// A subject's tier, whether it was assigned (rather than the default), its overrides and
+    /// its group.
+    pub fn subject_config(&self, subject: &str) -> (String, bool, Overrides, Option<String>) {
+        let config = self.assignments.get(subject);
         (
             self.tier_of(subject).name.clone(),
             // Assigned to a tier the policy still has (a reload may have removed it).
-            self.assignments
-                .get(subject)
-                .is_some_and(|c| self.policy.tier(&c.tier).is_some()),
-            self.assignments
-                .get(subject)
-                .map(|c| c.overrides.clone())
-                .unwrap_or_default(),
+            config.is_some_and(|c| self.policy.tier(&c.tier).is_some()),
+            config.map(|c| c.overrides.clone()).unwrap_or_default(),
+            config.and_then(|c| c.group.clone()),
         )
     }
 
@@ -319,13 +308,16 @@ impl Engine {
     /// holds stay: they are still owed a Commit or Refund, and forgetting them would let their
     /// settlement release tokens that were never counted.
     pub fn reset_usage(&mut self, subject: &str, out: &mut Vec<Mutation>) {
-        let old = self.subject_state(subject);
-        let fresh = SubjectState {
+        let key = ScopeKey::Subject(Arc::from(subject));
+        let old = self.scope_state(&key);
+        let fresh = ScopeState {
             held_tokens: old.held_tokens,
+            downgrade_held_tokens: old.downgrade_held_tokens,
+            held_usd: old.held_usd,
             open_holds: old.open_holds,
-            ..SubjectState::default()
+            ..ScopeState::default()
         };
-        self.put_subject(subject, fresh, out);
+        self.put_scope(&key, fresh, out);
     }
 }
 

@@ -10,9 +10,14 @@
 //! Every other transition is illegal and reported with the current state.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use super::{Hold, ScopeKey, ScopeKind};
+use crate::policy::Price;
 
 /// A reservation id: a UUIDv7, so ids sort by creation time and carry their age.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -80,6 +85,8 @@ pub struct Settlement {
     pub released_tokens: u64,
     /// Tokens charged beyond the hold.
     pub debt_tokens: u64,
+    /// µUSD charged: the reported usage at the prices the hold was made with.
+    pub charged_usd: u64,
 }
 
 /// Where a reservation is in its life.
@@ -153,6 +160,27 @@ pub struct Reservation {
     pub idempotency_key: Option<String>,
     /// Where it is in its life.
     pub state: HoldState,
+    /// The group it counts in, if any.
+    pub group: Option<String>,
+    /// The client IP it counts under (as `policy::ip_scope_key` gives it), if any.
+    pub client_ip: Option<IpAddr>,
+    /// The price of `model` when the hold was made (kept, so a Commit charges at the prices
+    /// the hold was made with even if a reload changes them).
+    pub price: Option<Price>,
+    /// Worst-case cost held, µUSD: the prompt at the input price plus `max_output_tokens` at
+    /// the output price.
+    pub held_usd: u64,
+    /// Set when the hold was downgraded: what the Reserve asked for.
+    pub downgraded_from: Option<Requested>,
+}
+
+/// What a downgraded Reserve asked for (kept to compare idempotent retries).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requested {
+    /// The model asked for.
+    pub model: String,
+    /// Its prompt tokens, counted with its own tokenizer.
+    pub prompt_tokens: u64,
 }
 
 impl Reservation {
@@ -160,6 +188,40 @@ impl Reservation {
     pub fn held_tokens(&self) -> u64 {
         self.prompt_tokens + self.max_output_tokens
     }
+
+    /// Every scope the hold counts in: subject, group, client IP, fleet.
+    pub fn scopes(&self) -> Vec<ScopeKey> {
+        scope_keys(&self.subject, self.group.as_deref(), self.client_ip)
+    }
+
+    /// What the hold puts on a scope of the given kind.
+    pub fn hold_on(&self, kind: ScopeKind) -> Hold {
+        Hold {
+            tokens: self.held_tokens(),
+            usd: self.held_usd,
+            on_downgrade_budget: kind == ScopeKind::Subject && self.downgraded_from.is_some(),
+        }
+    }
+
+    /// The cost of reported usage, at the hold's prices (nothing for an unpriced model).
+    pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> u64 {
+        self.price
+            .map_or(0, |p| p.cost(prompt_tokens, completion_tokens))
+    }
+}
+
+/// The scopes of a Reserve, subject first and fleet last.
+pub fn scope_keys(subject: &str, group: Option<&str>, ip: Option<IpAddr>) -> Vec<ScopeKey> {
+    let mut keys = Vec::with_capacity(4);
+    keys.push(ScopeKey::Subject(Arc::from(subject)));
+    if let Some(g) = group {
+        keys.push(ScopeKey::Group(Arc::from(g)));
+    }
+    if let Some(ip) = ip {
+        keys.push(ScopeKey::Ip(ip));
+    }
+    keys.push(ScopeKey::Global);
+    keys
 }
 
 #[cfg(test)]

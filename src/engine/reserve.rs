@@ -1,15 +1,22 @@
-//! Reserve: decide, and hold.
+//! Reserve: decide against every scope, downgrade if the tier says so, and hold.
 
+use std::net::IpAddr;
+
+use super::reservation::{scope_keys, Requested};
 use super::{
-    Engine, EngineError, HoldState, LimitStatus, Mutation, Refusal, Reservation, ReservationId,
+    Ask, Engine, EngineError, Hold, HoldState, LimitStatus, Mutation, Refusal, Reservation,
+    ReservationId, ScopeKey, ScopeKind, ScopeState,
 };
-use crate::clock::{utc_day, MICROS_PER_SECOND};
+use crate::clock::MICROS_PER_SECOND;
+use crate::policy::{Limits, Price};
 
 /// The answer to a Reserve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    /// Held.
+    /// Held, on the model asked for.
     Allowed,
+    /// Held, on the tier's downgrade model, against its downgrade budget.
+    Downgraded,
     /// A limit said no.
     Denied,
 }
@@ -21,8 +28,11 @@ pub struct ReserveInput {
     pub subject: String,
     /// The model.
     pub model: String,
-    /// Prompt tokens.
+    /// Prompt tokens, counted for `model`.
     pub prompt_tokens: u64,
+    /// The same prompt counted for other models (the policy's downgrade models whose
+    /// tokenizers differ). A model missing here takes `prompt_tokens` (the caller counted).
+    pub prompt_tokens_for: Vec<(String, u64)>,
     /// Output tokens to hold.
     pub max_output_tokens: u64,
     /// Retry key.
@@ -31,6 +41,10 @@ pub struct ReserveInput {
     pub hold_us: Option<u64>,
     /// Decide, hold nothing.
     pub dry_run: bool,
+    /// The group; `None` takes the subject's assigned group.
+    pub group: Option<String>,
+    /// The client IP, as `policy::ip_scope_key` gives it.
+    pub client_ip: Option<IpAddr>,
     /// The id to give the hold (generated before the engine lock is taken).
     pub id: ReservationId,
 }
@@ -38,62 +52,140 @@ pub struct ReserveInput {
 /// What a Reserve decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReserveOutcome {
-    /// Allowed or denied.
+    /// Allowed, downgraded or denied.
     pub decision: Decision,
-    /// The hold, when allowed and not a dry run.
+    /// The hold, when held and not a dry run.
     pub reservation_id: Option<ReservationId>,
     /// The model granted.
     pub model: String,
     /// Tokens held (0 when denied).
     pub reserved_tokens: u64,
-    /// Prompt tokens counted.
+    /// Worst-case cost held, µUSD (0 when denied).
+    pub reserved_usd: u64,
+    /// Prompt tokens counted (for the granted model).
     pub prompt_tokens: u64,
-    /// The limit that said no.
-    pub denied_by: Option<&'static str>,
+    /// The limit that said no, as `scope.limit` (bare for the subject's own limits).
+    pub denied_by: Option<String>,
     /// When a retry can succeed (None when allowed, or when none can).
     pub retry_after_us: Option<u64>,
-    /// Every limit, after the decision.
+    /// Every limit of every scope, after the decision.
     pub limits: Vec<LimitStatus>,
     /// When the hold expires.
     pub expires_us: Option<u64>,
     /// This answers an earlier Reserve with the same idempotency key.
     pub replayed: bool,
     /// Shadow mode: the limit that would have denied this Reserve, allowed anyway.
-    pub shadow_denied_by: Option<&'static str>,
+    pub shadow_denied_by: Option<String>,
+    /// µUSD this decision saved: a denial's worst-case cost, or a downgrade's difference.
+    pub saved_usd: u64,
 }
 
 /// Of several refusals, the one to report: the one a client must wait longest for, since a retry
 /// can only succeed once every limit admits it (never counts as longest).
-/// A model outside the tier is reported before anything else: it is the most basic refusal.
-fn binding(refusals: &[Refusal]) -> Option<Refusal> {
+/// A model refusal is reported before anything else: it is the most basic one.
+fn binding<'a>(refusals: impl Iterator<Item = &'a Refusal> + Clone) -> Option<Refusal> {
     refusals
-        .iter()
+        .clone()
+        .find(|r| r.limit == "model" || r.limit == "unpriced_model")
+        .or_else(|| refusals.max_by_key(|r| r.retry_after_us.unwrap_or(u64::MAX)))
         .copied()
-        .find(|r| r.limit == "model")
-        .or_else(|| {
-            refusals
-                .iter()
-                .copied()
-                .max_by_key(|r| r.retry_after_us.unwrap_or(u64::MAX))
-        })
+}
+
+/// One way to grant a Reserve: the model, its prompt count, and what it holds.
+#[derive(Debug, Clone)]
+struct Plan {
+    model: String,
+    prompt_tokens: u64,
+    tokens: u64,
+    price: Option<Price>,
+    usd: u64,
+    downgraded: bool,
+}
+
+impl Plan {
+    fn new(model: &str, prompt_tokens: u64, output: u64, price: Option<Price>, dg: bool) -> Self {
+        Self {
+            model: model.to_string(),
+            prompt_tokens,
+            tokens: prompt_tokens.saturating_add(output),
+            price,
+            usd: price.map_or(0, |p| p.cost(prompt_tokens, output)),
+            downgraded: dg,
+        }
+    }
+
+    fn hold_on(&self, kind: ScopeKind) -> Hold {
+        Hold {
+            tokens: self.tokens,
+            usd: self.usd,
+            on_downgrade_budget: self.downgraded && kind == ScopeKind::Subject,
+        }
+    }
+}
+
+/// The scopes of one Reserve, each with its limits and its current state.
+struct Scopes(Vec<(ScopeKey, std::sync::Arc<Limits>, ScopeState)>);
+
+impl Scopes {
+    fn subject_limits(&self) -> &Limits {
+        &self.0[0].1
+    }
+
+    fn statuses(&self, now_us: u64) -> Vec<LimitStatus> {
+        let mut out = Vec::new();
+        for (key, limits, state) in &self.0 {
+            state.statuses(limits, now_us, key.kind(), &key.id(), &mut out);
+        }
+        out
+    }
 }
 
 impl Engine {
-    /// Decide a Reserve and, if every limit admits it, hold its tokens.
+    fn scopes_of(&self, keys: Vec<ScopeKey>) -> Scopes {
+        Scopes(
+            keys.into_iter()
+                .map(|k| {
+                    let limits = self.scope_limits(&k);
+                    let state = self.scope_state(&k);
+                    (k, limits, state)
+                })
+                .collect(),
+        )
+    }
+
+    /// Every refusal of `plan` across the scopes.
+    fn refusals(&self, scopes: &Scopes, plan: &Plan, now_us: u64) -> Vec<Refusal> {
+        let mut out = Vec::new();
+        for (key, limits, state) in &scopes.0 {
+            let ask = Ask {
+                hold: plan.hold_on(key.kind()),
+                model: &plan.model,
+                priced: plan.price.is_some(),
+            };
+            let enforced = self.enforces(limits);
+            state.refusals(limits, now_us, key.kind(), &ask, enforced, &mut out);
+        }
+        out
+    }
+
+    /// Decide a Reserve and, if every limit of every scope admits it (on the model asked for,
+    /// or on the tier's downgrade), hold its tokens and money.
     pub fn reserve(
         &mut self,
         input: ReserveInput,
         now_us: u64,
         out: &mut Vec<Mutation>,
     ) -> Result<ReserveOutcome, EngineError> {
-        let held = input
+        if input
             .prompt_tokens
             .checked_add(input.max_output_tokens)
-            .ok_or(EngineError::InvalidArgument {
+            .is_none()
+        {
+            return Err(EngineError::InvalidArgument {
                 field: "max_output_tokens",
                 rule: "prompt_tokens + max_output_tokens overflows".into(),
-            })?;
-
+            });
+        }
         if !input.dry_run {
             if let Some(replay) = self.replay(&input, now_us)? {
                 return Ok(replay);
@@ -116,79 +208,144 @@ impl Engine {
             None => limits.hold_seconds * MICROS_PER_SECOND,
         };
 
-        let mut state = self.subject_state(&input.subject);
-        let refusals = state.refusals(&limits, now_us, held, &input.model);
-        let enforce = self.policy.enforce() && limits.enforce;
-        let shadow_denied_by = match binding(&refusals) {
-            Some(refusal) if !enforce => Some(refusal.limit),
-            Some(refusal) => {
-                return Ok(ReserveOutcome {
-                    decision: Decision::Denied,
-                    reservation_id: None,
-                    model: input.model,
-                    reserved_tokens: 0,
-                    prompt_tokens: input.prompt_tokens,
-                    denied_by: Some(refusal.limit),
-                    retry_after_us: refusal.retry_after_us,
-                    limits: state.statuses(&limits, now_us),
-                    expires_us: None,
-                    replayed: false,
-                    shadow_denied_by: None,
-                })
+        let group = input
+            .group
+            .clone()
+            .or_else(|| self.assigned_group(&input.subject).map(str::to_string));
+        let mut scopes = self.scopes_of(scope_keys(
+            &input.subject,
+            group.as_deref(),
+            input.client_ip,
+        ));
+        let asked = Plan::new(
+            &input.model,
+            input.prompt_tokens,
+            input.max_output_tokens,
+            self.policy.price(&input.model),
+            false,
+        );
+        let refusals = self.refusals(&scopes, &asked, now_us);
+        let mut denied = binding(refusals.iter().filter(|r| r.enforced));
+        let mut granted = None;
+        if denied.is_none() {
+            granted = Some((asked.clone(), binding(refusals.iter())));
+        } else if let Some(dg) = scopes.subject_limits().downgrade.clone().filter(|_| {
+            refusals
+                .iter()
+                .any(|r| r.enforced && r.downgradable())
+        }) {
+            let prompt = input
+                .prompt_tokens_for
+                .iter()
+                .find(|(m, _)| *m == dg.model)
+                .map_or(input.prompt_tokens, |(_, n)| *n);
+            let plan = Plan::new(
+                &dg.model,
+                prompt,
+                input.max_output_tokens,
+                self.policy.price(&dg.model),
+                true,
+            );
+            let again = self.refusals(&scopes, &plan, now_us);
+            denied = binding(again.iter().filter(|r| r.enforced));
+            if denied.is_none() {
+                granted = Some((plan, binding(again.iter())));
             }
-            None => None,
-        };
-        if input.dry_run {
+        }
+
+        let Some((plan, shadow)) = granted else {
+            let refusal = denied.expect("a Reserve not granted was refused");
+            if !input.dry_run {
+                // What the denial saved: the whole worst-case cost of what was asked.
+                self.record_saving(&mut scopes, now_us, asked.usd, false, out);
+            }
             return Ok(ReserveOutcome {
-                decision: Decision::Allowed,
+                decision: Decision::Denied,
                 reservation_id: None,
                 model: input.model,
-                reserved_tokens: held,
+                reserved_tokens: 0,
+                reserved_usd: 0,
                 prompt_tokens: input.prompt_tokens,
+                denied_by: Some(refusal.name()),
+                retry_after_us: refusal.retry_after_us,
+                limits: scopes.statuses(now_us),
+                expires_us: None,
+                replayed: false,
+                shadow_denied_by: None,
+                saved_usd: asked.usd,
+            });
+        };
+        let decision = if plan.downgraded {
+            Decision::Downgraded
+        } else {
+            Decision::Allowed
+        };
+        let saved_usd = if plan.downgraded {
+            asked.usd.saturating_sub(plan.usd)
+        } else {
+            0
+        };
+        let shadow_denied_by = shadow.map(|r| r.name());
+        if input.dry_run {
+            return Ok(ReserveOutcome {
+                decision,
+                reservation_id: None,
+                model: plan.model,
+                reserved_tokens: plan.tokens,
+                reserved_usd: plan.usd,
+                prompt_tokens: plan.prompt_tokens,
                 denied_by: None,
                 retry_after_us: None,
-                limits: state.statuses(&limits, now_us),
+                limits: scopes.statuses(now_us),
                 expires_us: None,
                 replayed: false,
                 shadow_denied_by,
+                saved_usd,
             });
         }
-        self.check_room(&input.subject, &state)?;
+        self.check_room(&scopes)?;
 
-        // Admitted: charge every limit together.
-        if let Some(config) = limits.bucket() {
-            let mut bucket = state
-                .bucket_or_full(&limits, now_us)
-                .expect("a tier with a bucket config yields a bucket");
-            bucket.take(config, now_us, held);
-            state.bucket = Some(bucket);
+        // Admitted: charge every limit of every scope together.
+        for (key, limits, state) in &mut scopes.0 {
+            state.hold(limits, now_us, plan.hold_on(key.kind()));
+            if shadow_denied_by.is_some() {
+                state
+                    .day_shadow_denials
+                    .add(crate::clock::utc_day(now_us), 1);
+            }
+            if plan.downgraded {
+                state.record_saving(now_us, saved_usd, true);
+            }
+            self.put_scope(key, *state, out);
         }
-        state.window.record(now_us);
-        state.day_requests.add(utc_day(now_us), 1);
-        if shadow_denied_by.is_some() {
-            state.day_shadow_denials.add(utc_day(now_us), 1);
+        if let Some(would) = &shadow_denied_by {
             tracing::info!(
                 subject = %input.subject,
-                would_deny = shadow_denied_by.unwrap_or_default(),
+                would_deny = %would,
                 "shadow mode: allowed a Reserve that would have been denied"
             );
         }
-        state.held_tokens += held;
-        state.open_holds += 1;
-        self.put_subject(&input.subject, state, out);
 
         let expires_us = now_us.saturating_add(hold_us);
         let reservation = Reservation {
             id: input.id,
             subject: input.subject,
-            model: input.model,
-            prompt_tokens: input.prompt_tokens,
+            model: plan.model.clone(),
+            prompt_tokens: plan.prompt_tokens,
             max_output_tokens: input.max_output_tokens,
             requested_hold_us: input.hold_us,
             created_us: now_us,
             expires_us,
             idempotency_key: input.idempotency_key,
             state: HoldState::Held,
+            group,
+            client_ip: input.client_ip,
+            price: plan.price,
+            held_usd: plan.usd,
+            downgraded_from: plan.downgraded.then(|| Requested {
+                model: input.model,
+                prompt_tokens: input.prompt_tokens,
+            }),
         };
         if let Some(key) = &reservation.idempotency_key {
             self.idempotency
@@ -197,42 +354,71 @@ impl Engine {
         self.deadlines.insert((expires_us, reservation.id));
         self.open_holds += 1;
         let outcome = ReserveOutcome {
-            decision: Decision::Allowed,
+            decision,
             reservation_id: Some(reservation.id),
-            model: reservation.model.clone(),
-            reserved_tokens: held,
-            prompt_tokens: reservation.prompt_tokens,
+            model: plan.model,
+            reserved_tokens: plan.tokens,
+            reserved_usd: plan.usd,
+            prompt_tokens: plan.prompt_tokens,
             denied_by: None,
             retry_after_us: None,
-            limits: state.statuses(&limits, now_us),
+            limits: scopes.statuses(now_us),
             expires_us: Some(expires_us),
             replayed: false,
             shadow_denied_by,
+            saved_usd,
         };
         self.put_reservation(reservation, out);
         Ok(outcome)
     }
 
+    /// Count a denial and what it saved in every scope of the Reserve. A scope that has no
+    /// state yet is created only while the table has room: a flood of denied Reserves with new
+    /// subjects must not fill the table and lock out real users (the group and fleet figures
+    /// still count them).
+    fn record_saving(
+        &mut self,
+        scopes: &mut Scopes,
+        now_us: u64,
+        saved_usd: u64,
+        downgraded: bool,
+        out: &mut Vec<Mutation>,
+    ) {
+        for (key, _, state) in &mut scopes.0 {
+            let known = self.scopes.contains_key(key);
+            if !known && self.scopes.len() >= self.bounds.max_scopes {
+                continue;
+            }
+            state.record_saving(now_us, saved_usd, downgraded);
+            self.put_scope(key, *state, out);
+        }
+    }
+
     /// Bounds on memory that an admitted hold must fit within.
-    fn check_room(&self, subject: &str, state: &super::SubjectState) -> Result<(), EngineError> {
+    fn check_room(&self, scopes: &Scopes) -> Result<(), EngineError> {
         if self.open_holds >= self.bounds.max_open_holds {
             return Err(EngineError::Exhausted {
                 what: "open holds",
                 bound: self.bounds.max_open_holds as u64,
             });
         }
-        if state.open_holds >= self.bounds.max_holds_per_subject {
+        if scopes.0[0].2.open_holds >= self.bounds.max_holds_per_subject {
             return Err(EngineError::Exhausted {
                 what: "open holds of this subject",
                 bound: u64::from(self.bounds.max_holds_per_subject),
             });
         }
-        // No scan here: forgetting subjects at rest is the sweeper's job, a bounded amount per
+        // No scan here: forgetting scopes at rest is the sweeper's job, a bounded amount per
         // pass, so a flood of new subjects cannot make a request hold the lock for long.
-        if !self.subjects.contains_key(subject) && self.subjects.len() >= self.bounds.max_subjects {
+        let new = scopes
+            .0
+            .iter()
+            .filter(|(k, _, _)| !self.scopes.contains_key(k))
+            .count();
+        if new > 0 && self.scopes.len() + new > self.bounds.max_scopes {
             return Err(EngineError::Exhausted {
-                what: "subjects with live state",
-                bound: self.bounds.max_subjects as u64,
+                what: "scopes with live state",
+                bound: self.bounds.max_scopes as u64,
             });
         }
         Ok(())
@@ -262,17 +448,21 @@ impl Engine {
                 now: b,
             })
         };
-        if first.model != input.model {
+        let (asked_model, asked_prompt) = match &first.downgraded_from {
+            Some(r) => (&r.model, r.prompt_tokens),
+            None => (&first.model, first.prompt_tokens),
+        };
+        if *asked_model != input.model {
             return differs(
                 "model",
-                format!("{:?}", first.model),
+                format!("{asked_model:?}"),
                 format!("{:?}", input.model),
             );
         }
-        if first.prompt_tokens != input.prompt_tokens {
+        if asked_prompt != input.prompt_tokens {
             return differs(
                 "prompt_tokens",
-                first.prompt_tokens.to_string(),
+                asked_prompt.to_string(),
                 input.prompt_tokens.to_string(),
             );
         }
@@ -287,19 +477,25 @@ impl Engine {
             let show = |h: Option<u64>| h.map_or("(default)".to_string(), |us| format!("{us}us"));
             return differs("hold", show(first.requested_hold_us), show(input.hold_us));
         }
-        let limits = &self.limits_of(&input.subject);
+        let scopes = self.scopes_of(first.scopes());
         Ok(Some(ReserveOutcome {
-            decision: Decision::Allowed,
+            decision: if first.downgraded_from.is_some() {
+                Decision::Downgraded
+            } else {
+                Decision::Allowed
+            },
             reservation_id: Some(first.id),
             model: first.model.clone(),
             reserved_tokens: first.held_tokens(),
+            reserved_usd: first.held_usd,
             prompt_tokens: first.prompt_tokens,
             denied_by: None,
             retry_after_us: None,
-            limits: self.subject_state(&input.subject).statuses(limits, now_us),
+            limits: scopes.statuses(now_us),
             expires_us: Some(first.expires_us),
             replayed: true,
             shadow_denied_by: None,
+            saved_usd: 0,
         }))
     }
 }

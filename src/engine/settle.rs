@@ -1,10 +1,11 @@
 //! Commit, Refund and expiry: the ways a hold ends.
 
 use super::{
-    Engine, EngineError, HoldState, LimitStatus, Mutation, Reservation, ReservationId, Settlement,
-    Usage,
+    Engine, EngineError, HoldState, LimitStatus, Mutation, Reservation, ReservationId, ScopeKey,
+    ScopeState, Settlement, Usage,
 };
 use crate::clock::MICROS_PER_SECOND;
+use crate::policy::Limits;
 
 /// The answer to a Commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +57,6 @@ impl Engine {
         self.expire_if_overdue(id, now_us, out);
         let r = self.existing(id, now_us)?;
         let held = r.held_tokens();
-        let subject = r.subject.clone();
         let expired_at = match r.state {
             HoldState::Held => None,
             HoldState::Expired { at_us } => Some(at_us),
@@ -66,11 +66,9 @@ impl Engine {
                 ..
             } => {
                 if first == usage {
-                    let limits = &self.limits_of(&subject);
-                    let statuses = self.subject_state(&subject).statuses(limits, now_us);
                     return Ok(CommitOutcome {
                         settlement,
-                        limits: statuses,
+                        limits: self.statuses_of(&r.scopes(), now_us),
                     });
                 }
                 return Err(EngineError::IllegalTransition {
@@ -92,62 +90,79 @@ impl Engine {
             }
         };
 
-        let actual = if usage.usage_unknown {
-            held
+        let r = &self.reservations[&id];
+        let (actual, actual_usd) = if usage.usage_unknown {
+            (held, r.held_usd)
         } else {
-            usage.prompt_tokens.saturating_add(usage.completion_tokens)
+            (
+                usage.prompt_tokens.saturating_add(usage.completion_tokens),
+                r.cost(usage.prompt_tokens, usage.completion_tokens),
+            )
         };
         let settlement = Settlement {
             charged_tokens: actual,
             released_tokens: held.saturating_sub(actual),
             debt_tokens: actual.saturating_sub(held),
+            charged_usd: actual_usd,
         };
-        let limits = self.limits_of(&subject);
-        let mut state = self.subject_state(&subject);
+        let r = r.clone();
+        self.for_each_scope(&r, out, |key, limits, state| {
+            let hold = r.hold_on(key.kind());
+            match expired_at {
+                None => {
+                    state.release(hold);
+                    state.charge(now_us, actual, actual_usd, hold.on_downgrade_budget);
+                }
+                Some(at_us) => {
+                    // Expiry charged the full hold to its day; reconcile to the real usage.
+                    // Amounts given back to a period that is over change nothing; debt lands
+                    // on today.
+                    let dg = hold.on_downgrade_budget;
+                    let (more, less) = (actual.saturating_sub(held), held.saturating_sub(actual));
+                    let (more_usd, less_usd) = (
+                        actual_usd.saturating_sub(hold.usd),
+                        hold.usd.saturating_sub(actual_usd),
+                    );
+                    state.charge(now_us, more, more_usd, dg);
+                    state.uncharge(at_us, now_us, less, less_usd, dg);
+                }
+            }
+            state.settle_bucket(limits, now_us, held, actual);
+        });
         match expired_at {
             None => {
-                state.held_tokens -= held;
-                state.open_holds -= 1;
-                state.charge(now_us, actual);
-                self.deadlines
-                    .remove(&(self.reservations[&id].expires_us, id));
+                self.deadlines.remove(&(r.expires_us, id));
                 self.open_holds -= 1;
             }
             Some(at_us) => {
-                // Expiry charged the full hold to its day; reconcile to the real usage. Tokens
-                // given back to a day that is over change nothing; debt lands on today.
-                if actual > held {
-                    state.charge(now_us, actual - held);
-                } else {
-                    state.uncharge(at_us, now_us, held - actual);
-                }
                 self.settled.remove(&(at_us, id));
             }
         }
-        if let Some(config) = limits.bucket() {
-            let mut bucket = state
-                .bucket_or_full(&limits, now_us)
-                .expect("a tier with a bucket config yields a bucket");
-            if actual < held {
-                bucket.give(config, now_us, held - actual);
-            } else {
-                bucket.take(config, now_us, actual - held);
-            }
-            state.bucket = Some(bucket);
-        }
-        self.put_subject(&subject, state, out);
-        let mut r = self.reservations[&id].clone();
+        let mut r = r;
         r.state = HoldState::Committed {
             usage,
             settlement,
             at_us: now_us,
         };
         self.mark_settled(now_us, id, out);
+        let limits = self.statuses_of(&r.scopes(), now_us);
         self.put_reservation(r, out);
-        Ok(CommitOutcome {
-            settlement,
-            limits: state.statuses(&limits, now_us),
-        })
+        Ok(CommitOutcome { settlement, limits })
+    }
+
+    /// Apply `change` to the state of every scope of `r`, and persist each.
+    fn for_each_scope(
+        &mut self,
+        r: &Reservation,
+        out: &mut Vec<Mutation>,
+        mut change: impl FnMut(&ScopeKey, &Limits, &mut ScopeState),
+    ) {
+        for key in r.scopes() {
+            let limits = self.scope_limits(&key);
+            let mut state = self.scope_state(&key);
+            change(&key, &limits, &mut state);
+            self.put_scope(&key, state, out);
+        }
     }
 
     /// Give a whole hold back: the call never happened. A retry returns the same answer.
@@ -184,23 +199,14 @@ impl Engine {
                 })
             }
         }
-        let subject = r.subject.clone();
-        let expires_us = r.expires_us;
-        let limits = self.limits_of(&subject);
-        let mut state = self.subject_state(&subject);
-        state.held_tokens -= held;
-        state.open_holds -= 1;
-        if let Some(config) = limits.bucket() {
-            let mut bucket = state
-                .bucket_or_full(&limits, now_us)
-                .expect("a tier with a bucket config yields a bucket");
-            bucket.give(config, now_us, held);
-            state.bucket = Some(bucket);
-        }
-        self.put_subject(&subject, state, out);
-        self.deadlines.remove(&(expires_us, id));
+        let r = r.clone();
+        self.for_each_scope(&r, out, |key, limits, state| {
+            state.release(r.hold_on(key.kind()));
+            state.settle_bucket(limits, now_us, held, 0);
+        });
+        self.deadlines.remove(&(r.expires_us, id));
         self.open_holds -= 1;
-        let mut r = self.reservations[&id].clone();
+        let mut r = r;
         r.state = HoldState::Refunded { at_us: now_us };
         self.mark_settled(now_us, id, out);
         self.put_reservation(r, out);
@@ -288,14 +294,14 @@ impl Engine {
         let deadline = r.expires_us;
         self.deadlines.remove(&(deadline, id));
         let held = r.held_tokens();
-        let mut state = self.subject_state(&r.subject);
-        state.held_tokens -= held;
-        state.open_holds -= 1;
         // The hold expired at its deadline, not when this runs (a pass can run late, e.g. after
         // a restart past midnight): charge the deadline's day, which is a no-op if that day is
-        // already over for this subject.
-        state.charge(deadline, held);
-        self.put_subject(&r.subject, state, out);
+        // already over for the scope. The bucket keeps the full hold: it was all used.
+        self.for_each_scope(&r, out, |key, _, state| {
+            let hold = r.hold_on(key.kind());
+            state.release(hold);
+            state.charge(deadline, held, hold.usd, hold.on_downgrade_budget);
+        });
         self.open_holds -= 1;
         r.state = HoldState::Expired { at_us: deadline };
         self.mark_settled(deadline, id, out);

@@ -33,9 +33,34 @@ requests_per_minute = 30
 tokens_per_day = 20000
 max_concurrent = 4
 hold_seconds = 30
+usd_per_day = 0.5
 
 [tiers.open]
 hold_seconds = 45
+tokens_per_day = 6000
+downgrade = { model = "small", tokens_per_day = 8000 }
+
+[groups.default]
+tokens_per_day = 200000
+
+[ip]
+requests_per_minute = 40
+
+[global]
+max_concurrent = 12
+
+[models.m]
+encoding = "o200k_base"
+input_usd_per_million = 2.5
+output_usd_per_million = 10
+
+[models.small]
+encoding = "o200k_base"
+input_usd_per_million = 0.15
+output_usd_per_million = 0.6
+
+[models.other]
+encoding = "o200k_base"
 "#;
 
 /// 2026-03-10T23:50:00Z: ten minutes before midnight, so runs cross a UTC day.
@@ -44,7 +69,7 @@ const START: u64 = 1_773_186_600_000_000;
 /// The persisted image: what the mutations say, key by key.
 #[derive(Default)]
 struct Disk {
-    subjects: BTreeMap<String, SubjectState>,
+    scopes: BTreeMap<ScopeKey, ScopeState>,
     reservations: BTreeMap<ReservationId, Reservation>,
     assignments: BTreeMap<String, crate::policy::SubjectConfig>,
 }
@@ -53,12 +78,12 @@ impl Disk {
     fn apply(&mut self, muts: Vec<Mutation>) {
         for m in muts {
             match m {
-                Mutation::Subject { subject, state } => match state {
+                Mutation::Scope { key, state } => match state {
                     Some(s) => {
-                        self.subjects.insert(subject, s);
+                        self.scopes.insert(key, s);
                     }
                     None => {
-                        self.subjects.remove(&subject);
+                        self.scopes.remove(&key);
                     }
                 },
                 Mutation::Reservation { id, record } => match record {
@@ -84,7 +109,7 @@ impl Disk {
     fn restore(&self, policy: Arc<Policy>) -> Engine {
         let mut e = Engine::new(policy, Bounds::default());
         let problems = e.restore(
-            self.subjects.clone().into_iter().collect(),
+            self.scopes.clone().into_iter().collect(),
             self.reservations.values().cloned().collect(),
             self.assignments.clone().into_iter().collect(),
         );
@@ -94,13 +119,19 @@ impl Disk {
 }
 
 fn check_invariants(e: &Engine, step: usize) {
-    let mut held: HashMap<&str, (u64, u32)> = HashMap::new();
+    // Per scope: (held tokens, of which on the downgrade budget, held µUSD, open holds).
+    let mut held: HashMap<ScopeKey, (u64, u64, u64, u32)> = HashMap::new();
     let mut open = 0;
     for r in e.reservations.values() {
         if r.state == HoldState::Held {
-            let h = held.entry(r.subject.as_str()).or_default();
-            h.0 += r.held_tokens();
-            h.1 += 1;
+            for key in r.scopes() {
+                let hold = r.hold_on(key.kind());
+                let h = held.entry(key).or_default();
+                h.0 += hold.tokens;
+                h.1 += if hold.on_downgrade_budget { hold.tokens } else { 0 };
+                h.2 += hold.usd;
+                h.3 += 1;
+            }
             open += 1;
             assert!(e.deadlines.contains(&(r.expires_us, r.id)), "step {step}");
         } else {
@@ -123,29 +154,58 @@ fn check_invariants(e: &Engine, step: usize) {
         "step {step}: every record is open or settled"
     );
     assert!(e.idempotency.len() <= e.reservations.len());
-    for (subject, state) in &e.subjects {
-        let (tokens, count) = held.get(&**subject).copied().unwrap_or_default();
+    for (key, state) in &e.scopes {
+        let truth = held.get(key).copied().unwrap_or_default();
         assert_eq!(
-            state.held_tokens, tokens,
-            "step {step}: held tokens of {subject}"
-        );
-        assert_eq!(
-            state.open_holds, count,
-            "step {step}: open holds of {subject}"
+            (
+                state.held_tokens,
+                state.downgrade_held_tokens,
+                state.held_usd,
+                state.open_holds
+            ),
+            truth,
+            "step {step}: holds of {key:?}"
         );
     }
-    for subject in held.keys() {
+    for key in held.keys() {
         assert!(
-            e.subjects.contains_key(*subject),
+            e.scopes.contains_key(key),
             "step {step}: holds without state"
         );
     }
 }
 
 fn usage_of_all(e: &Engine, now: u64) -> Vec<UsageReport> {
-    let mut subjects: Vec<_> = e.subjects.keys().cloned().collect();
-    subjects.sort();
-    subjects.iter().map(|s| e.usage(s, now)).collect()
+    let mut keys: Vec<_> = e.scopes.keys().cloned().collect();
+    keys.sort();
+    keys.iter()
+        .map(|k| {
+            let query = match k {
+                ScopeKey::Subject(s) => UsageQuery {
+                    subject: Some(s.to_string()),
+                    ..UsageQuery::default()
+                },
+                ScopeKey::Group(g) => UsageQuery {
+                    group: Some(g.to_string()),
+                    ..UsageQuery::default()
+                },
+                ScopeKey::Ip(ip) => UsageQuery {
+                    client_ip: Some(*ip),
+                    ..UsageQuery::default()
+                },
+                ScopeKey::Global => UsageQuery::default(),
+            };
+            e.usage(&query, now)
+        })
+        .collect()
+}
+
+/// A subject's usage alone.
+fn of(subject: &str) -> UsageQuery {
+    UsageQuery {
+        subject: Some(subject.to_string()),
+        ..UsageQuery::default()
+    }
 }
 
 #[test]
@@ -159,29 +219,47 @@ fn random_operations_keep_every_invariant_and_replay_from_mutations() {
         let subjects = ["ann", "ben", "cat", "dan"];
         let mut ids: Vec<ReservationId> = Vec::new();
         let mut over_hold_commits = 0;
+        let mut downgrades = 0;
         for step in 0..4_000 {
             match rng.below(100) {
                 0..=44 => {
                     let subject = subjects[rng.below(4) as usize];
                     let key = (rng.below(4) == 0).then(|| format!("k{}", rng.below(20)));
+                    let prompt_tokens = rng.below(800);
                     let input = ReserveInput {
                         subject: subject.to_string(),
-                        model: "m".into(),
-                        prompt_tokens: rng.below(800),
+                        model: ["m", "m", "small", "other"][rng.below(4) as usize].into(),
+                        prompt_tokens,
+                        prompt_tokens_for: vec![("small".into(), prompt_tokens / 2)],
                         max_output_tokens: rng.below(800),
                         idempotency_key: key,
                         hold_us: None,
                         dry_run: rng.below(10) == 0,
+                        group: [None, Some("g1".into()), Some("g2".into())]
+                            [rng.below(3) as usize]
+                            .clone(),
+                        client_ip: [None, Some([10, 0, 0, 1].into()), Some([10, 0, 0, 2].into())]
+                            [rng.below(3) as usize],
                         id: ReservationId::generate(now + step as u64),
                     };
+                    let dry_run = input.dry_run;
                     let mut muts = Vec::new();
                     match e.reserve(input, now, &mut muts) {
                         Ok(o) => {
                             if let Some(id) = o.reservation_id {
                                 ids.push(id);
                             }
-                            if o.decision == Decision::Denied || o.replayed {
-                                assert!(muts.is_empty(), "a denial or replay changes nothing");
+                            if o.replayed || dry_run {
+                                assert!(muts.is_empty(), "a replay or dry run changes nothing");
+                            }
+                            if o.decision == Decision::Denied {
+                                assert!(
+                                    muts.iter().all(|m| matches!(m, Mutation::Scope { .. })),
+                                    "a denial changes only scope counters"
+                                );
+                            }
+                            if o.decision == Decision::Downgraded {
+                                downgrades += 1;
                             }
                         }
                         Err(EngineError::IdempotencyConflict { .. }) => {
@@ -242,13 +320,15 @@ fn random_operations_keep_every_invariant_and_replay_from_mutations() {
                         tokens_per_day: (rng.below(2) == 0).then_some(5_000),
                         ..Default::default()
                     };
-                    e.set_subject(subject, tier, overrides, &mut muts).unwrap();
+                    let group = (rng.below(2) == 0).then(|| "g1".to_string());
+                    e.set_subject(subject, tier, group, overrides, &mut muts)
+                        .unwrap();
                     disk.apply(muts);
                 }
                 87 => {
                     let mut out = Vec::new();
                     e.purge_settled(now, &mut out);
-                    e.forget_subjects_at_rest(now, &mut out);
+                    e.forget_scopes_at_rest(now, &mut out);
                     disk.apply(out);
                 }
                 _ => {
@@ -271,7 +351,8 @@ fn random_operations_keep_every_invariant_and_replay_from_mutations() {
             // Without debt, the day quota is never exceeded by charged + held tokens.
             if over_hold_commits == 0 {
                 for s in ["ann", "ben"] {
-                    let spent = e.subject_state(s).day_spent(now);
+                    let u = e.usage(&of(s), now);
+                    let spent = u.used_tokens + u.held_tokens;
                     assert!(
                         spent <= 20_000,
                         "seed {seed} step {step}: {s} spent {spent}"
@@ -289,6 +370,7 @@ fn random_operations_keep_every_invariant_and_replay_from_mutations() {
                     replayed.reservations, e.reservations,
                     "seed {seed} step {step}"
                 );
+                assert_eq!(replayed.scopes, e.scopes, "seed {seed} step {step}");
             }
         }
         let replayed = disk.restore(policy.clone());
@@ -302,11 +384,12 @@ fn random_operations_keep_every_invariant_and_replay_from_mutations() {
             "seed {seed}: the run admitted holds ({})",
             ids.len()
         );
+        assert!(downgrades > 0, "seed {seed}: the run downgraded some");
     }
 }
 
 #[test]
-fn a_denial_changes_nothing() {
+fn a_denial_changes_only_the_denial_and_savings_counters() {
     let policy = Arc::new(Policy::from_toml(POLICY, "p.toml").unwrap());
     let mut e = Engine::new(policy, Bounds::default());
     let input = |id| ReserveInput {
@@ -317,19 +400,33 @@ fn a_denial_changes_nothing() {
         idempotency_key: None,
         hold_us: None,
         dry_run: false,
+        prompt_tokens_for: Vec::new(),
+        group: None,
+        client_ip: None,
         id: ReservationId(id),
     };
     let mut muts = Vec::new();
     let first = e.reserve(input(1), START, &mut muts).unwrap();
     assert_eq!(first.decision, Decision::Allowed);
     assert!(!muts.is_empty());
-    let before = e.usage("ann", START);
+    let before = e.usage(&of("ann"), START);
     let mut muts = Vec::new();
     let second = e.reserve(input(2), START, &mut muts).unwrap();
     assert_eq!(second.decision, Decision::Denied);
-    assert_eq!(second.denied_by, Some("tokens_per_minute"));
-    assert!(muts.is_empty(), "{muts:?}");
-    assert_eq!(e.usage("ann", START), before);
+    assert_eq!(second.denied_by.as_deref(), Some("tokens_per_minute"));
+    // 3,000 prompt tokens of "m" at $2.50 per million: 7,500 µUSD saved.
+    assert_eq!(second.saved_usd, 7_500);
+    let after = e.usage(&of("ann"), START);
+    assert_eq!(
+        after,
+        UsageReport {
+            denials: 1,
+            saved_usd: 7_500,
+            saved_usd_month: 7_500,
+            ..before
+        }
+    );
+    assert!(muts.iter().all(|m| matches!(m, Mutation::Scope { .. })));
     assert_eq!(e.reservation_count(), 1);
 }
 
@@ -338,7 +435,8 @@ fn bounds_refuse_instead_of_growing() {
     let policy = Arc::new(Policy::from_toml(POLICY, "p.toml").unwrap());
     let bounds = Bounds {
         max_open_holds: 3,
-        max_subjects: 2,
+        // Two subjects and the fleet.
+        max_scopes: 3,
         ..Bounds::default()
     };
     let mut e = Engine::new(policy, bounds);
@@ -350,6 +448,9 @@ fn bounds_refuse_instead_of_growing() {
         idempotency_key: None,
         hold_us: None,
         dry_run: false,
+        prompt_tokens_for: Vec::new(),
+        group: None,
+        client_ip: None,
         id: ReservationId(id),
     };
     e.reserve(input("a", 1), START, &mut Vec::new()).unwrap();
@@ -358,8 +459,8 @@ fn bounds_refuse_instead_of_growing() {
         e.reserve(input("c", 3), START, &mut Vec::new())
             .unwrap_err(),
         EngineError::Exhausted {
-            what: "subjects with live state",
-            bound: 2
+            what: "scopes with live state",
+            bound: 3
         }
     );
     e.reserve(input("a", 4), START, &mut Vec::new()).unwrap();
@@ -387,6 +488,9 @@ fn retention_is_exact_and_a_reused_key_survives_the_old_records_purge() {
         idempotency_key: Some("turn-1".into()),
         hold_us: None,
         dry_run: false,
+        prompt_tokens_for: Vec::new(),
+        group: None,
+        client_ip: None,
         id: ReservationId(id),
     };
     let first = e.reserve(input(1), START, &mut Vec::new()).unwrap();
@@ -434,6 +538,9 @@ fn one_token(subject: &str, id: u128) -> ReserveInput {
         idempotency_key: None,
         hold_us: None,
         dry_run: false,
+        prompt_tokens_for: Vec::new(),
+        group: None,
+        client_ip: None,
         id: ReservationId(id),
     }
 }
@@ -443,7 +550,8 @@ fn subjects_at_rest_are_forgotten_a_bounded_number_per_pass() {
     let policy = Arc::new(Policy::from_toml(POLICY, "p.toml").unwrap());
     let bounds = Bounds {
         max_per_pass: 10,
-        max_subjects: 25,
+        // 25 subjects and the fleet.
+        max_scopes: 26,
         ..Bounds::default()
     };
     let mut e = Engine::new(policy, bounds);
@@ -465,24 +573,24 @@ fn subjects_at_rest_are_forgotten_a_bounded_number_per_pass() {
         e.reserve(one_token("new", 100), START, &mut out)
             .unwrap_err(),
         EngineError::Exhausted {
-            what: "subjects with live state",
-            bound: 25
+            what: "scopes with live state",
+            bound: 26
         }
     );
     // Today they have requests on record, so none is at rest yet.
-    assert_eq!(e.forget_subjects_at_rest(START, &mut out), 0);
-    assert_eq!(e.subject_count(), 25);
+    assert_eq!(e.forget_scopes_at_rest(START, &mut out), 0);
+    assert_eq!(e.scope_count(), 26);
     // Tomorrow they are: each pass forgets at most 10, with a delete record for each.
     let tomorrow = START + crate::clock::MICROS_PER_DAY;
     let mut deletes = Vec::new();
-    assert_eq!(e.forget_subjects_at_rest(tomorrow, &mut deletes), 10);
+    assert_eq!(e.forget_scopes_at_rest(tomorrow, &mut deletes), 10);
     assert_eq!(deletes.len(), 10);
     assert!(deletes
         .iter()
-        .all(|m| matches!(m, Mutation::Subject { state: None, .. })));
-    assert_eq!(e.forget_subjects_at_rest(tomorrow, &mut deletes), 10);
-    assert_eq!(e.forget_subjects_at_rest(tomorrow, &mut deletes), 5);
-    assert_eq!(e.subject_count(), 0);
+        .all(|m| matches!(m, Mutation::Scope { state: None, .. })));
+    assert_eq!(e.forget_scopes_at_rest(tomorrow, &mut deletes), 10);
+    assert_eq!(e.forget_scopes_at_rest(tomorrow, &mut deletes), 6);
+    assert_eq!(e.scope_count(), 0);
     assert!(e.reserve(one_token("new", 101), tomorrow, &mut out).is_ok());
 }
 
@@ -517,8 +625,8 @@ fn an_overdue_hold_beyond_a_bounded_pass_is_expired_by_its_own_settlement() {
         !muts.is_empty(),
         "the expiry made on the spot is returned with the refusal"
     );
-    assert_eq!(e.usage("open-b", later).used_tokens, 1);
-    assert_eq!(e.usage("open-b", later).open_holds, 0);
+    assert_eq!(e.usage(&of("open-b"), later).used_tokens, 1);
+    assert_eq!(e.usage(&of("open-b"), later).open_holds, 0);
     // The first was expired by the pass: a late Commit reconciles it.
     let c = e
         .commit(
@@ -533,5 +641,5 @@ fn an_overdue_hold_beyond_a_bounded_pass_is_expired_by_its_own_settlement() {
         )
         .unwrap();
     assert_eq!(c.settlement.charged_tokens, 0);
-    assert_eq!(e.usage("open-a", later).used_tokens, 0);
+    assert_eq!(e.usage(&of("open-a"), later).used_tokens, 0);
 }

@@ -8,8 +8,10 @@ use std::sync::Arc;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::money::{micro_usd, Price, MAX_PRICE_USD_PER_MILLION};
+use super::scopes::{ScopeLimits, IPV6_SCOPE_PREFIX, MAX_CIDR_ENTRIES, MAX_GROUP_ENTRIES};
 use super::{
-    Limits, ModelConfig, Policy, Tier, DEFAULT_HOLD_SECONDS, DEFAULT_MAX_HOLD_LIFETIME_SECONDS,
+    Downgrade, Limits, ModelConfig, Policy, Tier, DEFAULT_HOLD_SECONDS, DEFAULT_MAX_HOLD_LIFETIME_SECONDS,
     DEFAULT_MAX_HOLD_SECONDS, HOLD_SECONDS_CEILING, LIMIT_CEILING, MAX_MODEL_NAME_BYTES,
     MAX_TOKENS_PER_REQUEST,
 };
@@ -65,6 +67,10 @@ struct PolicyFile {
     tiers: Spanned<BTreeMap<String, Spanned<TierFile>>>,
     #[serde(default)]
     models: BTreeMap<String, Spanned<ModelFile>>,
+    #[serde(default)]
+    groups: BTreeMap<String, Spanned<TierFile>>,
+    ip: Option<Spanned<TierFile>>,
+    global: Option<Spanned<TierFile>>,
 }
 
 #[derive(Deserialize)]
@@ -72,9 +78,20 @@ struct PolicyFile {
 struct ModelFile {
     encoding: Option<Spanned<String>>,
     default_max_output_tokens: Option<Spanned<u64>>,
+    input_usd_per_million: Option<Spanned<f64>>,
+    output_usd_per_million: Option<Spanned<f64>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct DowngradeFile {
+    model: Spanned<String>,
+    tokens_per_day: Option<Spanned<u64>>,
+}
+
+/// A tier's table; `[groups.*]`, `[ip]` and `[global]` take the same keys except those that
+/// only make sense for a tier (holds, models, downgrade), and only `[ip]` takes `cidr`.
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct TierFile {
     tokens_per_minute: Option<Spanned<u64>>,
@@ -88,7 +105,53 @@ struct TierFile {
     max_hold_seconds: Option<Spanned<u64>>,
     max_hold_lifetime_seconds: Option<Spanned<u64>>,
     models: Option<Spanned<Vec<String>>>,
+    usd_per_day: Option<Spanned<f64>>,
+    usd_per_month: Option<Spanned<f64>>,
+    downgrade: Option<Spanned<DowngradeFile>>,
+    cidr: Option<BTreeMap<String, Spanned<TierFile>>>,
 }
+
+impl TierFile {
+    /// These limits, with each one left out taken from `base` (a named group from
+    /// `[groups.default]`, a CIDR entry from `[ip]`).
+    fn inherit(mut self, base: &TierFile) -> TierFile {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = base.$f.clone(); } )* };
+        }
+        take!(
+            tokens_per_minute,
+            burst_tokens,
+            requests_per_minute,
+            tokens_per_day,
+            tokens_per_month,
+            max_concurrent,
+            enforce,
+            usd_per_day,
+            usd_per_month
+        );
+        self
+    }
+
+    /// The first key that a scope table (not a tier) must not have, with its name.
+    fn tier_only_key(&self, allow_cidr: bool) -> Option<&'static str> {
+        [
+            ("hold_seconds", self.hold_seconds.is_some()),
+            ("max_hold_seconds", self.max_hold_seconds.is_some()),
+            (
+                "max_hold_lifetime_seconds",
+                self.max_hold_lifetime_seconds.is_some(),
+            ),
+            ("models", self.models.is_some()),
+            ("downgrade", self.downgrade.is_some()),
+            ("cidr", self.cidr.is_some() && !allow_cidr),
+        ]
+        .into_iter()
+        .find_map(|(k, set)| set.then_some(k))
+    }
+}
+
+/// Largest money budget: a billion dollars (10¹⁵ µUSD, the limit ceiling).
+const MAX_BUDGET_USD: f64 = 1e9;
 
 struct Source<'a> {
     text: &'a str,
@@ -124,7 +187,12 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         .map_err(|e| src.error(e.span().unwrap_or(0..0), e.message().trim_end().to_string()))?;
     let tiers_span = file.tiers.span();
     let mut tiers = BTreeMap::new();
+    // Where each downgrade is written, to name it if its model turns out unknown.
+    let mut downgrade_spans = BTreeMap::new();
     for (name, tier) in file.tiers.into_inner() {
+        if let Some(d) = &tier.get_ref().downgrade {
+            downgrade_spans.insert(name.clone(), d.span());
+        }
         if !valid_tier_name(&name) {
             return Err(src.error(
                 tier.span(),
@@ -193,6 +261,25 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             Some(v) => Some(v.into_inner()),
             None => None,
         };
+        let price = match (m.input_usd_per_million, m.output_usd_per_million) {
+            (None, None) => None,
+            (Some(i), Some(o)) => {
+                let per_million = |v: &Spanned<f64>, field: &str| {
+                    micro_usd(*v.get_ref(), MAX_PRICE_USD_PER_MILLION)
+                        .map_err(|rule| src.error(v.span(), format!("{field} {rule}")))
+                };
+                Some(Price {
+                    input_per_million: per_million(&i, "input_usd_per_million")?,
+                    output_per_million: per_million(&o, "output_usd_per_million")?,
+                })
+            }
+            _ => {
+                return Err(src.error(
+                    span,
+                    format!("model {name:?}: give both input_usd_per_million and output_usd_per_million, or neither"),
+                ))
+            }
+        };
         if encoding.is_none() && built_in_encoding(&name).is_none() {
             return Err(src.error(
                 span,
@@ -204,15 +291,114 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             ModelConfig {
                 encoding,
                 default_max_output_tokens,
+                price,
             },
         );
     }
+    for tier in tiers.values() {
+        if let Some(d) = &tier.limits.downgrade {
+            let known = models.get(&d.model).and_then(|m: &ModelConfig| m.encoding).is_some()
+                || built_in_encoding(&d.model).is_some();
+            if !known {
+                return Err(src.error(
+                    downgrade_spans.get(&tier.name).cloned().unwrap_or(0..0),
+                    format!(
+                        "tier {:?}: downgrade model {:?} has no known tokenizer; add [models.{:?}] with an encoding",
+                        tier.name, d.model, d.model
+                    ),
+                ));
+            }
+        }
+    }
+    let scopes = scope_limits(&src, file.groups, file.ip, file.global)?;
     Ok(Policy::new(
         file.enforce.unwrap_or(true),
         file.default_tier.into_inner(),
         tiers,
         models,
+        scopes,
     ))
+}
+
+/// The limits of `[groups.*]`, `[ip]` (with its `cidr` entries) and `[global]`.
+fn scope_limits(
+    src: &Source<'_>,
+    groups: BTreeMap<String, Spanned<TierFile>>,
+    ip: Option<Spanned<TierFile>>,
+    global: Option<Spanned<TierFile>>,
+) -> Result<ScopeLimits, PolicyError> {
+    let scope = |table: &str, t: Spanned<TierFile>, allow_cidr: bool| {
+        if let Some(key) = t.get_ref().tier_only_key(allow_cidr) {
+            return Err(src.error(
+                t.span(),
+                format!("{table}: {key} applies to tiers only"),
+            ));
+        }
+        tier_limits(src, t).map(Arc::new)
+    };
+    let mut out = ScopeLimits::default();
+    if groups.len() > MAX_GROUP_ENTRIES {
+        return Err(src.error(
+            0..0,
+            format!("at most {MAX_GROUP_ENTRIES} [groups] entries"),
+        ));
+    }
+    let default_group = groups.get("default").map(|g| g.get_ref().clone());
+    for (name, g) in groups {
+        if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+            return Err(src.error(
+                g.span(),
+                format!("group name {name:?} must be 1 to 256 bytes without control characters"),
+            ));
+        }
+        let span = g.span();
+        let g = match &default_group {
+            Some(base) => Spanned::new(span, g.into_inner().inherit(base)),
+            None => g,
+        };
+        let limits = scope(&format!("[groups.{name:?}]"), g, false)?;
+        if name == "default" {
+            out.group_default = limits.clone();
+        }
+        out.groups.insert(name, limits);
+    }
+    if let Some(ip) = ip {
+        let span = ip.span();
+        let mut ip = ip.into_inner();
+        let cidrs = ip.cidr.take().unwrap_or_default();
+        if cidrs.len() > MAX_CIDR_ENTRIES {
+            return Err(src.error(
+                span.clone(),
+                format!("[ip] may have at most {MAX_CIDR_ENTRIES} cidr entries"),
+            ));
+        }
+        for (net, entry) in cidrs {
+            let parsed: ipnet::IpNet = net.parse().map_err(|_| {
+                src.error(
+                    entry.span(),
+                    format!("[ip.cidr] key {net:?} must be a CIDR block, e.g. \"10.0.0.0/8\" or \"2001:db8::/32\""),
+                )
+            })?;
+            if matches!(parsed, ipnet::IpNet::V6(_)) && parsed.prefix_len() > IPV6_SCOPE_PREFIX {
+                return Err(src.error(
+                    entry.span(),
+                    format!("[ip.cidr] {net:?}: IPv6 is counted per /{IPV6_SCOPE_PREFIX}, so a block must be /{IPV6_SCOPE_PREFIX} or wider"),
+                ));
+            }
+            let e_span = entry.span();
+            let entry = Spanned::new(e_span, entry.into_inner().inherit(&ip));
+            let limits = scope(&format!("[ip.cidr.{net:?}]"), entry, false)?;
+            out.ip_ranges.push((parsed.trunc(), limits));
+        }
+        // Most specific first: the first block that contains an address is its entry.
+        out.ip_ranges
+            .sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+        out.ip_default = scope("[ip]", Spanned::new(span, ip), true)?;
+    }
+    if let Some(g) = global {
+        out.global = scope("[global]", g, false)?;
+    }
+    Ok(out)
 }
 
 fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, PolicyError> {
@@ -241,6 +427,34 @@ fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, Poli
         ));
     }
     let lifetime = bounded("max_hold_lifetime_seconds", &t.max_hold_lifetime_seconds)?;
+    let usd = |field: &str, v: &Option<Spanned<f64>>| -> Result<Option<u64>, PolicyError> {
+        v.as_ref()
+            .map(|v| {
+                micro_usd(*v.get_ref(), MAX_BUDGET_USD)
+                    .map_err(|rule| src.error(v.span(), format!("{field} {rule}")))
+            })
+            .transpose()
+    };
+    let usd_per_day = usd("usd_per_day", &t.usd_per_day)?;
+    let usd_per_month = usd("usd_per_month", &t.usd_per_month)?;
+    let downgrade = match &t.downgrade {
+        Some(d) => {
+            let at = d.span();
+            let d = d.get_ref();
+            let model = d.model.get_ref();
+            if model.is_empty() || model.len() > MAX_MODEL_NAME_BYTES {
+                return Err(src.error(
+                    at,
+                    format!("downgrade.model must be 1 to {MAX_MODEL_NAME_BYTES} bytes"),
+                ));
+            }
+            Some(Downgrade {
+                model: model.clone(),
+                tokens_per_day: bounded("downgrade.tokens_per_day", &d.tokens_per_day)?,
+            })
+        }
+        None => None,
+    };
     // Defaults give way to what the tier sets: a default never contradicts an explicit value.
     let max_hold_seconds = max_hold.unwrap_or_else(|| {
         let d = DEFAULT_MAX_HOLD_SECONDS.max(hold.unwrap_or(0));
@@ -289,6 +503,9 @@ fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, Poli
         hold_seconds,
         max_hold_seconds,
         max_hold_lifetime_seconds,
+        usd_per_day,
+        usd_per_month,
+        downgrade,
         models: match t.models {
             Some(list) => {
                 let at = list.span();

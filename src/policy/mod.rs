@@ -2,6 +2,8 @@
 //! the engine only ever sees a [`Policy`] that makes sense.
 
 mod file;
+mod money;
+mod scopes;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,6 +12,8 @@ use std::sync::Arc;
 use crate::tokens::{built_in_encoding, Encoding};
 
 pub use file::PolicyError;
+pub use money::{micro_usd, Price, MICRO_USD_PER_USD};
+pub use scopes::{ip_scope_key, ScopeLimits, IPV6_SCOPE_PREFIX};
 
 /// The policy served when none is given: `tollgate serve` works out of the box.
 pub const DEFAULT_POLICY_TOML: &str = include_str!("default.toml");
@@ -62,6 +66,45 @@ pub struct Limits {
     /// The models the tier may use (`None`: any). A name also admits its dated snapshots
     /// (`gpt-4o` admits `gpt-4o-2024-08-06`, not `gpt-4o-mini`).
     pub models: Option<Vec<String>>,
+    /// Money spent (charged and held) in a UTC day, in µUSD.
+    pub usd_per_day: Option<u64>,
+    /// Money spent (charged and held) in a UTC calendar month, in µUSD.
+    pub usd_per_month: Option<u64>,
+    /// What a subject of the tier gets instead of a denial when its token or money quota is
+    /// spent or it asks for a model outside `models` (tiers only).
+    pub downgrade: Option<Downgrade>,
+}
+
+/// A tier's auto-downgrade: the cheaper model granted, and the budget for degraded use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Downgrade {
+    /// The model granted instead (it need not be in the tier's `models`).
+    pub model: String,
+    /// Tokens (charged and held) a subject may use on the downgrade model in a UTC day
+    /// (`None`: unlimited).
+    pub tokens_per_day: Option<u64>,
+}
+
+impl Limits {
+    /// No limit at all: what a scope the policy says nothing about gets.
+    pub fn unlimited() -> Self {
+        Self {
+            tokens_per_minute: None,
+            burst_tokens: None,
+            requests_per_minute: None,
+            tokens_per_day: None,
+            tokens_per_month: None,
+            max_concurrent: None,
+            hold_seconds: DEFAULT_HOLD_SECONDS,
+            max_hold_seconds: DEFAULT_MAX_HOLD_SECONDS,
+            max_hold_lifetime_seconds: DEFAULT_MAX_HOLD_LIFETIME_SECONDS,
+            enforce: true,
+            models: None,
+            usd_per_day: None,
+            usd_per_month: None,
+            downgrade: None,
+        }
+    }
 }
 
 /// Limits set for one subject by an operator (Admin.SetSubject), over its tier's. Each set
@@ -80,6 +123,12 @@ pub struct Overrides {
     pub tokens_per_month: Option<u64>,
     /// Replaces `max_concurrent`.
     pub max_concurrent: Option<u32>,
+    /// Replaces `usd_per_day` (µUSD).
+    pub usd_per_day: Option<u64>,
+    /// Replaces `usd_per_month` (µUSD).
+    pub usd_per_month: Option<u64>,
+    /// Replaces the downgrade budget's `tokens_per_day` (applies where the tier downgrades).
+    pub downgrade_tokens_per_day: Option<u64>,
 }
 
 impl Overrides {
@@ -96,6 +145,9 @@ impl Overrides {
             ("requests_per_minute", self.requests_per_minute),
             ("tokens_per_day", self.tokens_per_day),
             ("tokens_per_month", self.tokens_per_month),
+            ("usd_per_day", self.usd_per_day),
+            ("usd_per_month", self.usd_per_month),
+            ("downgrade_tokens_per_day", self.downgrade_tokens_per_day),
         ]
         .into_iter()
         .find_map(|(f, v)| v.filter(|v| *v > LIMIT_CEILING).map(|v| (f, v)))
@@ -122,6 +174,15 @@ impl Overrides {
         if let Some(v) = self.max_concurrent {
             l.max_concurrent = Some(v);
         }
+        if let Some(v) = self.usd_per_day {
+            l.usd_per_day = Some(v);
+        }
+        if let Some(v) = self.usd_per_month {
+            l.usd_per_month = Some(v);
+        }
+        if let (Some(v), Some(d)) = (self.downgrade_tokens_per_day, l.downgrade.as_mut()) {
+            d.tokens_per_day = Some(v);
+        }
         l
     }
 }
@@ -133,6 +194,8 @@ pub struct SubjectConfig {
     pub tier: String,
     /// Limits over the tier's.
     pub overrides: Overrides,
+    /// The group (organisation or team) a Reserve without `group` is counted in.
+    pub group: Option<String>,
 }
 
 /// Whether `model` is `name` or one of its dated snapshots (`name-<digit>...`).
@@ -181,6 +244,9 @@ pub struct ModelConfig {
     pub encoding: Option<Encoding>,
     /// Output tokens held when a Reserve gives no `max_output_tokens`.
     pub default_max_output_tokens: Option<u64>,
+    /// Its price (`None`: not priced; its calls cost nothing, and a scope with a money budget
+    /// refuses it).
+    pub price: Option<Price>,
 }
 
 /// A validated policy.
@@ -190,6 +256,7 @@ pub struct Policy {
     default_tier: String,
     tiers: BTreeMap<String, Tier>,
     models: BTreeMap<String, ModelConfig>,
+    scopes: ScopeLimits,
 }
 
 impl Policy {
@@ -217,6 +284,7 @@ impl Policy {
         default_tier: String,
         tiers: BTreeMap<String, Tier>,
         models: BTreeMap<String, ModelConfig>,
+        scopes: ScopeLimits,
     ) -> Self {
         debug_assert!(tiers.contains_key(&default_tier));
         Self {
@@ -224,7 +292,31 @@ impl Policy {
             default_tier,
             tiers,
             models,
+            scopes,
         }
+    }
+
+    /// The limits of groups, client IPs and the whole fleet.
+    pub fn scopes(&self) -> &ScopeLimits {
+        &self.scopes
+    }
+
+    /// `model`'s price, if the policy gives one.
+    pub fn price(&self, model: &str) -> Option<Price> {
+        self.model(model).and_then(|m| m.price)
+    }
+
+    /// Every model a tier downgrades to (a Reserve's prompt is counted for each of them too
+    /// when their encodings differ from the requested model's).
+    pub fn downgrade_models(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self
+            .tiers
+            .values()
+            .filter_map(|t| t.limits.downgrade.as_ref().map(|d| d.model.as_str()))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// The policy's entry for `model`: the entry of that exact name, or of the name it is a

@@ -80,6 +80,9 @@ fn from_proto(o: proto::LimitOverrides) -> Overrides {
         tokens_per_day: o.tokens_per_day,
         tokens_per_month: o.tokens_per_month,
         max_concurrent: o.max_concurrent,
+        usd_per_day: o.micro_usd_per_day,
+        usd_per_month: o.micro_usd_per_month,
+        downgrade_tokens_per_day: o.downgrade_tokens_per_day,
     }
 }
 
@@ -91,6 +94,9 @@ fn to_proto(o: &Overrides) -> proto::LimitOverrides {
         tokens_per_day: o.tokens_per_day,
         tokens_per_month: o.tokens_per_month,
         max_concurrent: o.max_concurrent,
+        micro_usd_per_day: o.usd_per_day,
+        micro_usd_per_month: o.usd_per_month,
+        downgrade_tokens_per_day: o.downgrade_tokens_per_day,
     }
 }
 
@@ -103,15 +109,17 @@ impl proto::admin_server::Admin for AdminService {
         let req = request.into_inner();
         validate::subject(&req.subject)?;
         validate::tier(&req.tier)?;
+        let group = validate::group(&req.group)?;
         let overrides = req.overrides.map(from_proto).unwrap_or_default();
         self.ledger
-            .set_subject(&req.subject, &req.tier, overrides.clone())
+            .set_subject(&req.subject, &req.tier, group, overrides.clone())
             .await?;
-        tracing::info!(subject = %req.subject, tier = %req.tier, ?overrides, "subject set");
+        tracing::info!(subject = %req.subject, tier = %req.tier, group = %req.group, ?overrides, "subject set");
         Ok(Response::new(proto::SetSubjectResponse {
             subject: req.subject,
             tier: req.tier,
             overrides: Some(to_proto(&overrides)),
+            group: req.group,
         }))
     }
 
@@ -121,12 +129,13 @@ impl proto::admin_server::Admin for AdminService {
     ) -> Result<Response<proto::GetSubjectResponse>, Status> {
         let subject = request.into_inner().subject;
         validate::subject(&subject)?;
-        let (tier, assigned, overrides) = self.ledger.subject_tier(&subject)?;
+        let (tier, assigned, overrides, group) = self.ledger.subject_config(&subject)?;
         Ok(Response::new(proto::GetSubjectResponse {
             subject,
             tier,
             assigned,
             overrides: Some(to_proto(&overrides)),
+            group: group.unwrap_or_default(),
         }))
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::validate::{self, to_duration, to_timestamp};
-use crate::engine::{Decision, LimitStatus, ReserveInput};
+use crate::engine::{Decision, LimitStatus, ReserveInput, ScopeKey, UsageQuery};
 use crate::ledger::Ledger;
 use crate::policy::Policy;
 use crate::proto;
@@ -41,19 +41,23 @@ impl QuotaService {
         if let Prompt::Tokens(n) = prompt {
             return Ok((n, None));
         }
-        let field = if matches!(prompt, Prompt::Chat(_)) {
-            "messages"
-        } else {
-            "prompt"
-        };
         let encoding = policy.encoding_for(model).ok_or_else(|| {
             Status::invalid_argument(format!(
                 "model: {model:?} has no known tokenizer; add it to the policy, e.g. \
                  [models.\"{model}\"] encoding = \"o200k_base\" (or cl100k_base)"
             ))
         })?;
-        let tokens = self
-            .counter
+        Ok((self.count_with(encoding, prompt).await?, Some(encoding)))
+    }
+
+    /// The tokens of a text or chat with `encoding`.
+    async fn count_with(&self, encoding: Encoding, prompt: Prompt) -> Result<u64, Status> {
+        let field = if matches!(prompt, Prompt::Chat(_)) {
+            "messages"
+        } else {
+            "prompt"
+        };
+        self.counter
             .count(encoding, prompt)
             .await
             .map_err(|e| match e {
@@ -61,8 +65,64 @@ impl QuotaService {
                 CountError::Uncountable(_) => Status::invalid_argument(format!("{field}: {e}")),
                 CountError::Closed => Status::unavailable(e.to_string()),
                 CountError::Tokenizer => Status::internal(e.to_string()),
-            })?;
-        Ok((tokens, Some(encoding)))
+            })
+    }
+}
+
+impl QuotaService {
+    /// The tokens of `prompt` for `model`, and for each downgrade model of the policy whose
+    /// tokenizer differs (a downgraded hold is counted with the granted model's own
+    /// tokenizer). Counted here, before the engine lock, so the lock is never held while
+    /// counting. The same text is counted once per distinct encoding.
+    async fn count_for_downgrades(
+        &self,
+        policy: &Policy,
+        model: &str,
+        prompt: Prompt,
+    ) -> Result<(u64, Vec<(String, u64)>), Status> {
+        let downgrades: Vec<(&str, Encoding)> = policy
+            .downgrade_models()
+            .into_iter()
+            .filter(|m| *m != model)
+            .filter_map(|m| policy.encoding_for(m).map(|e| (m, e)))
+            .collect();
+        let asked = if matches!(prompt, Prompt::Tokens(_)) {
+            None
+        } else {
+            policy.encoding_for(model)
+        };
+        let mut extra: Vec<Encoding> = downgrades
+            .iter()
+            .map(|(_, e)| *e)
+            .filter(|e| Some(*e) != asked)
+            .collect();
+        extra.sort_unstable_by_key(|e| e.name());
+        extra.dedup();
+        let mut counts: Vec<(Encoding, u64)> = Vec::new();
+        // The model asked for first: if it cannot be counted, nothing else is. Only a prompt
+        // that must be counted again is copied.
+        let (n, encoding) = if extra.is_empty() {
+            self.count(policy, model, prompt).await?
+        } else {
+            let first = self.count(policy, model, prompt.clone()).await?;
+            for e in &extra {
+                counts.push((*e, self.count_with(*e, prompt.clone()).await?));
+            }
+            first
+        };
+        if let Some(e) = encoding {
+            counts.push((e, n));
+        }
+        let others = downgrades
+            .into_iter()
+            .filter_map(|(m, e)| {
+                counts
+                    .iter()
+                    .find(|(x, _)| *x == e)
+                    .map(|(_, c)| (m.to_string(), *c))
+            })
+            .collect();
+        Ok((n, others))
     }
 }
 
@@ -74,7 +134,8 @@ pub(super) fn limits(statuses: Vec<LimitStatus>) -> Vec<proto::LimitStatus> {
             limit: s.limit,
             remaining: s.remaining,
             reset_after: Some(to_duration(s.reset_after_us)),
-            scope: s.scope.to_string(),
+            scope: s.scope.name().to_string(),
+            scope_id: s.scope_id,
         })
         .collect()
 }
@@ -88,31 +149,36 @@ impl proto::quota_server::Quota for QuotaService {
         let call = validate::reserve(request.into_inner(), self.max_prompt_bytes)?;
         // The policy is read (a brief lock) only when it is needed: to pick the tokenizer, or
         // the output hold the caller left out. A caller that counts and sets both skips it.
-        let (prompt_tokens, max_output_tokens) = match (&call.prompt, call.max_output_tokens) {
-            (Prompt::Tokens(n), Some(max)) => (*n, max),
-            _ => {
-                let policy = self.ledger.policy()?;
-                let max = call
-                    .max_output_tokens
-                    .unwrap_or_else(|| policy.default_max_output_tokens(&call.input.model));
-                let (n, _) = self.count(&policy, &call.input.model, call.prompt).await?;
-                (n, max)
-            }
-        };
+        let (prompt_tokens, max_output_tokens, prompt_tokens_for) =
+            match (&call.prompt, call.max_output_tokens) {
+                (Prompt::Tokens(n), Some(max)) => (*n, max, Vec::new()),
+                _ => {
+                    let policy = self.ledger.policy()?;
+                    let max = call
+                        .max_output_tokens
+                        .unwrap_or_else(|| policy.default_max_output_tokens(&call.input.model));
+                    let (n, others) = self
+                        .count_for_downgrades(&policy, &call.input.model, call.prompt)
+                        .await?;
+                    (n, max, others)
+                }
+            };
         validate::hold_total(prompt_tokens, max_output_tokens)?;
         let input = ReserveInput {
             prompt_tokens,
             max_output_tokens,
+            prompt_tokens_for,
             ..call.input
         };
         let subject = input.subject.clone();
         let o = self.ledger.reserve(input).await?;
         let decision = match o.decision {
             Decision::Allowed => proto::Decision::Allowed,
+            Decision::Downgraded => proto::Decision::Downgraded,
             Decision::Denied => {
                 tracing::info!(
                     %subject,
-                    denied_by = o.denied_by.unwrap_or(""),
+                    denied_by = o.denied_by.as_deref().unwrap_or(""),
                     tokens = o.prompt_tokens,
                     "reserve denied"
                 );
@@ -127,13 +193,15 @@ impl proto::quota_server::Quota for QuotaService {
                 .unwrap_or_default(),
             model: o.model,
             reserved_tokens: o.reserved_tokens,
-            denied_by: o.denied_by.unwrap_or_default().to_string(),
+            denied_by: o.denied_by.unwrap_or_default(),
             retry_after: o.retry_after_us.map(to_duration),
             limits: limits(o.limits),
             expires_at: o.expires_us.map(to_timestamp),
             prompt_tokens: o.prompt_tokens,
             replayed: o.replayed,
-            shadow_denied_by: o.shadow_denied_by.unwrap_or_default().to_string(),
+            shadow_denied_by: o.shadow_denied_by.unwrap_or_default(),
+            reserved_micro_usd: o.reserved_usd,
+            saved_micro_usd: o.saved_usd,
         }))
     }
 
@@ -147,6 +215,7 @@ impl proto::quota_server::Quota for QuotaService {
             charged_tokens: o.settlement.charged_tokens,
             released_tokens: o.settlement.released_tokens,
             debt_tokens: o.settlement.debt_tokens,
+            charged_micro_usd: o.settlement.charged_usd,
             limits: limits(o.limits),
         }))
     }
@@ -213,12 +282,36 @@ impl proto::quota_server::Quota for QuotaService {
         &self,
         request: Request<proto::GetUsageRequest>,
     ) -> Result<Response<proto::GetUsageResponse>, Status> {
-        let subject = &request.get_ref().subject;
-        validate::subject(subject)?;
-        let u = self.ledger.usage(subject).await?;
+        let req = request.into_inner();
+        let subject = if req.subject.is_empty() {
+            None
+        } else {
+            validate::subject(&req.subject)?;
+            Some(req.subject)
+        };
+        let query = UsageQuery {
+            subject,
+            group: validate::group(&req.group)?,
+            client_ip: validate::client_ip(&req.client_ip)?,
+        };
+        let u = self.ledger.usage(&query).await?;
         Ok(Response::new(proto::GetUsageResponse {
+            scope: u.scope.name().to_string(),
             subject: u.subject,
             tier: u.tier,
+            group: u.group.unwrap_or_default(),
+            client_ip: query
+                .client_ip
+                .map(|ip| ScopeKey::Ip(ip).id())
+                .unwrap_or_default(),
+            spent_micro_usd: u.spent_usd,
+            spent_micro_usd_month: u.spent_usd_month,
+            saved_micro_usd: u.saved_usd,
+            saved_micro_usd_month: u.saved_usd_month,
+            denials: u.denials,
+            downgrades: u.downgrades,
+            downgraded_tokens: u.downgraded_tokens,
+            held_micro_usd: u.held_usd,
             used_tokens: u.used_tokens,
             held_tokens: u.held_tokens,
             requests: u.requests,

@@ -48,6 +48,35 @@ pub fn model(value: &str) -> Result<(), Status> {
     check_text("model", value, MAX_MODEL_BYTES, false)
 }
 
+/// Longest group name, in bytes.
+pub const MAX_GROUP_BYTES: usize = 256;
+
+/// A group: empty (none) or up to 256 bytes without control characters.
+pub fn group(value: &str) -> Result<Option<String>, Status> {
+    check_text("group", value, MAX_GROUP_BYTES, false)?;
+    Ok((!value.is_empty()).then(|| value.to_string()))
+}
+
+/// A client IP: empty (none) or an IPv4 or IPv6 address, returned as the address it is counted
+/// under (IPv6: its /64).
+pub fn client_ip(value: &str) -> Result<Option<std::net::IpAddr>, Status> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if value.len() > 64 {
+        return Err(invalid("client_ip", "must be at most 64 bytes"));
+    }
+    value
+        .parse::<std::net::IpAddr>()
+        .map(|ip| Some(crate::policy::ip_scope_key(ip)))
+        .map_err(|_| {
+            invalid(
+                "client_ip",
+                format!("{value:?} is not an IPv4 or IPv6 address (e.g. \"203.0.113.7\" or \"2001:db8::1\")"),
+            )
+        })
+}
+
 /// A tier name as given to SetSubject.
 pub fn tier(value: &str) -> Result<(), Status> {
     check_text("tier", value, 64, true)
@@ -192,6 +221,8 @@ pub fn reserve(req: proto::ReserveRequest, max_prompt_bytes: usize) -> Result<Re
         .as_ref()
         .map(|d| duration_us("hold", d))
         .transpose()?;
+    let group = group(&req.group)?;
+    let client_ip = client_ip(&req.client_ip)?;
     let prompt = prompt(
         req.prompt_tokens,
         req.prompt,
@@ -204,6 +235,9 @@ pub fn reserve(req: proto::ReserveRequest, max_prompt_bytes: usize) -> Result<Re
             subject: req.subject,
             model: req.model,
             prompt_tokens: 0,
+            prompt_tokens_for: Vec::new(),
+            group,
+            client_ip,
             max_output_tokens: 0,
             idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
             hold_us,

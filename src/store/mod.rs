@@ -5,9 +5,12 @@
 //!
 //! | key                    | value (postcard)        |
 //! |------------------------|-------------------------|
-//! | `s` + subject          | [`SubjectState`]        |
+//! | `s` + subject          | [`ScopeState`]          |
+//! | `g` + group            | [`ScopeState`]          |
+//! | `i` + client IP (text) | [`ScopeState`]          |
+//! | `G`                    | [`ScopeState`] (fleet)  |
 //! | `r` + 16-byte id (BE)  | [`Reservation`]         |
-//! | `a` + subject          | tier name (UTF-8)       |
+//! | `a` + subject          | [`SubjectConfig`]       |
 //! | `!format`              | format version (u32 BE) |
 
 mod writer;
@@ -19,14 +22,16 @@ use std::sync::Arc;
 
 pub use writer::{Durability, Ticket, Writer};
 
-use crate::engine::{Mutation, Reservation, SubjectState};
+use crate::engine::{Mutation, Reservation, ScopeKey, ScopeState};
 use crate::policy::SubjectConfig;
 
 /// The on-disk format version. A data directory written by another version is refused rather
 /// than misread.
 /// Version 2: a subject's tier assignment became a `SubjectConfig` (tier and overrides).
 /// Version 3: subject state counts the UTC month and shadow-mode denials.
-pub const FORMAT_VERSION: u32 = 3;
+/// Version 4: scopes (group, client IP, fleet) beside subjects; money, savings and the
+/// downgrade budget in every scope's state and every reservation; a subject's group.
+pub const FORMAT_VERSION: u32 = 4;
 const FORMAT_KEY: &[u8] = b"!format";
 
 /// A storage failure: the request that met it is answered UNAVAILABLE, and nothing is
@@ -63,8 +68,8 @@ pub enum StoreError {
 /// Everything persisted, as loaded at start-up.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// Subject states.
-    pub subjects: HashMap<String, SubjectState>,
+    /// Scope states.
+    pub scopes: HashMap<ScopeKey, ScopeState>,
     /// All reservation records (open and settled).
     pub reservations: Vec<Reservation>,
     /// Tiers and overrides set by operators.
@@ -140,11 +145,17 @@ impl Store {
                 .split_first()
                 .ok_or_else(|| corrupt(&key, "empty key"))?;
             match kind {
-                b's' => {
-                    let subject = std::str::from_utf8(rest).map_err(|e| corrupt(&key, e))?;
-                    let state: SubjectState =
+                b's' | b'g' | b'i' | b'G' => {
+                    let name = std::str::from_utf8(rest).map_err(|e| corrupt(&key, e))?;
+                    let scope = match kind {
+                        b's' => ScopeKey::Subject(Arc::from(name)),
+                        b'g' => ScopeKey::Group(Arc::from(name)),
+                        b'i' => ScopeKey::Ip(name.parse().map_err(|e| corrupt(&key, e))?),
+                        _ => ScopeKey::Global,
+                    };
+                    let state: ScopeState =
                         postcard::from_bytes(&value).map_err(|e| corrupt(&key, e))?;
-                    snap.subjects.insert(subject.to_string(), state);
+                    snap.scopes.insert(scope, state);
                 }
                 b'r' => {
                     let r: Reservation =
@@ -204,10 +215,15 @@ fn encode(m: &Mutation, b: &mut sled::Batch) {
     // postcard cannot fail on these types (no maps with non-string keys, no unsized data); an
     // error here would be a programming error, caught by the round-trip unit test.
     match m {
-        Mutation::Subject { subject, state } => {
-            let key = prefixed(b's', subject.as_bytes());
+        Mutation::Scope { key, state } => {
+            let key = match key {
+                ScopeKey::Subject(s) => prefixed(b's', s.as_bytes()),
+                ScopeKey::Group(g) => prefixed(b'g', g.as_bytes()),
+                ScopeKey::Ip(ip) => prefixed(b'i', ip.to_string().as_bytes()),
+                ScopeKey::Global => vec![b'G'],
+            };
             match state {
-                Some(s) => b.insert(key, postcard::to_allocvec(s).expect("encode subject")),
+                Some(s) => b.insert(key, postcard::to_allocvec(s).expect("encode scope")),
                 None => b.remove(key),
             }
         }
@@ -263,18 +279,44 @@ mod tests {
                     charged_tokens: 13,
                     released_tokens: 17,
                     debt_tokens: 0,
+                    charged_usd: 33,
                 },
                 at_us: 2_000,
             },
+            group: Some("acme".into()),
+            client_ip: Some("2001:db8::".parse().unwrap()),
+            price: Some(crate::policy::Price {
+                input_per_million: 2_500_000,
+                output_per_million: 10_000_000,
+            }),
+            held_usd: 225,
+            downgraded_from: Some(crate::engine::Requested {
+                model: "gpt-4".into(),
+                prompt_tokens: 11,
+            }),
         };
-        let mut state = SubjectState::default();
+        let mut state = ScopeState::default();
         state.day_tokens.add(3, 13);
+        let ip: std::net::IpAddr = "203.0.113.7".parse().unwrap();
+        let keys = [
+            ScopeKey::Subject(Arc::from("alice")),
+            ScopeKey::Group(Arc::from("acme")),
+            ScopeKey::Ip(ip),
+            ScopeKey::Ip("2001:db8:1:2::".parse().unwrap()),
+            ScopeKey::Global,
+        ];
+        let mut batch: Vec<Mutation> = keys
+            .iter()
+            .map(|k| Mutation::Scope {
+                key: k.clone(),
+                state: Some(state),
+            })
+            .collect();
+        store
+            .apply(&batch.split_off(0))
+            .unwrap();
         store
             .apply(&[
-                Mutation::Subject {
-                    subject: "alice".into(),
-                    state: Some(state),
-                },
                 Mutation::Reservation {
                     id: r.id,
                     record: Some(Box::new(r.clone())),
@@ -287,6 +329,7 @@ mod tests {
                             tokens_per_day: Some(7),
                             ..Default::default()
                         },
+                        group: Some("acme".into()),
                     }),
                 },
             ])
@@ -294,7 +337,11 @@ mod tests {
         store.flush().unwrap();
         drop(store);
         let snap = Store::open(dir.path()).unwrap().load().unwrap();
-        assert_eq!(snap.subjects["alice"], state);
+        for k in &keys {
+            assert_eq!(snap.scopes[k], state, "{k:?}");
+        }
+        assert_eq!(snap.scopes.len(), keys.len());
+        assert_eq!(snap.assignments["alice"].group.as_deref(), Some("acme"));
         assert_eq!(snap.reservations, vec![r]);
         assert_eq!(snap.assignments["alice"].tier, "pro");
         assert_eq!(snap.assignments["alice"].overrides.tokens_per_day, Some(7));

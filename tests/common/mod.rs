@@ -92,16 +92,26 @@ impl TestServer {
         options: ServeOptions,
     ) -> Self {
         let policy = Arc::new(Policy::from_toml(policy_toml, "test.toml").expect("test policy"));
-        let ledger = Arc::new(
-            Ledger::open(
+        // sled's background threads can hold the directory's lock for a moment after the last
+        // handle of a stopped server is dropped: a restart retries for up to two seconds.
+        let mut attempt = 0;
+        let ledger = loop {
+            match Ledger::open(
                 dir.path(),
-                policy,
+                policy.clone(),
                 bounds,
                 Durability::Strict,
                 clock.clone(),
-            )
-            .expect("open ledger"),
-        );
+            ) {
+                Ok(l) => break Arc::new(l),
+                Err(e) if attempt < 100 => {
+                    attempt += 1;
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("open ledger: {e}"),
+            }
+        };
         let (listener, addr) = tollgate::server::bind("127.0.0.1:0".parse().unwrap())
             .await
             .expect("bind");
@@ -277,6 +287,7 @@ pub type Quota = QuotaClient<Channel>;
 pub async fn usage(q: &mut Quota, subject: &str) -> proto::GetUsageResponse {
     q.get_usage(proto::GetUsageRequest {
         subject: subject.to_string(),
+        ..Default::default()
     })
     .await
     .expect("get_usage")
