@@ -219,6 +219,19 @@ pub fn decision(r: &proto::ReserveResponse) -> proto::Decision {
 }
 
 /// A limit's status by name.
+/// The status of limit `name` of the scope `scope` ("subject", "group", "ip", "global").
+#[track_caller]
+pub fn scoped_limit<'a>(
+    limits: &'a [proto::LimitStatus],
+    scope: &str,
+    name: &str,
+) -> &'a proto::LimitStatus {
+    limits
+        .iter()
+        .find(|l| l.scope == scope && l.name == name)
+        .unwrap_or_else(|| panic!("no {scope}.{name} in {limits:?}"))
+}
+
 pub fn limit<'a>(limits: &'a [proto::LimitStatus], name: &str) -> &'a proto::LimitStatus {
     limits
         .iter()
@@ -313,4 +326,25 @@ pub fn assert_status<T: std::fmt::Debug>(
             status.message()
         );
     }
+}
+
+/// The complete policy example of the README (between `<!-- policy-example:start -->` and
+/// `<!-- policy-example:end -->`), so the tests run against exactly what the README documents.
+pub fn readme_policy_example() -> String {
+    let readme = include_str!("../../README.md");
+    let start = readme
+        .find("<!-- policy-example:start -->")
+        .expect("README has the policy example start marker");
+    let end = readme
+        .find("<!-- policy-example:end -->")
+        .expect("README has the policy example end marker");
+    let block = &readme[start..end];
+    let body = block
+        .split_once("```toml\n")
+        .expect("the example is a toml code block")
+        .1;
+    body.rsplit_once("```")
+        .expect("the code block is closed")
+        .0
+        .to_string()
 }
