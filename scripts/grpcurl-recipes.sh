@@ -65,6 +65,15 @@ expect '"tier": "pro"' "SetSubject/GetSubject assign the pro tier"
 expect '"assigned": true' "GetSubject says the tier was assigned"
 expect '"tokensPerDay": "50000"' "SetSubject takes per-subject overrides"
 expect '"subject": "alice"' "ResetUsage answers"
+expect '"deniedBy": "model"' "a free user asking for an expert model is denied by model"
+expect '"savedMicroUsd": "7500"' "the denial saved 1000 x \$2.50 + 500 x \$10 per million = 7500 µUSD"
+expect '"scope": "group"' "GetUsage of a group"
+expect '"scope": "global"' "GetUsage with no subject answers for the fleet"
+expect '"denials": "1"' "the fleet counts the denial"
+expect '"spentMicroUsd": "278"' "the fleet spent alice's commit: 1000 x \$0.15 + 212 x \$0.60 per million, rounded up"
+expect '"scopeId": "203.0.113.7"' "Reserve reports the client IP's limits"
+expect '"microUsdPerDay": "2000000"' "SetSubject takes a money override"
+expect '"group": "acme"' "SetSubject and GetUsage carry the group"
 # Extend's answer is an object with expiresAt alone.
 if tr -d ' \n' <"$work/out.txt" | grep -qE '\{"expiresAt":"[^"]+"\}'; then echo "ok: Extend answers with the new expiry"; else echo "MISSING: Extend's answer"; fails=$((fails + 1)); fi
 if [ "$fails" -ne 0 ]; then cat "$work/out.txt"; echo "$fails recipe checks failed"; exit 1; fi

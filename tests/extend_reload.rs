@@ -937,8 +937,9 @@ fn check_policy(path: &Path) -> std::process::Output {
         .expect("run tollgate check-policy")
 }
 
-/// A valid file: "FILE: OK", then every tier (the default marked, hold bounds with the
-/// lifetime default of max(86400, max_hold_seconds)) and every model.
+/// A valid file: "FILE: OK", then every tier (the default marked, the limits it sets, hold
+/// bounds with the lifetime default of max(86400, max_hold_seconds)), every scope and every
+/// model with its price.
 #[test]
 fn check_policy_accepts_a_valid_file_and_names_every_tier_and_model() {
     let dir = tempfile::tempdir().unwrap();
@@ -967,6 +968,14 @@ encoding = "cl100k_base"
 
 [models."gpt-4o"]
 default_max_output_tokens = 1000
+input_usd_per_million = 2.5
+output_usd_per_million = 10.0
+
+[groups."acme"]
+tokens_per_day = 90000
+
+[ip.cidr."10.0.0.0/8"]
+requests_per_minute = 1000
 "#,
     )
     .unwrap();
@@ -985,12 +994,18 @@ default_max_output_tokens = 1000
         "tier basic (default)",
         "  holds: 60 s by default, at most 3600 s a request, 86400 s in all",
         "tier gold",
-        "  tokens_per_minute 6000 (burst 9000), requests_per_minute unlimited, tokens_per_day unlimited, tokens_per_month unlimited, max_concurrent 3",
+        "  tokens_per_minute 6000 (burst 9000), max_concurrent 3",
+        "tier basic (default)",
+        "  tokens_per_day 500",
         "  holds: 300 s by default, at most 100000 s a request, 100000 s in all",
         "tier short",
         "  holds: 300 s by default, at most 300 s a request, 600 s in all",
-        "model gpt-4o: encoding o200k_base, default_max_output_tokens 1000",
-        "model my-model: encoding cl100k_base, default_max_output_tokens 4096",
+        "model gpt-4o: encoding o200k_base, default_max_output_tokens 1000, $2.5 / $10 per million tokens in / out",
+        "model my-model: encoding cl100k_base, default_max_output_tokens 4096, no price",
+        "group acme: tokens_per_day 90000",
+        "ip: no limits",
+        "ip 10.0.0.0/8: requests_per_minute 1000",
+        "global: no limits",
     ] {
         assert!(lines.contains(&want), "no line {want:?} in:\n{stdout}");
     }

@@ -198,6 +198,23 @@ pub struct SubjectConfig {
     pub group: Option<String>,
 }
 
+/// A limit for display: its value, or "unlimited".
+fn show(v: Option<u64>) -> String {
+    v.map_or_else(|| "unlimited".to_string(), |v| v.to_string())
+}
+
+
+/// Micro-dollars as dollars, without trailing zeros (2500000 -> "2.5").
+fn dollars(micro: u64) -> String {
+    let whole = micro / MICRO_USD_PER_USD;
+    let frac = micro % MICRO_USD_PER_USD;
+    if frac == 0 {
+        whole.to_string()
+    } else {
+        format!("{whole}.{frac:06}").trim_end_matches('0').to_string()
+    }
+}
+
 /// Whether `model` is `name` or one of its dated snapshots (`name-<digit>...`).
 pub fn model_matches(name: &str, model: &str) -> bool {
     model == name
@@ -348,11 +365,11 @@ impl Policy {
             .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS)
     }
 
-    /// A readable summary: each tier's limits (the default marked), and each model entry.
+    /// A readable summary: each tier's limits (the default marked), the scopes' limits, and
+    /// each model entry.
     pub fn summary(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
-        let show = |v: Option<u64>| v.map_or_else(|| "unlimited".to_string(), |v| v.to_string());
         for t in self.tiers.values() {
             let l = &t.limits;
             let default = if t.name == self.default_tier {
@@ -361,17 +378,7 @@ impl Policy {
                 ""
             };
             let _ = writeln!(out, "tier {}{default}", t.name);
-            let _ = writeln!(
-                out,
-                "  tokens_per_minute {} (burst {}), requests_per_minute {}, tokens_per_day {}, tokens_per_month {}, max_concurrent {}{}",
-                show(l.tokens_per_minute),
-                show(l.bucket().map(|b| b.capacity)),
-                show(l.requests_per_minute),
-                show(l.tokens_per_day),
-                show(l.tokens_per_month),
-                show(l.max_concurrent.map(u64::from)),
-                if l.enforce && self.enforce { "" } else { " (shadow mode: not enforced)" },
-            );
+            let _ = writeln!(out, "  {}", self.limits_line(l));
             let _ = writeln!(
                 out,
                 "  holds: {} s by default, at most {} s a request, {} s in all",
@@ -384,17 +391,76 @@ impl Policy {
                     .as_ref()
                     .map_or_else(|| "any".to_string(), |m| m.join(", "))
             );
+            if let Some(d) = &l.downgrade {
+                let _ = writeln!(
+                    out,
+                    "  downgrade: to {}, tokens_per_day {}",
+                    d.model,
+                    show(d.tokens_per_day)
+                );
+            }
         }
+        let scopes = &self.scopes;
+        let _ = writeln!(out, "groups (default): {}", self.limits_line(&scopes.group_default));
+        for (name, l) in scopes.groups.iter().filter(|(n, _)| *n != "default") {
+            let _ = writeln!(out, "group {name}: {}", self.limits_line(l));
+        }
+        let _ = writeln!(out, "ip: {}", self.limits_line(&scopes.ip_default));
+        for (net, l) in &scopes.ip_ranges {
+            let _ = writeln!(out, "ip {net}: {}", self.limits_line(l));
+        }
+        let _ = writeln!(out, "global: {}", self.limits_line(&scopes.global));
         for (name, m) in &self.models {
+            let price = m.price.map_or_else(
+                || "no price".to_string(),
+                |p| {
+                    format!(
+                        "${} / ${} per million tokens in / out",
+                        dollars(p.input_per_million),
+                        dollars(p.output_per_million)
+                    )
+                },
+            );
             let _ = writeln!(
                 out,
-                "model {name}: encoding {}, default_max_output_tokens {}",
+                "model {name}: encoding {}, default_max_output_tokens {}, {price}",
                 self.encoding_for(name).map_or("?", Encoding::name),
                 m.default_max_output_tokens
                     .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS)
             );
         }
         out
+    }
+
+    /// One line with the counting limits `l` sets (the others are unlimited).
+    fn limits_line(&self, l: &Limits) -> String {
+        let usd = |v: Option<u64>| v.map(|v| format!("${}", dollars(v)));
+        let n = |v: Option<u64>| v.map(|v| v.to_string());
+        let parts: Vec<String> = [
+            (
+                "tokens_per_minute",
+                l.bucket()
+                    .map(|b| format!("{} (burst {})", b.per_minute, b.capacity)),
+            ),
+            ("requests_per_minute", n(l.requests_per_minute)),
+            ("tokens_per_day", n(l.tokens_per_day)),
+            ("tokens_per_month", n(l.tokens_per_month)),
+            ("usd_per_day", usd(l.usd_per_day)),
+            ("usd_per_month", usd(l.usd_per_month)),
+            ("max_concurrent", n(l.max_concurrent.map(u64::from))),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| v.map(|v| format!("{name} {v}")))
+        .collect();
+        let mut line = if parts.is_empty() {
+            "no limits".to_string()
+        } else {
+            parts.join(", ")
+        };
+        if !(l.enforce && self.enforce) {
+            line.push_str(" (shadow mode: not enforced)");
+        }
+        line
     }
 
     /// Every encoding the policy's models may need, for loading at start.
