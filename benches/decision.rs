@@ -1,8 +1,9 @@
 //! What one decision costs, and what durability adds to it.
 //!
 //! - `engine/*`: the pure engine in memory (what runs under the ledger's lock): a Reserve and
-//!   its Commit on a tier with every limit, on one subject and round-robin over 10,000; and a
-//!   Reserve that is denied.
+//!   its Commit on a tier with every limit, on one subject and round-robin over 10,000; the
+//!   same with every scope (10,000 subjects in 100 groups behind 1,000 client IPs, with group,
+//!   IP and fleet limits and priced models); and a Reserve that is denied.
 //! - `ledger_sled/*`: the whole ledger (lock, engine, group-commit writer, sled) on a temporary
 //!   data directory: strict durability with one caller at a time (every call waits for its own
 //!   flush), strict with 64 concurrent callers (calls share flushes: group commit), and relaxed
@@ -39,6 +40,45 @@ requests_per_minute = 100000000
 tokens_per_day = 1000000000000000
 max_concurrent = 1000
 hold_seconds = 300
+"#;
+
+/// Every limit in every scope, and prices, none of which a benchmark reaches.
+const POLICY_ALL_SCOPES: &str = r#"
+default_tier = "bench"
+
+[tiers.bench]
+tokens_per_minute = 1000000000
+burst_tokens = 2000000000
+requests_per_minute = 100000000
+tokens_per_day = 1000000000000000
+usd_per_day = 1000000000
+max_concurrent = 1000
+hold_seconds = 300
+downgrade = { model = "gpt-4o-mini", tokens_per_day = 1000000 }
+
+[groups.default]
+tokens_per_minute = 1000000000
+tokens_per_day = 1000000000000000
+usd_per_month = 1000000000
+
+[ip]
+requests_per_minute = 100000000
+tokens_per_minute = 1000000000
+
+[ip.cidr."10.0.0.0/8"]
+requests_per_minute = 1000000000
+
+[global]
+tokens_per_minute = 1000000000
+max_concurrent = 100000
+
+[models."gpt-4o"]
+input_usd_per_million = 2.5
+output_usd_per_million = 10.0
+
+[models."gpt-4o-mini"]
+input_usd_per_million = 0.15
+output_usd_per_million = 0.6
 "#;
 
 /// A tier whose day is already too small for the benchmark's Reserve: every one is denied.
@@ -86,6 +126,9 @@ fn input(subject: &str, now_us: u64) -> ReserveInput {
         idempotency_key: None,
         hold_us: None,
         dry_run: false,
+        prompt_tokens_for: Vec::new(),
+        group: None,
+        client_ip: None,
         id: ReservationId::generate(now_us),
     }
 }
@@ -121,6 +164,37 @@ fn engine(c: &mut Criterion) {
             },
         );
     }
+    g.bench_function(
+        BenchmarkId::new("reserve+commit", "10000_subjects_all_scopes"),
+        |b| {
+            let mut engine = Engine::new(policy(POLICY_ALL_SCOPES), bounds());
+            let names: Vec<String> = (0..10_000).map(|i| format!("subject-{i}")).collect();
+            let groups: Vec<String> = (0..100).map(|i| format!("org-{i}")).collect();
+            let mut now = T0;
+            let mut next = 0usize;
+            let mut purged = Vec::new();
+            b.iter(|| {
+                now += 1_000;
+                let i = next;
+                next += 1;
+                let mut request = input(&names[i % names.len()], now);
+                request.group = Some(groups[i % groups.len()].clone());
+                request.client_ip = Some(std::net::IpAddr::from([
+                    10,
+                    0,
+                    (i % 4) as u8,
+                    (i % 250) as u8,
+                ]));
+                let mut muts = Vec::new();
+                let reserved = engine.reserve(request, now, &mut muts).unwrap();
+                let id = reserved.reservation_id.expect("allowed");
+                let committed = engine.commit(id, USAGE, now, &mut muts).unwrap();
+                purged.clear();
+                engine.purge_settled(now, &mut purged);
+                black_box((reserved, muts, committed, &purged));
+            });
+        },
+    );
     g.throughput(Throughput::Elements(1));
     g.bench_function("reserve_denied", |b| {
         let mut engine = Engine::new(policy(POLICY_DENY), bounds());

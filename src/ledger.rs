@@ -98,11 +98,8 @@ impl Ledger {
         let snapshot = store.load()?;
         let mut engine = Engine::new(policy, bounds);
         let (scopes, reservations) = (snapshot.scopes.len(), snapshot.reservations.len());
-        for problem in engine.restore(
-            snapshot.scopes,
-            snapshot.reservations,
-            snapshot.assignments,
-        ) {
+        for problem in engine.restore(snapshot.scopes, snapshot.reservations, snapshot.assignments)
+        {
             tracing::warn!(%problem, "repaired on load");
         }
         tracing::info!(

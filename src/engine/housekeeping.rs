@@ -57,10 +57,7 @@ impl Engine {
             let limits = self.scope_limits(&key);
             if state.is_at_rest(&limits, now_us) {
                 self.scopes.remove(&key);
-                out.push(Mutation::Scope {
-                    key,
-                    state: None,
-                });
+                out.push(Mutation::Scope { key, state: None });
                 forgotten += 1;
             } else {
                 self.rest_queue.push_back(key);

@@ -229,11 +229,12 @@ impl Engine {
         let mut granted = None;
         if denied.is_none() {
             granted = Some((asked.clone(), binding(refusals.iter())));
-        } else if let Some(dg) = scopes.subject_limits().downgrade.clone().filter(|_| {
-            refusals
-                .iter()
-                .any(|r| r.enforced && r.downgradable())
-        }) {
+        } else if let Some(dg) = scopes
+            .subject_limits()
+            .downgrade
+            .clone()
+            .filter(|_| refusals.iter().any(|r| r.enforced && r.downgradable()))
+        {
             let prompt = input
                 .prompt_tokens_for
                 .iter()
@@ -342,7 +343,7 @@ impl Engine {
             client_ip: input.client_ip,
             price: plan.price,
             held_usd: plan.usd,
-            downgraded_from: plan.downgraded.then(|| Requested {
+            downgraded_from: plan.downgraded.then_some(Requested {
                 model: input.model,
                 prompt_tokens: input.prompt_tokens,
             }),

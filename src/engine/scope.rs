@@ -378,10 +378,7 @@ impl ScopeState {
         if let (Some(config), Some(bucket)) = (limits.bucket(), self.bucket_or_full(limits, now_us))
         {
             if !bucket.admits(config, now_us, tokens) {
-                refuse(
-                    "tokens_per_minute",
-                    bucket.wait_for(config, now_us, tokens),
-                );
+                refuse("tokens_per_minute", bucket.wait_for(config, now_us, tokens));
             }
         }
         let set = if downgraded {

@@ -128,7 +128,11 @@ fn check_invariants(e: &Engine, step: usize) {
                 let hold = r.hold_on(key.kind());
                 let h = held.entry(key).or_default();
                 h.0 += hold.tokens;
-                h.1 += if hold.on_downgrade_budget { hold.tokens } else { 0 };
+                h.1 += if hold.on_downgrade_budget {
+                    hold.tokens
+                } else {
+                    0
+                };
                 h.2 += hold.usd;
                 h.3 += 1;
             }
@@ -235,8 +239,7 @@ fn random_operations_keep_every_invariant_and_replay_from_mutations() {
                         idempotency_key: key,
                         hold_us: None,
                         dry_run: rng.below(10) == 0,
-                        group: [None, Some("g1".into()), Some("g2".into())]
-                            [rng.below(3) as usize]
+                        group: [None, Some("g1".into()), Some("g2".into())][rng.below(3) as usize]
                             .clone(),
                         client_ip: [None, Some([10, 0, 0, 1].into()), Some([10, 0, 0, 2].into())]
                             [rng.below(3) as usize],

@@ -11,9 +11,9 @@ use toml::Spanned;
 use super::money::{micro_usd, Price, MAX_PRICE_USD_PER_MILLION};
 use super::scopes::{ScopeLimits, IPV6_SCOPE_PREFIX, MAX_CIDR_ENTRIES, MAX_GROUP_ENTRIES};
 use super::{
-    Downgrade, Limits, ModelConfig, Policy, Tier, DEFAULT_HOLD_SECONDS, DEFAULT_MAX_HOLD_LIFETIME_SECONDS,
-    DEFAULT_MAX_HOLD_SECONDS, HOLD_SECONDS_CEILING, LIMIT_CEILING, MAX_MODEL_NAME_BYTES,
-    MAX_TOKENS_PER_REQUEST,
+    Downgrade, Limits, ModelConfig, Policy, Tier, DEFAULT_HOLD_SECONDS,
+    DEFAULT_MAX_HOLD_LIFETIME_SECONDS, DEFAULT_MAX_HOLD_SECONDS, HOLD_SECONDS_CEILING,
+    LIMIT_CEILING, MAX_MODEL_NAME_BYTES, MAX_TOKENS_PER_REQUEST,
 };
 use crate::tokens::{built_in_encoding, Encoding, ALL_ENCODINGS};
 
@@ -297,7 +297,10 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     }
     for tier in tiers.values() {
         if let Some(d) = &tier.limits.downgrade {
-            let known = models.get(&d.model).and_then(|m: &ModelConfig| m.encoding).is_some()
+            let known = models
+                .get(&d.model)
+                .and_then(|m: &ModelConfig| m.encoding)
+                .is_some()
                 || built_in_encoding(&d.model).is_some();
             if !known {
                 return Err(src.error(
@@ -329,10 +332,7 @@ fn scope_limits(
 ) -> Result<ScopeLimits, PolicyError> {
     let scope = |table: &str, t: Spanned<TierFile>, allow_cidr: bool| {
         if let Some(key) = t.get_ref().tier_only_key(allow_cidr) {
-            return Err(src.error(
-                t.span(),
-                format!("{table}: {key} applies to tiers only"),
-            ));
+            return Err(src.error(t.span(), format!("{table}: {key} applies to tiers only")));
         }
         tier_limits(src, t).map(Arc::new)
     };

@@ -203,7 +203,6 @@ fn show(v: Option<u64>) -> String {
     v.map_or_else(|| "unlimited".to_string(), |v| v.to_string())
 }
 
-
 /// Micro-dollars as dollars, without trailing zeros (2500000 -> "2.5").
 fn dollars(micro: u64) -> String {
     let whole = micro / MICRO_USD_PER_USD;
@@ -211,7 +210,9 @@ fn dollars(micro: u64) -> String {
     if frac == 0 {
         whole.to_string()
     } else {
-        format!("{whole}.{frac:06}").trim_end_matches('0').to_string()
+        format!("{whole}.{frac:06}")
+            .trim_end_matches('0')
+            .to_string()
     }
 }
 
@@ -401,7 +402,11 @@ impl Policy {
             }
         }
         let scopes = &self.scopes;
-        let _ = writeln!(out, "groups (default): {}", self.limits_line(&scopes.group_default));
+        let _ = writeln!(
+            out,
+            "groups (default): {}",
+            self.limits_line(&scopes.group_default)
+        );
         for (name, l) in scopes.groups.iter().filter(|(n, _)| *n != "default") {
             let _ = writeln!(out, "group {name}: {}", self.limits_line(l));
         }
@@ -594,5 +599,89 @@ mod tests {
             "default_tier = \"free\"\n[tiers.free]\ntokens_per_day = 5\n[tiers.\"bad name\"]\n",
         );
         assert!(e.contains("tier name \"bad name\""), "{e}");
+        let e = error_of("default_tier = \"t\"\n[tiers.t]\nusd_per_day = 0.0000001\n");
+        assert!(e.starts_with("p.toml:3:"), "{e}");
+        assert!(
+            e.contains("usd_per_day must have at most six decimal places"),
+            "{e}"
+        );
+
+        let e = error_of(
+            "default_tier = \"t\"\n[tiers.t]\n[models.\"gpt-4o\"]\ninput_usd_per_million = 2.5\n",
+        );
+        assert!(
+            e.contains("give both input_usd_per_million and output_usd_per_million"),
+            "{e}"
+        );
+
+        let e = error_of(
+            "default_tier = \"t\"\n[tiers.t]\ndowngrade = { model = \"mystery\", tokens_per_day = 5 }\n",
+        );
+        assert!(e.starts_with("p.toml:3:"), "{e}");
+        assert!(
+            e.contains("downgrade model \"mystery\" has no known tokenizer"),
+            "{e}"
+        );
+
+        let e = error_of("default_tier = \"t\"\n[tiers.t]\n[global]\nhold_seconds = 5\n");
+        assert!(e.starts_with("p.toml:3:"), "{e}");
+        assert!(
+            e.contains("[global]: hold_seconds applies to tiers only"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn prices_and_budgets_are_whole_micro_dollars_and_named_groups_inherit_the_default() {
+        let p = Policy::from_toml(
+            r#"
+default_tier = "t"
+[tiers.t]
+usd_per_day = 12.345678
+downgrade = { model = "gpt-4o-mini" }
+[groups.default]
+tokens_per_day = 100
+max_concurrent = 3
+[groups."acme"]
+tokens_per_day = 900
+[ip]
+requests_per_minute = 10
+[ip.cidr."10.0.0.0/8"]
+requests_per_minute = 1000
+[ip.cidr."10.1.0.0/16"]
+max_concurrent = 1
+[models."gpt-4o-mini"]
+input_usd_per_million = 0.15
+output_usd_per_million = 0.6
+"#,
+            "p.toml",
+        )
+        .unwrap();
+        let t = &p.default_tier().limits;
+        assert_eq!(t.usd_per_day, Some(12_345_678));
+        assert_eq!(t.downgrade.as_ref().unwrap().tokens_per_day, None);
+        assert_eq!(
+            p.price("gpt-4o-mini-2024-07-18"),
+            Some(Price {
+                input_per_million: 150_000,
+                output_per_million: 600_000
+            })
+        );
+        let acme = p.scopes().group("acme");
+        assert_eq!(
+            (acme.tokens_per_day, acme.max_concurrent),
+            (Some(900), Some(3))
+        );
+        let other = p.scopes().group("other");
+        assert_eq!(other.tokens_per_day, Some(100));
+        // The most specific block wins, and takes what it leaves out from [ip].
+        let ip = |a: [u8; 4]| p.scopes().ip(std::net::IpAddr::from(a));
+        let narrow = ip([10, 1, 2, 3]);
+        assert_eq!(
+            (narrow.requests_per_minute, narrow.max_concurrent),
+            (Some(10), Some(1))
+        );
+        assert_eq!(ip([10, 2, 0, 1]).requests_per_minute, Some(1000));
+        assert_eq!(ip([192, 0, 2, 1]).requests_per_minute, Some(10));
     }
 }

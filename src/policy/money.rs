@@ -47,7 +47,9 @@ pub fn micro_usd(dollars: f64, max: f64) -> Result<u64, String> {
     let whole = micros.round();
     // A decimal of at most six places lands within float noise of a whole micro-dollar.
     if (micros - whole).abs() > 1e-3 {
-        return Err("must have at most six decimal places (amounts are whole micro-dollars)".into());
+        return Err(
+            "must have at most six decimal places (amounts are whole micro-dollars)".into(),
+        );
     }
     Ok(whole as u64)
 }
@@ -87,6 +89,10 @@ mod tests {
             input_per_million: u64::MAX,
             output_per_million: u64::MAX,
         };
-        assert_eq!(max.cost(u64::MAX, u64::MAX), u64::MAX, "saturates, never wraps");
+        assert_eq!(
+            max.cost(u64::MAX, u64::MAX),
+            u64::MAX,
+            "saturates, never wraps"
+        );
     }
 }

@@ -49,10 +49,7 @@ impl Default for ScopeLimits {
 impl ScopeLimits {
     /// A group's limits: its own entry, else `[groups.default]`.
     pub fn group(&self, name: &str) -> Arc<Limits> {
-        self.groups
-            .get(name)
-            .unwrap_or(&self.group_default)
-            .clone()
+        self.groups.get(name).unwrap_or(&self.group_default).clone()
     }
 
     /// A client IP's limits (`ip` as [`ip_scope_key`] gives it): the most specific CIDR entry

@@ -312,9 +312,7 @@ mod tests {
                 state: Some(state),
             })
             .collect();
-        store
-            .apply(&batch.split_off(0))
-            .unwrap();
+        store.apply(&batch.split_off(0)).unwrap();
         store
             .apply(&[
                 Mutation::Reservation {
