@@ -474,6 +474,17 @@ impl Engine {
                 input.max_output_tokens.to_string(),
             );
         }
+        // The group is compared when the retry names one: a retry without one takes the group
+        // the first attempt was counted in (the subject's assignment may have changed since).
+        if input.group.is_some() && input.group != first.group {
+            let show =
+                |g: &Option<String>| g.as_deref().map_or("(none)".into(), |g| format!("{g:?}"));
+            return differs("group", show(&first.group), show(&input.group));
+        }
+        if first.client_ip != input.client_ip {
+            let show = |ip: Option<IpAddr>| ip.map_or("(none)".into(), |ip| ScopeKey::Ip(ip).id());
+            return differs("client_ip", show(first.client_ip), show(input.client_ip));
+        }
         if first.requested_hold_us != input.hold_us {
             let show = |h: Option<u64>| h.map_or("(default)".to_string(), |us| format!("{us}us"));
             return differs("hold", show(first.requested_hold_us), show(input.hold_us));

@@ -201,6 +201,12 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
                 ),
             ));
         }
+        if tier.get_ref().cidr.is_some() {
+            return Err(src.error(
+                tier.span(),
+                format!("[tiers.{name:?}]: cidr applies to [ip] only"),
+            ));
+        }
         let limits = tier_limits(&src, tier)?;
         tiers.insert(
             name.clone(),
@@ -332,7 +338,8 @@ fn scope_limits(
 ) -> Result<ScopeLimits, PolicyError> {
     let scope = |table: &str, t: Spanned<TierFile>, allow_cidr: bool| {
         if let Some(key) = t.get_ref().tier_only_key(allow_cidr) {
-            return Err(src.error(t.span(), format!("{table}: {key} applies to tiers only")));
+            let whom = if key == "cidr" { "[ip]" } else { "tiers" };
+            return Err(src.error(t.span(), format!("{table}: {key} applies to {whom} only")));
         }
         tier_limits(src, t).map(Arc::new)
     };
