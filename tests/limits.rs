@@ -74,19 +74,6 @@ fn reset_us(limits: &[LimitStatus], name: &str) -> u64 {
     )
 }
 
-async fn commit(q: &mut Quota, id: &str, prompt: u64, completion: u64) -> u64 {
-    q.commit(CommitRequest {
-        reservation_id: id.to_string(),
-        prompt_tokens: prompt,
-        completion_tokens: completion,
-        usage_unknown: false,
-    })
-    .await
-    .expect("commit")
-    .into_inner()
-    .charged_tokens
-}
-
 async fn refund(q: &mut Quota, id: &str) -> u64 {
     q.refund(RefundRequest {
         reservation_id: id.to_string(),
@@ -282,7 +269,12 @@ async fn max_concurrent_frees_a_slot_on_commit_refund_and_expiry() {
     assert_denied(&r, "max_concurrent", Some(SEC));
 
     // Commit frees one.
-    assert_eq!(commit(&mut q, &a.reservation_id, 10, 5).await, 15);
+    assert_eq!(
+        commit(&mut q, &a.reservation_id, 10, 5)
+            .await
+            .charged_tokens,
+        15
+    );
     let c = rsv(&mut q, reserve("alice", 1, 0)).await;
     assert_allowed(&c, 1);
     assert_denied(
@@ -330,11 +322,21 @@ async fn tokens_per_day_resets_at_utc_midnight() {
 
     let a = rsv(&mut q, reserve("alice", 200, 100)).await;
     assert_allowed(&a, 300);
-    assert_eq!(commit(&mut q, &a.reservation_id, 200, 100).await, 300);
+    assert_eq!(
+        commit(&mut q, &a.reservation_id, 200, 100)
+            .await
+            .charged_tokens,
+        300
+    );
     let b = rsv(&mut q, reserve("alice", 100, 100)).await;
     assert_allowed(&b, 200);
     assert_eq!(remaining(&b.limits, "tokens_per_day"), 0);
-    assert_eq!(commit(&mut q, &b.reservation_id, 150, 50).await, 200);
+    assert_eq!(
+        commit(&mut q, &b.reservation_id, 150, 50)
+            .await
+            .charged_tokens,
+        200
+    );
 
     let u = usage(&mut q, "alice").await;
     assert_eq!((u.used_tokens, u.held_tokens, u.requests), (500, 0, 2));
@@ -663,8 +665,18 @@ async fn layered_limits_report_the_longest_wait() {
     assert_denied(&r, "tokens_per_minute", None);
 
     // With the holds settled only the window is left; waiting as told is enough.
-    assert_eq!(commit(&mut q, &a.reservation_id, 500, 100).await, 600);
-    assert_eq!(commit(&mut q, &c.reservation_id, 60, 40).await, 100);
+    assert_eq!(
+        commit(&mut q, &a.reservation_id, 500, 100)
+            .await
+            .charged_tokens,
+        600
+    );
+    assert_eq!(
+        commit(&mut q, &c.reservation_id, 60, 40)
+            .await
+            .charged_tokens,
+        100
+    );
     let r = rsv(&mut q, reserve("alice", 200, 0)).await;
     assert_denied(&r, "requests_per_minute", Some(80 * SEC));
     server.advance_secs(80);

@@ -10,8 +10,8 @@ use common::*;
 use tonic::Code;
 
 use tollgate::proto::{
-    CommitRequest, Decision, GetSubjectRequest, GetUsageRequest, GetUsageResponse, LimitStatus,
-    RefundRequest, ReserveRequest, ReserveResponse, SetSubjectRequest,
+    Decision, GetSubjectRequest, GetUsageRequest, GetUsageResponse, LimitStatus, RefundRequest,
+    ReserveRequest, ReserveResponse, SetSubjectRequest,
 };
 
 /// Microseconds from now to the next UTC midnight, at T0 (noon).
@@ -89,19 +89,6 @@ fn status<'a>(
     let s = scoped_limit(limits, scope, name);
     assert_eq!(s.scope_id, scope_id, "{s:?}");
     s
-}
-
-async fn commit(q: &mut Quota, id: &str, prompt: u64, completion: u64) -> u64 {
-    q.commit(CommitRequest {
-        reservation_id: id.to_string(),
-        prompt_tokens: prompt,
-        completion_tokens: completion,
-        usage_unknown: false,
-    })
-    .await
-    .expect("commit")
-    .into_inner()
-    .released_tokens
 }
 
 async fn refund(q: &mut Quota, id: &str) -> u64 {
@@ -315,7 +302,12 @@ async fn a_group_limit_is_shared_by_its_members() {
         // Inherited from [groups.default].
         let conc = status(&r.limits, "group", "acme", "max_concurrent");
         assert_eq!((conc.limit, conc.remaining), (2, 1));
-        assert_eq!(commit(&mut q, &r.reservation_id, 500, 400).await, 100);
+        assert_eq!(
+            commit(&mut q, &r.reservation_id, 500, 400)
+                .await
+                .released_tokens,
+            100
+        );
         remaining -= 900;
     }
     assert_eq!(remaining, 300);
@@ -520,7 +512,7 @@ async fn a_global_limit_counts_all_traffic() {
 
     // Each call used 600: 400 each flows back to the fleet's bucket.
     for id in &ids {
-        assert_eq!(commit(&mut q, id, 300, 300).await, 400);
+        assert_eq!(commit(&mut q, id, 300, 300).await.released_tokens, 400);
     }
     let u = usage_of(&mut q, "", "", "").await;
     assert_eq!((u.used_tokens, u.held_tokens, u.open_holds), (1800, 0, 0));
@@ -684,7 +676,9 @@ async fn commit_and_refund_settle_every_scope() {
     assert_eq!(figures(&mut q).await, vec![(0, 2000, 4000, 98_000); 4]);
 
     // 1000 of the 2000 used: the other 1000 flows back to every scope.
-    let back = commit(&mut q, &r.reservation_id, 600, 400).await;
+    let back = commit(&mut q, &r.reservation_id, 600, 400)
+        .await
+        .released_tokens;
     assert_eq!(back, 1000);
     assert_eq!(figures(&mut q).await, vec![(1000, 0, 5000, 99_000); 4]);
 

@@ -296,6 +296,24 @@ impl Drop for Process {
 /// A Quota client.
 pub type Quota = QuotaClient<Channel>;
 
+/// Commit `prompt` + `completion` tokens of usage to reservation `id`.
+pub async fn commit(
+    q: &mut Quota,
+    id: &str,
+    prompt: u64,
+    completion: u64,
+) -> proto::CommitResponse {
+    q.commit(proto::CommitRequest {
+        reservation_id: id.to_string(),
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        usage_unknown: false,
+    })
+    .await
+    .expect("commit")
+    .into_inner()
+}
+
 /// GetUsage of `subject`.
 pub async fn usage(q: &mut Quota, subject: &str) -> proto::GetUsageResponse {
     q.get_usage(proto::GetUsageRequest {
