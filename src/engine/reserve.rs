@@ -482,7 +482,9 @@ impl Engine {
             return differs("group", show(&first.group), show(&input.group));
         }
         if first.client_ip != input.client_ip {
-            let show = |ip: Option<IpAddr>| ip.map_or("(none)".into(), |ip| ScopeKey::Ip(ip).id());
+            let show = |ip: Option<IpAddr>| {
+                ip.map_or("(none)".into(), |ip| ScopeKey::Ip(ip).id().to_string())
+            };
             return differs("client_ip", show(first.client_ip), show(input.client_ip));
         }
         if first.requested_hold_us != input.hold_us {

@@ -75,14 +75,15 @@ impl ScopeKey {
 
     /// The name within the kind: the subject, the group, the IP (IPv6 as `net/64`); empty for
     /// the fleet.
-    pub fn id(&self) -> String {
+    /// A subject's or group's is its own name, shared, not copied.
+    pub fn id(&self) -> Arc<str> {
         match self {
-            ScopeKey::Subject(s) | ScopeKey::Group(s) => s.to_string(),
-            ScopeKey::Ip(ip @ IpAddr::V4(_)) => ip.to_string(),
+            ScopeKey::Subject(s) | ScopeKey::Group(s) => s.clone(),
+            ScopeKey::Ip(ip @ IpAddr::V4(_)) => Arc::from(ip.to_string()),
             ScopeKey::Ip(ip @ IpAddr::V6(_)) => {
-                format!("{ip}/{}", crate::policy::IPV6_SCOPE_PREFIX)
+                Arc::from(format!("{ip}/{}", crate::policy::IPV6_SCOPE_PREFIX))
             }
-            ScopeKey::Global => String::new(),
+            ScopeKey::Global => Arc::from(""),
         }
     }
 }
@@ -194,8 +195,8 @@ pub struct LimitStatus {
     pub name: &'static str,
     /// What the limit counts for.
     pub scope: ScopeKind,
-    /// Which one of its kind (see [`ScopeKey::id`]).
-    pub scope_id: String,
+    /// Which one of its kind (see [`ScopeKey::id`]); shared by the statuses of one scope.
+    pub scope_id: Arc<str>,
     /// The configured limit.
     pub limit: u64,
     /// What may still be spent now.
@@ -239,11 +240,11 @@ impl PeriodQuota {
         Some((self.name, retry_after_us))
     }
 
-    fn status(&self, scope: ScopeKind, scope_id: &str) -> LimitStatus {
+    fn status(&self, scope: ScopeKind, scope_id: &Arc<str>) -> LimitStatus {
         LimitStatus {
             name: self.name,
             scope,
-            scope_id: scope_id.to_string(),
+            scope_id: scope_id.clone(),
             limit: self.limit,
             remaining: self.limit.saturating_sub(self.spent),
             reset_after_us: self.until_next_us,
@@ -277,7 +278,13 @@ impl ScopeState {
 
     /// The period quotas the limits set, as of `now_us`, in the order reported: tokens by day
     /// and month, money by day and month; or the downgrade budget alone.
-    fn period_quotas(&self, limits: &Limits, now_us: u64, set: QuotaSet) -> Vec<PeriodQuota> {
+    /// A fixed array, not a `Vec`: this runs several times per decision, and must not allocate.
+    fn period_quotas(
+        &self,
+        limits: &Limits,
+        now_us: u64,
+        set: QuotaSet,
+    ) -> impl DoubleEndedIterator<Item = PeriodQuota> {
         let (day, month) = (utc_day(now_us), utc_month(now_us));
         let (to_day, to_month) = (until_next_utc_day(now_us), until_next_utc_month(now_us));
         let quota = |name, limit: Option<u64>, charged: u64, held: u64, until_next_us| {
@@ -319,20 +326,22 @@ impl ScopeState {
                     self.held_usd,
                     to_month,
                 ),
-            ]
-            .into_iter()
-            .flatten()
-            .collect(),
-            QuotaSet::Downgrade => quota(
-                "downgrade.tokens_per_day",
-                limits.downgrade.as_ref().and_then(|d| d.tokens_per_day),
-                self.downgrade_day_tokens.get(day),
-                self.downgrade_held_tokens,
-                to_day,
-            )
-            .into_iter()
-            .collect(),
+            ],
+            QuotaSet::Downgrade => [
+                quota(
+                    "downgrade.tokens_per_day",
+                    limits.downgrade.as_ref().and_then(|d| d.tokens_per_day),
+                    self.downgrade_day_tokens.get(day),
+                    self.downgrade_held_tokens,
+                    to_day,
+                ),
+                None,
+                None,
+                None,
+            ],
         }
+        .into_iter()
+        .flatten()
     }
 
     /// Every limit of this scope that refuses `ask` now, pushed to `out`.
@@ -388,7 +397,7 @@ impl ScopeState {
         };
         // Longer periods first: when two refuse and no wait can lift either, the binding
         // refusal (the last of equals) is the narrower one.
-        for q in self.period_quotas(limits, now_us, set).iter().rev() {
+        for q in self.period_quotas(limits, now_us, set).rev() {
             let amount = if q.name.starts_with("usd") {
                 ask.hold.usd
             } else {
@@ -406,13 +415,13 @@ impl ScopeState {
         limits: &Limits,
         now_us: u64,
         scope: ScopeKind,
-        id: &str,
+        id: &Arc<str>,
         out: &mut Vec<LimitStatus>,
     ) {
         let status = |name, limit, remaining, reset_after_us| LimitStatus {
             name,
             scope,
-            scope_id: id.to_string(),
+            scope_id: id.clone(),
             limit,
             remaining,
             reset_after_us,
@@ -440,7 +449,6 @@ impl ScopeState {
             }
             out.extend(
                 self.period_quotas(limits, now_us, set)
-                    .iter()
                     .map(|q| q.status(scope, id)),
             );
         }

@@ -135,7 +135,7 @@ pub(super) fn limits(statuses: Vec<LimitStatus>) -> Vec<proto::LimitStatus> {
             remaining: s.remaining,
             reset_after: Some(to_duration(s.reset_after_us)),
             scope: s.scope.name().to_string(),
-            scope_id: s.scope_id,
+            scope_id: s.scope_id.to_string(),
         })
         .collect()
 }
@@ -302,7 +302,7 @@ impl proto::quota_server::Quota for QuotaService {
             group: u.group.unwrap_or_default(),
             client_ip: query
                 .client_ip
-                .map(|ip| ScopeKey::Ip(ip).id())
+                .map(|ip| ScopeKey::Ip(ip).id().to_string())
                 .unwrap_or_default(),
             spent_micro_usd: u.spent_usd,
             spent_micro_usd_month: u.spent_usd_month,
