@@ -8,9 +8,11 @@
 //!
 //! # Layout
 //! - [`clock`]: time as an input (`Clock`, `SystemClock`, `ManualClock`).
-//! - [`policy`]: the policy file: tiers and their limits, parsed and validated.
-//! - [`engine`]: pure decisions in memory, no I/O: token buckets, minute windows, day counters,
-//!   the reservation state machine. Each change yields mutation records.
+//! - [`policy`]: the policy file: tiers and their limits, the limits of groups, client IPs and
+//!   the fleet, model prices in micro-dollars; parsed and validated.
+//! - [`engine`]: pure decisions in memory, no I/O: token buckets, minute windows, day and month
+//!   counters, money, per-scope state (subject, group, IP, fleet), auto-downgrade, savings, the
+//!   reservation state machine. Each change yields mutation records.
 //! - [`store`]: sled under the data directory, and the group-commit writer that makes mutation
 //!   records durable.
 //! - [`ledger`]: the engine behind its lock plus the writer: what the server calls.
