@@ -135,7 +135,8 @@ impl Ledger {
         let mut engine = self.lock()?;
         let now = self.clock.now_micros();
         let mut mutations = Vec::new();
-        engine.expire_due(now, &mut mutations);
+        let expired = engine.expire_due(now, &mut mutations);
+        crate::telemetry::add(crate::telemetry::HOLDS_EXPIRED, expired as u64);
         let result = decide(&mut engine, now, &mut mutations);
         let ticket = self.writer.submit(slot, mutations)?;
         Ok((result, ticket))

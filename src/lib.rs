@@ -17,6 +17,10 @@
 //!   records durable.
 //! - [`ledger`]: the engine behind its lock plus the writer: what the server calls.
 //! - [`server`]: thin tonic adapters (Quota, Admin), validation, health, reflection.
+//! - [`relay`]: relay mode for sidecars: count locally, decide upstream, fail open or closed
+//!   per tier when the upstream is gone.
+//! - [`telemetry`]: Prometheus metrics (decisions, tokens, money, latencies), no-ops unless
+//!   `--metrics-listen` is given.
 //! - [`proto`]: the generated gRPC types of `proto/tollgate/v1/quota.proto`.
 //!
 //! The engine never imports tonic; the server never does arithmetic on quotas.
@@ -25,8 +29,10 @@ pub mod clock;
 pub mod engine;
 pub mod ledger;
 pub mod policy;
+pub mod relay;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod tokens;
 
 /// The generated gRPC types and services of `tollgate.v1`.

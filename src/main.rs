@@ -10,19 +10,36 @@ use tollgate::clock::SystemClock;
 use tollgate::engine::Bounds;
 use tollgate::ledger::Ledger;
 use tollgate::policy::Policy;
+use tollgate::relay::Relay;
 use tollgate::server::validate::DEFAULT_MAX_PROMPT_BYTES;
-use tollgate::server::ServeOptions;
+use tollgate::server::{Backend, ServeOptions};
 use tollgate::store::Durability;
 use tollgate::tokens::{count_chat, count_text, ChatMessage};
 
 use std::io::Read;
+use std::time::Duration;
+
+#[path = "cli/usage.rs"]
+mod usage;
 
 /// Tollgate: a gRPC quota decision service for LLM token budgets.
+///
+/// Every flag can also be set by the environment variable shown beside it; a flag on the
+/// command line wins. The log level follows RUST_LOG (default: info).
 #[derive(Debug, Parser)]
-#[command(name = "tollgate", version, about, long_about = None)]
+#[command(name = "tollgate", version, about, long_about)]
 struct Cli {
+    /// Log format on stderr: "text" (readable) or "json" (one object a line, for clusters).
+    #[arg(long, global = true, env = "TOLLGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -35,6 +52,25 @@ enum Command {
     /// Count the tokens of text read from stdin (or, with --chat, of a JSON chat) with the
     /// model's tokenizer, as the server counts them, and print the count.
     CountTokens(CountTokensArgs),
+    /// Print a subject's usage (or a group's, an IP's or the whole fleet's) from a running
+    /// tollgate, as a table: figures for today and this month, and every limit that applies.
+    Usage(UsageArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UsageArgs {
+    /// The subject (user id or API key). Leave it out for the whole fleet (or, with --group or
+    /// --client-ip, for that group or IP).
+    subject: Option<String>,
+    /// The tollgate to ask.
+    #[arg(long, env = "TOLLGATE_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// A group: its limits are shown too (for a subject: instead of its assigned group).
+    #[arg(long)]
+    group: Option<String>,
+    /// A client IP: its limits are shown too.
+    #[arg(long)]
+    client_ip: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -82,21 +118,55 @@ struct ServeArgs {
     /// refused with INVALID_ARGUMENT. The gRPC message limit is set to match.
     #[arg(long, env = "TOLLGATE_MAX_PROMPT_BYTES", default_value_t = DEFAULT_MAX_PROMPT_BYTES)]
     max_prompt_bytes: usize,
+    /// Serve Prometheus metrics (text format, at /metrics) on this address, e.g.
+    /// 0.0.0.0:9464. Without it no metrics are kept.
+    #[arg(long, env = "TOLLGATE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Also serve grpc.health.v1 alone on this address, e.g. 0.0.0.0:50052: a tollgate whose
+    /// --listen is 127.0.0.1 (a sidecar) can then be probed by the kubelet on the pod address.
+    #[arg(long, env = "TOLLGATE_HEALTH_LISTEN")]
+    health_listen: Option<SocketAddr>,
+    /// On SIGTERM or SIGINT: health turns NOT_SERVING, new calls are refused, calls in flight
+    /// get this many seconds to finish, the store is flushed, and the process exits 0.
+    #[arg(long, env = "TOLLGATE_SHUTDOWN_TIMEOUT", default_value_t = 10.0, value_parser = positive_seconds)]
+    shutdown_timeout: f64,
+    /// Relay mode: keep no ledger (and no data directory); count prompts here and forward
+    /// every call to the central tollgate at this URL, e.g. http://tollgate-central:50051.
+    /// When it cannot be reached, each tier's `fail` ("closed" or "open") decides.
+    #[arg(long, env = "TOLLGATE_UPSTREAM")]
+    upstream: Option<String>,
+    /// Relay mode: the deadline of each call to the upstream, in seconds.
+    #[arg(long, env = "TOLLGATE_UPSTREAM_TIMEOUT", default_value_t = 2.0, value_parser = positive_seconds)]
+    upstream_timeout: f64,
+}
+
+/// A number of seconds above zero and at most a day.
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v > 0.0 && v <= 86_400.0) {
+        return Err(format!("{s} must be above 0 and at most 86400 seconds"));
+    }
+    Ok(v)
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::CountTokens(args) => count_tokens(args),
         Command::CheckPolicy(args) => check_policy(&args.file),
+        Command::Usage(args) => usage::print(args.addr, args.subject, args.group, args.client_ip),
     }
 }
 
@@ -211,17 +281,58 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let ledger = match Ledger::open(
-            &args.data_dir,
-            policy,
-            Bounds::default(),
-            args.durability,
-            Arc::new(SystemClock),
-        ) {
-            Ok(l) => Arc::new(l),
-            Err(e) => {
-                eprintln!("tollgate: cannot open {}: {e}", args.data_dir.display());
+        if let Some(addr) = args.metrics_listen {
+            if let Err(e) = tollgate::telemetry::install(addr) {
+                eprintln!("tollgate: cannot serve metrics on {addr}: {e}");
                 return ExitCode::FAILURE;
+            }
+            tracing::info!(%addr, "metrics at /metrics");
+        }
+        let (backend, reloader) = match &args.upstream {
+            Some(url) => {
+                let relay = match Relay::new(
+                    url,
+                    policy,
+                    Duration::from_secs_f64(args.upstream_timeout),
+                    Arc::new(SystemClock),
+                ) {
+                    Ok(r) => Arc::new(r),
+                    Err(e) => {
+                        eprintln!("tollgate: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                if args.admin_token.is_some() {
+                    tracing::warn!("relay mode: --admin-token is not used here; the upstream checks Admin calls");
+                }
+                let reloader = args
+                    .policy
+                    .clone()
+                    .map(|path| tollgate::server::reload::spawn_reloader(relay.clone(), path));
+                (Backend::Relay(relay), reloader)
+            }
+            None => {
+                let ledger = match Ledger::open(
+                    &args.data_dir,
+                    policy,
+                    Bounds::default(),
+                    args.durability,
+                    Arc::new(SystemClock),
+                ) {
+                    Ok(l) => Arc::new(l),
+                    Err(e) => {
+                        eprintln!("tollgate: cannot open {}: {e}", args.data_dir.display());
+                        return ExitCode::FAILURE;
+                    }
+                };
+                if args.admin_token.as_deref().is_none_or(str::is_empty) {
+                    tracing::warn!("no --admin-token: every Admin call will be refused");
+                }
+                let reloader = args
+                    .policy
+                    .clone()
+                    .map(|path| tollgate::server::reload::spawn_reloader(ledger.clone(), path));
+                (Backend::Ledger(ledger), reloader)
             }
         };
         let (listener, addr) = match tollgate::server::bind(args.listen).await {
@@ -231,21 +342,44 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        if args.admin_token.as_deref().is_none_or(str::is_empty) {
-            tracing::warn!("no --admin-token: every Admin call will be refused");
-        }
-        let _reloader = args
-            .policy
-            .clone()
-            .map(|path| tollgate::server::reload::spawn_reloader(ledger.clone(), path));
+        let health_listener = match args.health_listen {
+            Some(health) => match tollgate::server::bind(health).await {
+                Ok((l, bound)) => {
+                    tracing::info!(addr = %bound, "health alone");
+                    Some(l)
+                }
+                Err(e) => {
+                    eprintln!("tollgate: cannot listen on {health}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
+        };
         // The bound address on stdout, for scripts and tests that start on port 0.
         println!("tollgate listening on {addr}");
-        tracing::info!(%addr, durability = ?args.durability, "serving");
+        match &backend {
+            Backend::Ledger(_) => {
+                tracing::info!(%addr, durability = ?args.durability, "serving")
+            }
+            Backend::Relay(r) => tracing::info!(%addr, upstream = %r.upstream(), "relaying"),
+        }
         let options = ServeOptions {
             admin_token: args.admin_token,
             max_prompt_bytes: args.max_prompt_bytes,
+            shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
         };
-        match tollgate::server::serve(ledger, listener, options, shutdown_signal()).await {
+        let result = tollgate::server::serve_backend(
+            backend,
+            listener,
+            health_listener,
+            options,
+            shutdown_signal(),
+        )
+        .await;
+        if let Some(r) = reloader {
+            r.abort();
+        }
+        match result {
             Ok(()) => {
                 tracing::info!("stopped");
                 ExitCode::SUCCESS

@@ -54,6 +54,8 @@ pub struct ReserveInput {
 pub struct ReserveOutcome {
     /// Allowed, downgraded or denied.
     pub decision: Decision,
+    /// The subject's tier.
+    pub tier: String,
     /// The hold, when held and not a dry run.
     pub reservation_id: Option<ReservationId>,
     /// The model granted.
@@ -193,6 +195,7 @@ impl Engine {
         }
 
         let limits = self.limits_of(&input.subject);
+        let tier = self.tier_of(&input.subject).name.clone();
         let hold_us = match input.hold_us {
             Some(h) if h > limits.max_hold_seconds * MICROS_PER_SECOND => {
                 return Err(EngineError::InvalidArgument {
@@ -262,6 +265,7 @@ impl Engine {
             }
             return Ok(ReserveOutcome {
                 decision: Decision::Denied,
+                tier,
                 reservation_id: None,
                 model: input.model,
                 reserved_tokens: 0,
@@ -290,6 +294,7 @@ impl Engine {
         if input.dry_run {
             return Ok(ReserveOutcome {
                 decision,
+                tier,
                 reservation_id: None,
                 model: plan.model,
                 reserved_tokens: plan.tokens,
@@ -356,6 +361,7 @@ impl Engine {
         self.open_holds += 1;
         let outcome = ReserveOutcome {
             decision,
+            tier,
             reservation_id: Some(reservation.id),
             model: plan.model,
             reserved_tokens: plan.tokens,
@@ -493,6 +499,7 @@ impl Engine {
         }
         let scopes = self.scopes_of(first.scopes());
         Ok(Some(ReserveOutcome {
+            tier: self.tier_of(&input.subject).name.clone(),
             decision: if first.downgraded_from.is_some() {
                 Decision::Downgraded
             } else {

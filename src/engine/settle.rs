@@ -14,6 +14,8 @@ pub struct CommitOutcome {
     pub settlement: Settlement,
     /// Every limit, after the Commit.
     pub limits: Vec<LimitStatus>,
+    /// This repeats the answer to an earlier Commit (nothing was charged now).
+    pub replayed: bool,
 }
 
 /// The answer to a Refund.
@@ -21,6 +23,8 @@ pub struct CommitOutcome {
 pub struct RefundOutcome {
     /// Tokens given back.
     pub released_tokens: u64,
+    /// This repeats the answer to an earlier Refund (nothing was given back now).
+    pub replayed: bool,
 }
 
 fn usage_text(u: &Usage) -> String {
@@ -69,6 +73,7 @@ impl Engine {
                     return Ok(CommitOutcome {
                         settlement,
                         limits: self.statuses_of(&r.scopes(), now_us),
+                        replayed: true,
                     });
                 }
                 return Err(EngineError::IllegalTransition {
@@ -147,7 +152,11 @@ impl Engine {
         self.mark_settled(now_us, id, out);
         let limits = self.statuses_of(&r.scopes(), now_us);
         self.put_reservation(r, out);
-        Ok(CommitOutcome { settlement, limits })
+        Ok(CommitOutcome {
+            settlement,
+            limits,
+            replayed: false,
+        })
     }
 
     /// Apply `change` to the state of every scope of `r`, and persist each.
@@ -180,6 +189,7 @@ impl Engine {
             HoldState::Refunded { .. } => {
                 return Ok(RefundOutcome {
                     released_tokens: held,
+                    replayed: true,
                 });
             }
             HoldState::Committed { .. } => {
@@ -212,6 +222,7 @@ impl Engine {
         self.put_reservation(r, out);
         Ok(RefundOutcome {
             released_tokens: held,
+            replayed: false,
         })
     }
 

@@ -108,6 +108,7 @@ struct TierFile {
     usd_per_day: Option<Spanned<f64>>,
     usd_per_month: Option<Spanned<f64>>,
     downgrade: Option<Spanned<DowngradeFile>>,
+    fail: Option<Spanned<String>>,
     cidr: Option<BTreeMap<String, Spanned<TierFile>>>,
 }
 
@@ -143,6 +144,7 @@ impl TierFile {
             ),
             ("models", self.models.is_some()),
             ("downgrade", self.downgrade.is_some()),
+            ("fail", self.fail.is_some()),
             ("cidr", self.cidr.is_some() && !allow_cidr),
         ]
         .into_iter()
@@ -499,7 +501,21 @@ fn tier_limits(src: &Source<'_>, tier: Spanned<TierFile>) -> Result<Limits, Poli
             format!("hold_seconds ({hold_seconds}) must not exceed max_hold_seconds ({max_hold_seconds})"),
         ));
     }
+    let fail_open = match &t.fail {
+        None => false,
+        Some(f) => match f.get_ref().as_str() {
+            "closed" => false,
+            "open" => true,
+            other => {
+                return Err(src.error(
+                    f.span(),
+                    format!("fail must be \"closed\" or \"open\" (got {other:?})"),
+                ))
+            }
+        },
+    };
     Ok(Limits {
+        fail_open,
         tokens_per_minute,
         burst_tokens,
         requests_per_minute,

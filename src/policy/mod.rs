@@ -73,6 +73,9 @@ pub struct Limits {
     /// What a subject of the tier gets instead of a denial when its token or money quota is
     /// spent or it asks for a model outside `models` (tiers only).
     pub downgrade: Option<Downgrade>,
+    /// Relay mode, when the central service cannot be reached: true allows the call (counted
+    /// and reported), false (the default) denies it with `upstream_unavailable` (tiers only).
+    pub fail_open: bool,
 }
 
 /// A tier's auto-downgrade: the cheaper model granted, and the budget for degraded use.
@@ -103,6 +106,7 @@ impl Limits {
             usd_per_day: None,
             usd_per_month: None,
             downgrade: None,
+            fail_open: false,
         }
     }
 }

@@ -10,6 +10,7 @@ use super::validate;
 use crate::ledger::Ledger;
 use crate::policy::Overrides;
 use crate::proto;
+use crate::telemetry;
 
 /// Serves SetSubject, GetSubject and ResetUsage.
 #[derive(Debug, Clone)]
@@ -100,9 +101,9 @@ fn to_proto(o: &Overrides) -> proto::LimitOverrides {
     }
 }
 
-#[tonic::async_trait]
-impl proto::admin_server::Admin for AdminService {
-    async fn set_subject(
+/// The handlers, each timed by the trait impl below.
+impl AdminService {
+    async fn set_subject_call(
         &self,
         request: Request<proto::SetSubjectRequest>,
     ) -> Result<Response<proto::SetSubjectResponse>, Status> {
@@ -123,7 +124,7 @@ impl proto::admin_server::Admin for AdminService {
         }))
     }
 
-    async fn get_subject(
+    async fn get_subject_call(
         &self,
         request: Request<proto::GetSubjectRequest>,
     ) -> Result<Response<proto::GetSubjectResponse>, Status> {
@@ -139,7 +140,7 @@ impl proto::admin_server::Admin for AdminService {
         }))
     }
 
-    async fn reset_usage(
+    async fn reset_usage_call(
         &self,
         request: Request<proto::ResetUsageRequest>,
     ) -> Result<Response<proto::ResetUsageResponse>, Status> {
@@ -148,5 +149,29 @@ impl proto::admin_server::Admin for AdminService {
         self.ledger.reset_usage(&subject).await?;
         tracing::info!(%subject, "usage reset");
         Ok(Response::new(proto::ResetUsageResponse { subject }))
+    }
+}
+
+#[tonic::async_trait]
+impl proto::admin_server::Admin for AdminService {
+    async fn set_subject(
+        &self,
+        request: Request<proto::SetSubjectRequest>,
+    ) -> Result<Response<proto::SetSubjectResponse>, Status> {
+        telemetry::timed("SetSubject", self.set_subject_call(request)).await
+    }
+
+    async fn get_subject(
+        &self,
+        request: Request<proto::GetSubjectRequest>,
+    ) -> Result<Response<proto::GetSubjectResponse>, Status> {
+        telemetry::timed("GetSubject", self.get_subject_call(request)).await
+    }
+
+    async fn reset_usage(
+        &self,
+        request: Request<proto::ResetUsageRequest>,
+    ) -> Result<Response<proto::ResetUsageResponse>, Status> {
+        telemetry::timed("ResetUsage", self.reset_usage_call(request)).await
     }
 }

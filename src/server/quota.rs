@@ -4,125 +4,30 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::prompt::PromptCounter;
 use super::validate::{self, to_duration, to_timestamp};
 use crate::engine::{Decision, LimitStatus, ReserveInput, ScopeKey, UsageQuery};
 use crate::ledger::Ledger;
-use crate::policy::Policy;
 use crate::proto;
-use crate::tokens::{CountError, Encoding, Prompt, TokenCounter};
+use crate::telemetry as metrics;
 
 /// Serves Reserve, Commit, Refund, GetUsage and CountTokens.
 #[derive(Debug, Clone)]
 pub struct QuotaService {
     ledger: Arc<Ledger>,
-    counter: TokenCounter,
+    prompts: PromptCounter,
     max_prompt_bytes: usize,
 }
 
 impl QuotaService {
-    /// A service over `ledger`, counting prompts with `counter`, refusing prompts over
+    /// A service over `ledger`, counting prompts with `prompts`, refusing prompts over
     /// `max_prompt_bytes` of text.
-    pub fn new(ledger: Arc<Ledger>, counter: TokenCounter, max_prompt_bytes: usize) -> Self {
+    pub fn new(ledger: Arc<Ledger>, prompts: PromptCounter, max_prompt_bytes: usize) -> Self {
         Self {
             ledger,
-            counter,
+            prompts,
             max_prompt_bytes,
         }
-    }
-
-    /// The tokens of `prompt` for `model`, and the encoding that counted (none for a count the
-    /// caller made).
-    async fn count(
-        &self,
-        policy: &Policy,
-        model: &str,
-        prompt: Prompt,
-    ) -> Result<(u64, Option<Encoding>), Status> {
-        if let Prompt::Tokens(n) = prompt {
-            return Ok((n, None));
-        }
-        let encoding = policy.encoding_for(model).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "model: {model:?} has no known tokenizer; add it to the policy, e.g. \
-                 [models.\"{model}\"] encoding = \"o200k_base\" (or cl100k_base)"
-            ))
-        })?;
-        Ok((self.count_with(encoding, prompt).await?, Some(encoding)))
-    }
-
-    /// The tokens of a text or chat with `encoding`.
-    async fn count_with(&self, encoding: Encoding, prompt: Prompt) -> Result<u64, Status> {
-        let field = if matches!(prompt, Prompt::Chat(_)) {
-            "messages"
-        } else {
-            "prompt"
-        };
-        self.counter
-            .count(encoding, prompt)
-            .await
-            .map_err(|e| match e {
-                CountError::Busy(_) => Status::resource_exhausted(e.to_string()),
-                CountError::Uncountable(_) => Status::invalid_argument(format!("{field}: {e}")),
-                CountError::Closed => Status::unavailable(e.to_string()),
-                CountError::Tokenizer => Status::internal(e.to_string()),
-            })
-    }
-}
-
-impl QuotaService {
-    /// The tokens of `prompt` for `model`, and for each downgrade model of the policy whose
-    /// tokenizer differs (a downgraded hold is counted with the granted model's own
-    /// tokenizer). Counted here, before the engine lock, so the lock is never held while
-    /// counting. The same text is counted once per distinct encoding.
-    async fn count_for_downgrades(
-        &self,
-        policy: &Policy,
-        model: &str,
-        prompt: Prompt,
-    ) -> Result<(u64, Vec<(String, u64)>), Status> {
-        let downgrades: Vec<(&str, Encoding)> = policy
-            .downgrade_models()
-            .into_iter()
-            .filter(|m| *m != model)
-            .filter_map(|m| policy.encoding_for(m).map(|e| (m, e)))
-            .collect();
-        let asked = if matches!(prompt, Prompt::Tokens(_)) {
-            None
-        } else {
-            policy.encoding_for(model)
-        };
-        let mut extra: Vec<Encoding> = downgrades
-            .iter()
-            .map(|(_, e)| *e)
-            .filter(|e| Some(*e) != asked)
-            .collect();
-        extra.sort_unstable_by_key(|e| e.name());
-        extra.dedup();
-        let mut counts: Vec<(Encoding, u64)> = Vec::new();
-        // The model asked for first: if it cannot be counted, nothing else is. Only a prompt
-        // that must be counted again is copied.
-        let (n, encoding) = if extra.is_empty() {
-            self.count(policy, model, prompt).await?
-        } else {
-            let first = self.count(policy, model, prompt.clone()).await?;
-            for e in &extra {
-                counts.push((*e, self.count_with(*e, prompt.clone()).await?));
-            }
-            first
-        };
-        if let Some(e) = encoding {
-            counts.push((e, n));
-        }
-        let others = downgrades
-            .into_iter()
-            .filter_map(|(m, e)| {
-                counts
-                    .iter()
-                    .find(|(x, _)| *x == e)
-                    .map(|(_, c)| (m.to_string(), *c))
-            })
-            .collect();
-        Ok((n, others))
     }
 }
 
@@ -140,51 +45,34 @@ pub(super) fn limits(statuses: Vec<LimitStatus>) -> Vec<proto::LimitStatus> {
         .collect()
 }
 
-#[tonic::async_trait]
-impl proto::quota_server::Quota for QuotaService {
-    async fn reserve(
+/// The handlers, each timed by the trait impl below.
+impl QuotaService {
+    async fn reserve_call(
         &self,
         request: Request<proto::ReserveRequest>,
     ) -> Result<Response<proto::ReserveResponse>, Status> {
-        let call = validate::reserve(request.into_inner(), self.max_prompt_bytes)?;
+        let mut call = validate::reserve(request.into_inner(), self.max_prompt_bytes)?;
         // The policy is read (a brief lock) only when it is needed: to pick the tokenizer, or
         // the output hold the caller left out. A caller that counts and sets both skips it.
-        let (prompt_tokens, max_output_tokens, prompt_tokens_for) =
-            match (&call.prompt, call.max_output_tokens) {
-                (Prompt::Tokens(n), Some(max)) => (*n, max, Vec::new()),
-                _ => {
-                    let policy = self.ledger.policy()?;
-                    let max = call
-                        .max_output_tokens
-                        .unwrap_or_else(|| policy.default_max_output_tokens(&call.input.model));
-                    let (n, others) = self
-                        .count_for_downgrades(&policy, &call.input.model, call.prompt)
-                        .await?;
-                    (n, max, others)
-                }
-            };
-        validate::hold_total(prompt_tokens, max_output_tokens)?;
+        let counted = self
+            .prompts
+            .reserve_counts(&mut call, || Ok(self.ledger.policy()?))
+            .await?;
         let input = ReserveInput {
-            prompt_tokens,
-            max_output_tokens,
-            prompt_tokens_for,
+            prompt_tokens: counted.prompt_tokens,
+            max_output_tokens: counted.max_output_tokens,
+            prompt_tokens_for: counted.prompt_tokens_for,
             ..call.input
         };
         let subject = input.subject.clone();
+        let dry_run = input.dry_run;
         let o = self.ledger.reserve(input).await?;
         let decision = match o.decision {
             Decision::Allowed => proto::Decision::Allowed,
             Decision::Downgraded => proto::Decision::Downgraded,
-            Decision::Denied => {
-                tracing::info!(
-                    %subject,
-                    denied_by = o.denied_by.as_deref().unwrap_or(""),
-                    tokens = o.prompt_tokens,
-                    "reserve denied"
-                );
-                proto::Decision::Denied
-            }
+            Decision::Denied => proto::Decision::Denied,
         };
+        record_reserve(&subject, &o, dry_run);
         Ok(Response::new(proto::ReserveResponse {
             decision: decision as i32,
             reservation_id: o
@@ -202,15 +90,21 @@ impl proto::quota_server::Quota for QuotaService {
             shadow_denied_by: o.shadow_denied_by.unwrap_or_default(),
             reserved_micro_usd: o.reserved_usd,
             saved_micro_usd: o.saved_usd,
+            tier: o.tier,
         }))
     }
 
-    async fn commit(
+    async fn commit_call(
         &self,
         request: Request<proto::CommitRequest>,
     ) -> Result<Response<proto::CommitResponse>, Status> {
         let (id, usage) = validate::commit(request.get_ref())?;
         let o = self.ledger.commit(id, usage).await?;
+        if !o.replayed {
+            metrics::add(metrics::TOKENS_CHARGED, o.settlement.charged_tokens);
+            metrics::add(metrics::TOKENS_RELEASED, o.settlement.released_tokens);
+            metrics::add(metrics::SPENT, o.settlement.charged_usd);
+        }
         Ok(Response::new(proto::CommitResponse {
             charged_tokens: o.settlement.charged_tokens,
             released_tokens: o.settlement.released_tokens,
@@ -220,52 +114,39 @@ impl proto::quota_server::Quota for QuotaService {
         }))
     }
 
-    async fn refund(
+    async fn refund_call(
         &self,
         request: Request<proto::RefundRequest>,
     ) -> Result<Response<proto::RefundResponse>, Status> {
         let id = validate::reservation_id(&request.get_ref().reservation_id)?;
         let o = self.ledger.refund(id).await?;
+        if !o.replayed {
+            metrics::add(metrics::TOKENS_RELEASED, o.released_tokens);
+        }
         Ok(Response::new(proto::RefundResponse {
             released_tokens: o.released_tokens,
         }))
     }
 
-    async fn count_tokens(
+    async fn count_tokens_call(
         &self,
         request: Request<proto::CountTokensRequest>,
     ) -> Result<Response<proto::CountTokensResponse>, Status> {
-        let req = request.into_inner();
-        if req.model.is_empty() {
-            return Err(Status::invalid_argument(
-                "model: is required (it picks the tokenizer)",
-            ));
-        }
-        validate::model(&req.model)?;
-        let prompt = validate::prompt(
-            None,
-            req.prompt,
-            req.messages,
-            &req.model,
+        let policy = self.ledger.policy()?;
+        let (tokens, encoding) = super::prompt::count_tokens(
+            &self.prompts,
+            &policy,
+            request.into_inner(),
             self.max_prompt_bytes,
         )
-        .map_err(|s| {
-            // CountTokens has no prompt_tokens: say what it does take.
-            if s.message().starts_with("prompt: give exactly one") {
-                Status::invalid_argument("prompt: give exactly one of prompt or messages")
-            } else {
-                s
-            }
-        })?;
-        let policy = self.ledger.policy()?;
-        let (tokens, encoding) = self.count(&policy, &req.model, prompt).await?;
+        .await?;
         Ok(Response::new(proto::CountTokensResponse {
             tokens,
-            encoding: encoding.map(|e| e.name().to_string()).unwrap_or_default(),
+            encoding,
         }))
     }
 
-    async fn extend(
+    async fn extend_call(
         &self,
         request: Request<proto::ExtendRequest>,
     ) -> Result<Response<proto::ExtendResponse>, Status> {
@@ -278,7 +159,7 @@ impl proto::quota_server::Quota for QuotaService {
         }))
     }
 
-    async fn get_usage(
+    async fn get_usage_call(
         &self,
         request: Request<proto::GetUsageRequest>,
     ) -> Result<Response<proto::GetUsageResponse>, Status> {
@@ -320,5 +201,89 @@ impl proto::quota_server::Quota for QuotaService {
             used_tokens_month: u.used_tokens_month,
             shadow_denials: u.shadow_denials,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl proto::quota_server::Quota for QuotaService {
+    async fn reserve(
+        &self,
+        request: Request<proto::ReserveRequest>,
+    ) -> Result<Response<proto::ReserveResponse>, Status> {
+        metrics::timed("Reserve", self.reserve_call(request)).await
+    }
+
+    async fn commit(
+        &self,
+        request: Request<proto::CommitRequest>,
+    ) -> Result<Response<proto::CommitResponse>, Status> {
+        metrics::timed("Commit", self.commit_call(request)).await
+    }
+
+    async fn refund(
+        &self,
+        request: Request<proto::RefundRequest>,
+    ) -> Result<Response<proto::RefundResponse>, Status> {
+        metrics::timed("Refund", self.refund_call(request)).await
+    }
+
+    async fn count_tokens(
+        &self,
+        request: Request<proto::CountTokensRequest>,
+    ) -> Result<Response<proto::CountTokensResponse>, Status> {
+        metrics::timed("CountTokens", self.count_tokens_call(request)).await
+    }
+
+    async fn extend(
+        &self,
+        request: Request<proto::ExtendRequest>,
+    ) -> Result<Response<proto::ExtendResponse>, Status> {
+        metrics::timed("Extend", self.extend_call(request)).await
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<proto::GetUsageRequest>,
+    ) -> Result<Response<proto::GetUsageResponse>, Status> {
+        metrics::timed("GetUsage", self.get_usage_call(request)).await
+    }
+}
+
+/// Log and count one Reserve's decision. Never the prompt: only counts and names.
+fn record_reserve(subject: &str, o: &crate::engine::ReserveOutcome, dry_run: bool) {
+    let denied_by = o.denied_by.as_deref().unwrap_or("");
+    let decision = match o.decision {
+        Decision::Allowed => "ALLOWED",
+        Decision::Downgraded => "DOWNGRADED",
+        Decision::Denied => "DENIED",
+    };
+    if o.decision == Decision::Denied {
+        tracing::info!(
+            %subject,
+            tier = %o.tier,
+            denied_by,
+            prompt_tokens = o.prompt_tokens,
+            dry_run,
+            "reserve denied"
+        );
+    } else {
+        tracing::debug!(
+            %subject,
+            tier = %o.tier,
+            decision,
+            model = %o.model,
+            reserved_tokens = o.reserved_tokens,
+            replayed = o.replayed,
+            dry_run,
+            "reserve decided"
+        );
+    }
+    if dry_run || o.replayed {
+        return;
+    }
+    metrics::decision(&o.tier, decision, denied_by);
+    metrics::add(metrics::SAVED, o.saved_usd);
+    if o.reservation_id.is_some() {
+        metrics::add(metrics::TOKENS_HELD, o.reserved_tokens);
     }
 }

@@ -4,8 +4,25 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, LedgerError};
 use crate::policy::Policy;
+
+/// Whatever holds the policy in force: the ledger, or a relay's shared policy.
+pub trait PolicyHolder: Send + Sync + 'static {
+    /// The policy in force.
+    fn current(&self) -> Result<Arc<Policy>, LedgerError>;
+    /// Put a new policy in force.
+    fn replace(&self, policy: Arc<Policy>) -> Result<(), LedgerError>;
+}
+
+impl PolicyHolder for Ledger {
+    fn current(&self) -> Result<Arc<Policy>, LedgerError> {
+        self.policy()
+    }
+    fn replace(&self, policy: Arc<Policy>) -> Result<(), LedgerError> {
+        self.set_policy(policy)
+    }
+}
 
 /// How often the policy file is checked for a change (its modification time and size).
 /// Polling, rather than inotify, works the same on every filesystem, including the symlink swap
@@ -19,10 +36,10 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 
 /// Reload `path` into `ledger` now. A bad policy is refused with its file, line and reason,
 /// and the one in force stays. Returns whether a new policy was put in force.
-pub fn reload(ledger: &Ledger, path: &Path, why: &str) -> bool {
+pub fn reload(ledger: &impl PolicyHolder, path: &Path, why: &str) -> bool {
     match Policy::from_file(path) {
         Ok(policy) => {
-            let unchanged = ledger.policy().is_ok_and(|old| *old == policy);
+            let unchanged = ledger.current().is_ok_and(|old| *old == policy);
             if unchanged {
                 // An operator's SIGHUP deserves an answer in the log; a poll does not.
                 if why == "SIGHUP" {
@@ -33,7 +50,7 @@ pub fn reload(ledger: &Ledger, path: &Path, why: &str) -> bool {
                 return false;
             }
             let tiers = policy.tiers().count();
-            match ledger.set_policy(Arc::new(policy)) {
+            match ledger.replace(Arc::new(policy)) {
                 Ok(()) => {
                     tracing::info!(%why, file = %path.display(), tiers, "policy reloaded; usage and holds kept");
                     true
@@ -52,7 +69,10 @@ pub fn reload(ledger: &Ledger, path: &Path, why: &str) -> bool {
 }
 
 /// Watch `path` for SIGHUP and for changes, for as long as the returned task runs.
-pub fn spawn_reloader(ledger: Arc<Ledger>, path: PathBuf) -> tokio::task::JoinHandle<()> {
+pub fn spawn_reloader(
+    ledger: Arc<impl PolicyHolder>,
+    path: PathBuf,
+) -> tokio::task::JoinHandle<()> {
     // The SIGHUP handler is installed here, before returning, not in the task: until it is,
     // SIGHUP's default action kills the process, and the caller announces it is listening (and
     // so may be sent SIGHUP) right after this returns, possibly before the task first runs.
@@ -89,7 +109,7 @@ pub fn spawn_reloader(ledger: Arc<Ledger>, path: PathBuf) -> tokio::task::JoinHa
                 () = hup_signal => {
                     last = stamp(&path);
                     seen = last;
-                    reload(&ledger, &path, "SIGHUP");
+                    reload(&*ledger, &path, "SIGHUP");
                 }
                 _ = tick.tick() => {
                     // Reload only a file that looks the same on two polls in a row, so a file
@@ -97,7 +117,7 @@ pub fn spawn_reloader(ledger: Arc<Ledger>, path: PathBuf) -> tokio::task::JoinHa
                     let now = stamp(&path);
                     if now != last && now == seen {
                         last = now;
-                        reload(&ledger, &path, "file changed");
+                        reload(&*ledger, &path, "file changed");
                     }
                     seen = now;
                 }

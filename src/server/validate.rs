@@ -77,6 +77,45 @@ pub fn client_ip(value: &str) -> Result<Option<std::net::IpAddr>, Status> {
         })
 }
 
+/// Most entries in `prompt_tokens_for` (one per downgrade model of a policy, in practice few).
+pub const MAX_PROMPT_TOKENS_FOR: usize = 16;
+
+/// The counts a relay made for other models: at most 16, each a model name and a token count
+/// within bounds, and only beside `prompt_tokens` (a text prompt is counted here).
+fn prompt_tokens_for(
+    entries: &[proto::ModelTokens],
+    prompt_tokens: Option<u64>,
+) -> Result<Vec<(String, u64)>, Status> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    if prompt_tokens.is_none() {
+        return Err(invalid(
+            "prompt_tokens_for",
+            "may be given only with prompt_tokens (a prompt sent as text is counted here)",
+        ));
+    }
+    if entries.len() > MAX_PROMPT_TOKENS_FOR {
+        return Err(invalid(
+            "prompt_tokens_for",
+            format!(
+                "must have at most {MAX_PROMPT_TOKENS_FOR} entries (got {})",
+                entries.len()
+            ),
+        ));
+    }
+    entries
+        .iter()
+        .map(|e| {
+            check_text("prompt_tokens_for.model", &e.model, MAX_MODEL_BYTES, true)?;
+            Ok((
+                e.model.clone(),
+                tokens("prompt_tokens_for.tokens", e.tokens)?,
+            ))
+        })
+        .collect()
+}
+
 /// A tier name as given to SetSubject.
 pub fn tier(value: &str) -> Result<(), Status> {
     check_text("tier", value, 64, true)
@@ -223,6 +262,7 @@ pub fn reserve(req: proto::ReserveRequest, max_prompt_bytes: usize) -> Result<Re
         .transpose()?;
     let group = group(&req.group)?;
     let client_ip = client_ip(&req.client_ip)?;
+    let prompt_tokens_for = prompt_tokens_for(&req.prompt_tokens_for, req.prompt_tokens)?;
     let prompt = prompt(
         req.prompt_tokens,
         req.prompt,
@@ -235,7 +275,7 @@ pub fn reserve(req: proto::ReserveRequest, max_prompt_bytes: usize) -> Result<Re
             subject: req.subject,
             model: req.model,
             prompt_tokens: 0,
-            prompt_tokens_for: Vec::new(),
+            prompt_tokens_for,
             group,
             client_ip,
             max_output_tokens: 0,

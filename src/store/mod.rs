@@ -180,11 +180,13 @@ impl Store {
 
     /// Flush everything written so far to stable storage.
     pub fn flush(&self) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
         self.db.flush()?;
         if let Some(log) = &self.log {
             log.sync_data()
                 .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         }
+        crate::telemetry::flush_took(started.elapsed());
         Ok(())
     }
 

@@ -1,0 +1,188 @@
+//! Relay mode (`tollgate serve --upstream URL`): a sidecar that keeps no ledger.
+//!
+//! A sidecar that kept its own ledger would give every user N times their quota across N pods.
+//! A relay instead validates requests and counts prompt tokens locally (the CPU-heavy part,
+//! which then scales with the app pods), and forwards Reserve, Commit, Refund, Extend,
+//! GetUsage and the Admin calls to the central authority with the counts filled in, over one
+//! pooled HTTP/2 connection with deadlines. CountTokens is answered locally.
+//!
+//! When the upstream cannot be reached (connection refused, deadline passed), a Reserve is
+//! answered as the subject's tier says (`fail = "closed"` or `"open"` in the policy): closed
+//! denies it with `denied_by = "upstream_unavailable"`; open allows it, with
+//! `shadow_denied_by = "upstream_unavailable"` in the answer, a warning in the log and a count
+//! in the metrics, under a reservation id the relay remembers so that its Commit, Refund and
+//! Extend are answered here. Commit, Refund and the rest of other holds answer UNAVAILABLE (the
+//! app retries them; they are idempotent).
+
+mod local;
+mod service;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+pub use local::{LocalHold, LocalHolds, MAX_LOCAL_HOLDS};
+pub use service::{RelayAdmin, RelayQuota};
+
+use crate::clock::Clock;
+use crate::ledger::LedgerError;
+use crate::policy::Policy;
+use crate::server::reload::PolicyHolder;
+
+/// The deadline of one call to the upstream when `--upstream-timeout` is not given: far above
+/// a healthy central service's sub-millisecond answers, short enough that an app's call is not
+/// held up for long when the central service is gone.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Subjects whose tier the relay remembers (for the fail mode); past this the memory is
+/// cleared and refilled by the next answers.
+pub const MAX_REMEMBERED_TIERS: usize = 100_000;
+
+/// What a relay shares between its Quota and Admin services.
+///
+/// Why std locks: no `.await` is held under any of them, and each guards a map lookup.
+pub struct Relay {
+    channel: Channel,
+    upstream: String,
+    policy: RwLock<Arc<Policy>>,
+    tiers: Mutex<HashMap<String, String>>,
+    local: Mutex<LocalHolds>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a relay could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The upstream is not a valid URL.
+    #[error("--upstream {url:?} is not a valid URL: {reason}")]
+    BadUrl {
+        /// What was given.
+        url: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+impl Relay {
+    /// A relay to `upstream` (e.g. `http://tollgate-central:50051`). The connection is made
+    /// lazily and remade as needed, so a relay starts, and answers as its fail mode says,
+    /// even while the central service is down.
+    pub fn new(
+        upstream: &str,
+        policy: Arc<Policy>,
+        timeout: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, RelayError> {
+        let bad = |reason: String| RelayError::BadUrl {
+            url: upstream.to_string(),
+            reason,
+        };
+        if !(upstream.starts_with("http://") || upstream.starts_with("https://")) {
+            return Err(bad("it must start with http:// or https://".into()));
+        }
+        let channel = Endpoint::from_shared(upstream.to_string())
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        Ok(Self {
+            channel,
+            upstream: upstream.to_string(),
+            policy: RwLock::new(policy),
+            tiers: Mutex::new(HashMap::new()),
+            local: Mutex::new(LocalHolds::default()),
+            clock,
+        })
+    }
+
+    /// The policy in force here (for counting and fail modes).
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The upstream URL.
+    pub fn upstream(&self) -> &str {
+        &self.upstream
+    }
+
+    fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// Remember a subject's tier, as the upstream reported it.
+    fn remember_tier(&self, subject: &str, tier: &str) {
+        if tier.is_empty() {
+            return;
+        }
+        let mut tiers = self
+            .tiers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if tiers.get(subject).is_some_and(|t| t == tier) {
+            return;
+        }
+        if tiers.len() >= MAX_REMEMBERED_TIERS {
+            tiers.clear();
+        }
+        tiers.insert(subject.to_string(), tier.to_string());
+    }
+
+    /// The tier a subject was last reported in, else the policy's default.
+    fn tier_of(&self, subject: &str, policy: &Policy) -> String {
+        self.tiers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(subject)
+            .filter(|t| policy.tier(t).is_some())
+            .cloned()
+            .unwrap_or_else(|| policy.default_tier().name.clone())
+    }
+
+    fn local(&self) -> std::sync::MutexGuard<'_, LocalHolds> {
+        self.local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn now_us(&self) -> u64 {
+        self.clock.now_micros()
+    }
+}
+
+impl PolicyHolder for Relay {
+    fn current(&self) -> Result<Arc<Policy>, LedgerError> {
+        Ok(self.policy())
+    }
+    fn replace(&self, policy: Arc<Policy>) -> Result<(), LedgerError> {
+        *self
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = policy;
+        Ok(())
+    }
+}
+
+/// Whether an error from the upstream means it could not be reached (rather than an answer).
+pub fn unreachable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+    )
+}

@@ -1,0 +1,391 @@
+//! The Quota and Admin services of a relay: validate and count here, decide upstream.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{unreachable, LocalHold, Relay};
+use crate::clock::MICROS_PER_SECOND;
+use crate::engine::{ReservationId, Usage};
+use crate::proto::admin_client::AdminClient;
+use crate::proto::quota_client::QuotaClient;
+use crate::server::prompt::PromptCounter;
+use crate::server::validate::{self, to_duration, to_timestamp};
+use crate::telemetry as metrics;
+use crate::{policy, proto};
+
+/// What a closed relay tells a caller to wait before retrying: the upstream may be back any
+/// moment (a restart of the central service takes seconds).
+const UPSTREAM_RETRY_US: u64 = MICROS_PER_SECOND;
+
+/// The `denied_by` (fail closed) and `shadow_denied_by` (fail open) of a Reserve answered
+/// without the upstream.
+pub const UPSTREAM_UNAVAILABLE: &str = "upstream_unavailable";
+
+/// Quota in relay mode.
+#[derive(Debug, Clone)]
+pub struct RelayQuota {
+    relay: Arc<Relay>,
+    prompts: PromptCounter,
+    max_prompt_bytes: usize,
+}
+
+impl RelayQuota {
+    /// The Quota service of `relay`, counting prompts with `prompts`.
+    pub fn new(relay: Arc<Relay>, prompts: PromptCounter, max_prompt_bytes: usize) -> Self {
+        Self {
+            relay,
+            prompts,
+            max_prompt_bytes,
+        }
+    }
+
+    fn client(&self) -> QuotaClient<tonic::transport::Channel> {
+        QuotaClient::new(self.relay.channel())
+    }
+
+    async fn reserve_call(
+        &self,
+        request: Request<proto::ReserveRequest>,
+    ) -> Result<Response<proto::ReserveResponse>, Status> {
+        let mut call = validate::reserve(request.into_inner(), self.max_prompt_bytes)?;
+        let policy = self.relay.policy();
+        let counted = self
+            .prompts
+            .reserve_counts(&mut call, || Ok(policy.clone()))
+            .await?;
+        let input = &call.input;
+        let forwarded = proto::ReserveRequest {
+            subject: input.subject.clone(),
+            model: input.model.clone(),
+            prompt_tokens: Some(counted.prompt_tokens),
+            max_output_tokens: Some(counted.max_output_tokens),
+            idempotency_key: input.idempotency_key.clone().unwrap_or_default(),
+            hold: input.hold_us.map(to_duration),
+            dry_run: input.dry_run,
+            prompt: None,
+            messages: Vec::new(),
+            group: input.group.clone().unwrap_or_default(),
+            client_ip: input.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            prompt_tokens_for: counted
+                .prompt_tokens_for
+                .iter()
+                .map(|(model, tokens)| proto::ModelTokens {
+                    model: model.clone(),
+                    tokens: *tokens,
+                })
+                .collect(),
+        };
+        match self.client().reserve(forwarded).await {
+            Ok(answer) => {
+                self.relay
+                    .remember_tier(&input.subject, &answer.get_ref().tier);
+                Ok(answer)
+            }
+            Err(status) if unreachable(&status) => Ok(Response::new(
+                self.without_upstream(&call, &counted, &policy, &status),
+            )),
+            Err(status) => Err(status),
+        }
+    }
+
+    /// The answer to a Reserve when the upstream cannot be reached: as the tier's fail mode
+    /// says.
+    fn without_upstream(
+        &self,
+        call: &validate::ReserveCall,
+        counted: &crate::server::prompt::Counted,
+        policy: &policy::Policy,
+        status: &Status,
+    ) -> proto::ReserveResponse {
+        let input = &call.input;
+        let tier = self.relay.tier_of(&input.subject, policy);
+        let limits = policy.resolve(Some(&tier)).limits.clone();
+        let now = self.relay.now_us();
+        let tokens = counted.prompt_tokens + counted.max_output_tokens;
+        let denied = proto::ReserveResponse {
+            decision: proto::Decision::Denied as i32,
+            model: input.model.clone(),
+            prompt_tokens: counted.prompt_tokens,
+            denied_by: UPSTREAM_UNAVAILABLE.into(),
+            retry_after: Some(to_duration(UPSTREAM_RETRY_US)),
+            tier: tier.clone(),
+            ..Default::default()
+        };
+        if !limits.fail_open {
+            metrics::upstream_failure(&tier, "closed");
+            tracing::warn!(subject = %input.subject, %tier, error = %status.message(), "upstream unreachable: denied (fail closed)");
+            return denied;
+        }
+        let hold_us = input
+            .hold_us
+            .unwrap_or(limits.hold_seconds * MICROS_PER_SECOND);
+        let id = ReservationId::generate(now);
+        let expires_us = now.saturating_add(hold_us);
+        if !input.dry_run {
+            let remembered = self.relay.local().insert(
+                id,
+                LocalHold {
+                    tokens,
+                    created_us: now,
+                    expires_us,
+                    committed: None,
+                    refunded: false,
+                },
+                now,
+            );
+            if !remembered {
+                metrics::upstream_failure(&tier, "closed");
+                tracing::warn!(subject = %input.subject, %tier, "upstream unreachable and the fail-open table is full: denied");
+                return denied;
+            }
+        }
+        metrics::upstream_failure(&tier, "open");
+        tracing::warn!(subject = %input.subject, %tier, tokens, error = %status.message(), "upstream unreachable: allowed (fail open)");
+        proto::ReserveResponse {
+            decision: proto::Decision::Allowed as i32,
+            reservation_id: if input.dry_run {
+                String::new()
+            } else {
+                id.to_string()
+            },
+            model: input.model.clone(),
+            reserved_tokens: tokens,
+            prompt_tokens: counted.prompt_tokens,
+            expires_at: (!input.dry_run).then(|| to_timestamp(expires_us)),
+            shadow_denied_by: UPSTREAM_UNAVAILABLE.into(),
+            tier,
+            ..Default::default()
+        }
+    }
+
+    async fn commit_call(
+        &self,
+        request: Request<proto::CommitRequest>,
+    ) -> Result<Response<proto::CommitResponse>, Status> {
+        let (id, usage) = validate::commit(request.get_ref())?;
+        if let Some(answer) = self.commit_local(id, usage)? {
+            return Ok(Response::new(answer));
+        }
+        self.client().commit(request.into_inner()).await
+    }
+
+    /// Commit a fail-open hold here (it is not known upstream).
+    fn commit_local(
+        &self,
+        id: ReservationId,
+        usage: Usage,
+    ) -> Result<Option<proto::CommitResponse>, Status> {
+        let mut local = self.relay.local();
+        let Some(hold) = local.get_mut(id) else {
+            return Ok(None);
+        };
+        if hold.refunded {
+            return Err(Status::failed_precondition(format!(
+                "reservation {id} is REFUNDED: a refunded hold cannot be committed"
+            )));
+        }
+        if let Some(first) = hold.committed {
+            if first != usage {
+                return Err(Status::failed_precondition(format!(
+                    "reservation {id} is COMMITTED with other usage"
+                )));
+            }
+        }
+        hold.committed = Some(usage);
+        let charged = if usage.usage_unknown {
+            hold.tokens
+        } else {
+            usage.prompt_tokens.saturating_add(usage.completion_tokens)
+        };
+        Ok(Some(proto::CommitResponse {
+            charged_tokens: charged,
+            released_tokens: hold.tokens.saturating_sub(charged),
+            debt_tokens: charged.saturating_sub(hold.tokens),
+            ..Default::default()
+        }))
+    }
+
+    async fn refund_call(
+        &self,
+        request: Request<proto::RefundRequest>,
+    ) -> Result<Response<proto::RefundResponse>, Status> {
+        let id = validate::reservation_id(&request.get_ref().reservation_id)?;
+        {
+            let mut local = self.relay.local();
+            if let Some(hold) = local.get_mut(id) {
+                if hold.committed.is_some() {
+                    return Err(Status::failed_precondition(format!(
+                        "reservation {id} is COMMITTED: a committed hold cannot be refunded"
+                    )));
+                }
+                hold.refunded = true;
+                return Ok(Response::new(proto::RefundResponse {
+                    released_tokens: hold.tokens,
+                }));
+            }
+        }
+        self.client().refund(request.into_inner()).await
+    }
+
+    async fn extend_call(
+        &self,
+        request: Request<proto::ExtendRequest>,
+    ) -> Result<Response<proto::ExtendResponse>, Status> {
+        let id = validate::reservation_id(&request.get_ref().reservation_id)?;
+        let hold_us = validate::required_hold(request.get_ref().hold.as_ref())?;
+        {
+            let now = self.relay.now_us();
+            let mut local = self.relay.local();
+            if let Some(hold) = local.get_mut(id) {
+                if hold.committed.is_some() || hold.refunded {
+                    return Err(Status::failed_precondition(format!(
+                        "reservation {id} is settled: only a HELD reservation can be extended"
+                    )));
+                }
+                hold.expires_us = hold.expires_us.max(now.saturating_add(hold_us));
+                return Ok(Response::new(proto::ExtendResponse {
+                    expires_at: Some(to_timestamp(hold.expires_us)),
+                }));
+            }
+        }
+        self.client().extend(request.into_inner()).await
+    }
+
+    async fn get_usage_call(
+        &self,
+        request: Request<proto::GetUsageRequest>,
+    ) -> Result<Response<proto::GetUsageResponse>, Status> {
+        let req = request.get_ref();
+        if !req.subject.is_empty() {
+            validate::subject(&req.subject)?;
+        }
+        validate::group(&req.group)?;
+        validate::client_ip(&req.client_ip)?;
+        self.client().get_usage(request.into_inner()).await
+    }
+
+    async fn count_tokens_call(
+        &self,
+        request: Request<proto::CountTokensRequest>,
+    ) -> Result<Response<proto::CountTokensResponse>, Status> {
+        let req = request.into_inner();
+        let policy = self.relay.policy();
+        let (tokens, encoding) =
+            crate::server::prompt::count_tokens(&self.prompts, &policy, req, self.max_prompt_bytes)
+                .await?;
+        Ok(Response::new(proto::CountTokensResponse {
+            tokens,
+            encoding,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl proto::quota_server::Quota for RelayQuota {
+    async fn reserve(
+        &self,
+        request: Request<proto::ReserveRequest>,
+    ) -> Result<Response<proto::ReserveResponse>, Status> {
+        metrics::timed("Reserve", self.reserve_call(request)).await
+    }
+
+    async fn commit(
+        &self,
+        request: Request<proto::CommitRequest>,
+    ) -> Result<Response<proto::CommitResponse>, Status> {
+        metrics::timed("Commit", self.commit_call(request)).await
+    }
+
+    async fn refund(
+        &self,
+        request: Request<proto::RefundRequest>,
+    ) -> Result<Response<proto::RefundResponse>, Status> {
+        metrics::timed("Refund", self.refund_call(request)).await
+    }
+
+    async fn extend(
+        &self,
+        request: Request<proto::ExtendRequest>,
+    ) -> Result<Response<proto::ExtendResponse>, Status> {
+        metrics::timed("Extend", self.extend_call(request)).await
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<proto::GetUsageRequest>,
+    ) -> Result<Response<proto::GetUsageResponse>, Status> {
+        metrics::timed("GetUsage", self.get_usage_call(request)).await
+    }
+
+    async fn count_tokens(
+        &self,
+        request: Request<proto::CountTokensRequest>,
+    ) -> Result<Response<proto::CountTokensResponse>, Status> {
+        metrics::timed("CountTokens", self.count_tokens_call(request)).await
+    }
+}
+
+/// Admin in relay mode: every call forwarded with its `authorization` header, which the
+/// central service checks (a relay holds no admin token of its own).
+#[derive(Debug, Clone)]
+pub struct RelayAdmin {
+    relay: Arc<Relay>,
+}
+
+impl RelayAdmin {
+    /// The Admin service of `relay`.
+    pub fn new(relay: Arc<Relay>) -> Self {
+        Self { relay }
+    }
+
+    fn client(&self) -> AdminClient<tonic::transport::Channel> {
+        AdminClient::new(self.relay.channel())
+    }
+}
+
+/// `request`'s message in a new request that carries its `authorization` header.
+fn with_credentials<T>(request: Request<T>) -> Request<T> {
+    let auth = request.metadata().get("authorization").cloned();
+    let mut forwarded = Request::new(request.into_inner());
+    if let Some(auth) = auth {
+        forwarded.metadata_mut().insert("authorization", auth);
+    }
+    forwarded
+}
+
+#[tonic::async_trait]
+impl proto::admin_server::Admin for RelayAdmin {
+    async fn set_subject(
+        &self,
+        request: Request<proto::SetSubjectRequest>,
+    ) -> Result<Response<proto::SetSubjectResponse>, Status> {
+        metrics::timed(
+            "SetSubject",
+            self.client().set_subject(with_credentials(request)),
+        )
+        .await
+    }
+
+    async fn get_subject(
+        &self,
+        request: Request<proto::GetSubjectRequest>,
+    ) -> Result<Response<proto::GetSubjectResponse>, Status> {
+        metrics::timed(
+            "GetSubject",
+            self.client().get_subject(with_credentials(request)),
+        )
+        .await
+    }
+
+    async fn reset_usage(
+        &self,
+        request: Request<proto::ResetUsageRequest>,
+    ) -> Result<Response<proto::ResetUsageResponse>, Status> {
+        metrics::timed(
+            "ResetUsage",
+            self.client().reset_usage(with_credentials(request)),
+        )
+        .await
+    }
+}
