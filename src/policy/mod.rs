@@ -396,6 +396,12 @@ impl Policy {
                     .as_ref()
                     .map_or_else(|| "any".to_string(), |m| m.join(", "))
             );
+            if l.fail_open {
+                let _ = writeln!(
+                    out,
+                    "  relay: fails open when the central service is unreachable"
+                );
+            }
             if let Some(d) = &l.downgrade {
                 let _ = writeln!(
                     out,
