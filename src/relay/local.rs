@@ -23,6 +23,12 @@ pub struct LocalHold {
     pub committed: Option<Usage>,
     /// Whether it was refunded.
     pub refunded: bool,
+    /// The longest it may live in all, through Extends (the tier's `max_hold_lifetime_seconds`).
+    pub max_lifetime_us: u64,
+    /// The longest one Extend may ask for (the tier's `max_hold_seconds`).
+    pub max_extend_us: u64,
+    /// The Reserve's subject and idempotency key, so a retry during the outage replays it.
+    pub key: Option<(String, String)>,
 }
 
 /// The fail-open holds, bounded in count and kept a day (the late-commit window).
@@ -31,6 +37,8 @@ pub struct LocalHolds {
     holds: HashMap<ReservationId, LocalHold>,
     /// Ids in creation order, to forget the oldest after a day.
     order: VecDeque<(u64, ReservationId)>,
+    /// (subject, idempotency key) -> the hold the key made.
+    keys: HashMap<(String, String), ReservationId>,
 }
 
 impl LocalHolds {
@@ -42,8 +50,17 @@ impl LocalHolds {
             return false;
         }
         self.order.push_back((hold.created_us, id));
+        if let Some(key) = &hold.key {
+            self.keys.insert(key.clone(), id);
+        }
         self.holds.insert(id, hold);
         true
+    }
+
+    /// The hold an earlier Reserve with this subject and key made, if remembered.
+    pub fn by_key(&self, subject: &str, key: &str) -> Option<(ReservationId, &LocalHold)> {
+        let id = *self.keys.get(&(subject.to_string(), key.to_string()))?;
+        self.holds.get(&id).map(|h| (id, h))
     }
 
     /// A remembered hold.
@@ -67,7 +84,13 @@ impl LocalHolds {
                 break;
             }
             self.order.pop_front();
-            self.holds.remove(&id);
+            if let Some(hold) = self.holds.remove(&id) {
+                if let Some(key) = hold.key {
+                    if self.keys.get(&key) == Some(&id) {
+                        self.keys.remove(&key);
+                    }
+                }
+            }
         }
     }
 }
@@ -83,6 +106,9 @@ mod tests {
             expires_us: created_us + 1,
             committed: None,
             refunded: false,
+            max_lifetime_us: 10,
+            max_extend_us: 10,
+            key: None,
         }
     }
 

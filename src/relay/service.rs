@@ -113,13 +113,38 @@ impl RelayQuota {
             ..Default::default()
         };
         if !limits.fail_open {
-            metrics::upstream_failure(&tier, "closed");
+            if !input.dry_run {
+                metrics::upstream_failure(&tier, "closed");
+            }
             tracing::warn!(subject = %input.subject, %tier, error = %status.message(), "upstream unreachable: denied (fail closed)");
             return denied;
         }
+        let max_hold_us = limits.max_hold_seconds * MICROS_PER_SECOND;
         let hold_us = input
             .hold_us
-            .unwrap_or(limits.hold_seconds * MICROS_PER_SECOND);
+            .unwrap_or(limits.hold_seconds * MICROS_PER_SECOND)
+            .min(max_hold_us);
+        let key = input
+            .idempotency_key
+            .clone()
+            .map(|k| (input.subject.clone(), k));
+        if let Some((subject, k)) = &key {
+            // A retry during the outage replays the hold the first attempt got here.
+            if let Some((id, hold)) = self.relay.local().by_key(subject, k) {
+                return proto::ReserveResponse {
+                    decision: proto::Decision::Allowed as i32,
+                    reservation_id: id.to_string(),
+                    model: input.model.clone(),
+                    reserved_tokens: hold.tokens,
+                    prompt_tokens: counted.prompt_tokens,
+                    expires_at: Some(to_timestamp(hold.expires_us)),
+                    shadow_denied_by: UPSTREAM_UNAVAILABLE.into(),
+                    replayed: true,
+                    tier,
+                    ..Default::default()
+                };
+            }
+        }
         let id = ReservationId::generate(now);
         let expires_us = now.saturating_add(hold_us);
         if !input.dry_run {
@@ -131,6 +156,9 @@ impl RelayQuota {
                     expires_us,
                     committed: None,
                     refunded: false,
+                    max_lifetime_us: limits.max_hold_lifetime_seconds * MICROS_PER_SECOND,
+                    max_extend_us: max_hold_us,
+                    key,
                 },
                 now,
             );
@@ -140,7 +168,9 @@ impl RelayQuota {
                 return denied;
             }
         }
-        metrics::upstream_failure(&tier, "open");
+        if !input.dry_run {
+            metrics::upstream_failure(&tier, "open");
+        }
         tracing::warn!(subject = %input.subject, %tier, tokens, error = %status.message(), "upstream unreachable: allowed (fail open)");
         proto::ReserveResponse {
             decision: proto::Decision::Allowed as i32,
@@ -213,10 +243,16 @@ impl RelayQuota {
         let id = validate::reservation_id(&request.get_ref().reservation_id)?;
         {
             let mut local = self.relay.local();
+            let now = self.relay.now_us();
             if let Some(hold) = local.get_mut(id) {
                 if hold.committed.is_some() {
                     return Err(Status::failed_precondition(format!(
                         "reservation {id} is COMMITTED: a committed hold cannot be refunded"
+                    )));
+                }
+                if !hold.refunded && hold.expires_us <= now {
+                    return Err(Status::failed_precondition(format!(
+                        "reservation {id} is EXPIRED: the hold expired; Commit the real usage"
                     )));
                 }
                 hold.refunded = true;
@@ -238,12 +274,25 @@ impl RelayQuota {
             let now = self.relay.now_us();
             let mut local = self.relay.local();
             if let Some(hold) = local.get_mut(id) {
-                if hold.committed.is_some() || hold.refunded {
+                if hold.committed.is_some() || hold.refunded || hold.expires_us <= now {
                     return Err(Status::failed_precondition(format!(
-                        "reservation {id} is settled: only a HELD reservation can be extended"
+                        "reservation {id} is settled or expired: only a HELD reservation can be extended"
                     )));
                 }
-                hold.expires_us = hold.expires_us.max(now.saturating_add(hold_us));
+                if hold_us > hold.max_extend_us {
+                    return Err(Status::invalid_argument(format!(
+                        "hold: must be at most {} seconds (max_hold_seconds of the tier)",
+                        hold.max_extend_us / MICROS_PER_SECOND
+                    )));
+                }
+                let wanted = hold.expires_us.max(now.saturating_add(hold_us));
+                if wanted.saturating_sub(hold.created_us) > hold.max_lifetime_us {
+                    return Err(Status::invalid_argument(format!(
+                        "hold: would make the hold live longer than max_hold_lifetime_seconds ({}) of the tier",
+                        hold.max_lifetime_us / MICROS_PER_SECOND
+                    )));
+                }
+                hold.expires_us = wanted;
                 return Ok(Response::new(proto::ExtendResponse {
                     expires_at: Some(to_timestamp(hold.expires_us)),
                 }));
@@ -262,7 +311,12 @@ impl RelayQuota {
         }
         validate::group(&req.group)?;
         validate::client_ip(&req.client_ip)?;
-        self.client().get_usage(request.into_inner()).await
+        let answer = self.client().get_usage(request.into_inner()).await?;
+        if answer.get_ref().scope == "subject" {
+            self.relay
+                .remember_tier(&answer.get_ref().subject, &answer.get_ref().tier);
+        }
+        Ok(answer)
     }
 
     async fn count_tokens_call(
@@ -360,22 +414,28 @@ impl proto::admin_server::Admin for RelayAdmin {
         &self,
         request: Request<proto::SetSubjectRequest>,
     ) -> Result<Response<proto::SetSubjectResponse>, Status> {
-        metrics::timed(
+        let answer = metrics::timed(
             "SetSubject",
             self.client().set_subject(with_credentials(request)),
         )
-        .await
+        .await?;
+        self.relay
+            .remember_tier(&answer.get_ref().subject, &answer.get_ref().tier);
+        Ok(answer)
     }
 
     async fn get_subject(
         &self,
         request: Request<proto::GetSubjectRequest>,
     ) -> Result<Response<proto::GetSubjectResponse>, Status> {
-        metrics::timed(
+        let answer = metrics::timed(
             "GetSubject",
             self.client().get_subject(with_credentials(request)),
         )
-        .await
+        .await?;
+        self.relay
+            .remember_tier(&answer.get_ref().subject, &answer.get_ref().tier);
+        Ok(answer)
     }
 
     async fn reset_usage(
