@@ -280,7 +280,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         if let Some(addr) = args.metrics_listen {
             if let Err(e) = tollgate::telemetry::install(addr) {
                 eprintln!("tollgate: cannot serve metrics on {addr}: {e}");
@@ -389,7 +389,12 @@ fn serve(args: ServeArgs) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // Dropping the runtime would wait for every blocking task, so a prompt still being counted
+    // (seconds, for megabytes) would hold the exit past --shutdown-timeout. The store is
+    // flushed by now: give the tasks a moment to stop, not the counts.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    code
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -9,28 +9,24 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::task::JoinSet;
-use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 use tollgate::clock::{utc_day, Clock, ManualClock, SystemClock};
 use tollgate::engine::{Bounds, EngineError, ReservationId, ReserveInput, Usage};
 use tollgate::ledger::{Ledger, LedgerError};
 use tollgate::policy::Policy;
-use tollgate::proto::admin_client::AdminClient;
 use tollgate::proto::quota_client::QuotaClient;
 use tollgate::proto::{
-    CommitRequest, Decision, GetSubjectRequest, GetUsageRequest, GetUsageResponse, RefundRequest,
-    SetSubjectRequest,
+    CommitRequest, Decision, GetSubjectRequest, GetUsageResponse, SetSubjectRequest,
 };
 use tollgate::store::Durability;
 
@@ -68,13 +64,6 @@ fn today() -> u32 {
     utc_day(SystemClock.now_micros())
 }
 
-/// Write `text` as `name` in `dir`, and return its path.
-fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write file");
-    path
-}
-
 /// `tollgate serve` arguments: a policy file, strict durability, an admin token.
 fn strict_args(policy: &Path) -> Vec<String> {
     vec![
@@ -85,57 +74,6 @@ fn strict_args(policy: &Path) -> Vec<String> {
         "--admin-token".into(),
         ADMIN_TOKEN.into(),
     ]
-}
-
-fn serve(data: &Path, args: &[String]) -> Process {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Process::serve(data, &args)
-}
-
-async fn quota(p: &Process) -> QuotaClient<Channel> {
-    QuotaClient::connect(p.url()).await.expect("connect")
-}
-
-async fn admin(
-    p: &Process,
-) -> AdminClient<
-    InterceptedService<Channel, impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone>,
-> {
-    let channel = Channel::from_shared(p.url())
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect");
-    let bearer: MetadataValue<_> = format!("Bearer {ADMIN_TOKEN}").parse().unwrap();
-    AdminClient::with_interceptor(channel, move |mut req: Request<()>| {
-        req.metadata_mut().insert("authorization", bearer.clone());
-        Ok(req)
-    })
-}
-
-async fn usage(q: &mut QuotaClient<Channel>, subject: &str) -> GetUsageResponse {
-    q.get_usage(GetUsageRequest {
-        subject: subject.into(),
-        ..Default::default()
-    })
-    .await
-    .expect("GetUsage")
-    .into_inner()
-}
-
-fn commit_req(id: &str, prompt_tokens: u64, completion_tokens: u64) -> CommitRequest {
-    CommitRequest {
-        reservation_id: id.into(),
-        prompt_tokens,
-        completion_tokens,
-        usage_unknown: false,
-    }
-}
-
-fn refund_req(id: &str) -> RefundRequest {
-    RefundRequest {
-        reservation_id: id.into(),
-    }
 }
 
 /// Reserve and insist on an allowed hold; returns its id.
@@ -164,9 +102,9 @@ async fn every_acknowledged_change_survives_kill_9() {
     let args = strict_args(&policy);
     let day = today();
 
-    let server = serve(&data, &args);
-    let mut q = quota(&server).await;
-    let mut a = admin(&server).await;
+    let server = Process::serve(&data, &args);
+    let mut q = server.quota().await;
+    let mut a = server.admin().await;
 
     let set = a
         .set_subject(SetSubjectRequest {
@@ -235,9 +173,9 @@ async fn every_acknowledged_change_survives_kill_9() {
     let alice = (120 + 10 + 40, 30, 1, 5);
     let bob = (1, 15, 1, 2);
 
-    let server = serve(&data, &args);
-    let mut q = quota(&server).await;
-    let mut a = admin(&server).await;
+    let server = Process::serve(&data, &args);
+    let mut q = server.quota().await;
+    let mut a = server.admin().await;
     let ua = usage(&mut q, "alice").await;
     let ub = usage(&mut q, "bob").await;
     assert_eq!(ua.tier, "gold", "the tier assignment survived");
@@ -320,8 +258,8 @@ async fn every_acknowledged_change_survives_kill_9() {
 
     // And what was acknowledged after the restart survives a second kill -9.
     server.kill9();
-    let server = serve(&data, &args);
-    let mut q = quota(&server).await;
+    let server = Process::serve(&data, &args);
+    let mut q = server.quota().await;
     let ua = usage(&mut q, "alice").await;
     let ub = usage(&mut q, "bob").await;
     assert_eq!((ua.held_tokens, ua.open_holds), (0, 0));
@@ -451,7 +389,7 @@ async fn acknowledged_work_survives_kill_9_under_load() {
     let args = strict_args(&policy);
     let day = today();
 
-    let server = serve(&data, &args);
+    let server = Process::serve(&data, &args);
     let acked = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = JoinSet::new();
@@ -496,8 +434,8 @@ async fn acknowledged_work_survives_kill_9_under_load() {
         start.elapsed()
     );
 
-    let server = serve(&data, &args);
-    let mut q = quota(&server).await;
+    let server = Process::serve(&data, &args);
+    let mut q = server.quota().await;
     let subjects: Vec<String> = (0..LOAD_SUBJECTS).map(|s| format!("load-{s}")).collect();
     let same_day = || today() == day;
 
@@ -616,29 +554,6 @@ async fn acknowledged_work_survives_kill_9_under_load() {
         }
     }
     server.kill9();
-}
-
-/// Run `cmd` to its exit (killing it after `limit`, a failure), with its output captured.
-fn run_to_exit(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tollgate");
-    let start = Instant::now();
-    while child.try_wait().expect("try_wait").is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("reap");
-            panic!(
-                "tollgate did not exit within {limit:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
 }
 
 /// (c) A bad policy file: `tollgate serve` exits non-zero, naming file, line and reason, and

@@ -9,21 +9,15 @@ mod common;
 use common::*;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use prost_types::{Duration as PbDuration, Timestamp};
-use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
-use tollgate::proto::admin_client::AdminClient;
 use tollgate::proto::{
-    CommitRequest, Decision, ExtendRequest, GetSubjectRequest, GetUsageResponse, RefundRequest,
-    SetSubjectRequest,
+    Decision, ExtendRequest, GetSubjectRequest, GetUsageResponse, RefundRequest, SetSubjectRequest,
 };
 
 // ------------------------------------------------------------------------------------------
@@ -116,15 +110,6 @@ fn assert_status(r: Result<Timestamp, Status>, code: Code, prefix: &str, needles
 async fn figures(q: &mut Quota, subject: &str) -> (u64, u64, u32) {
     let u = usage(q, subject).await;
     (u.used_tokens, u.held_tokens, u.open_holds)
-}
-
-fn commit_req(id: &str, prompt_tokens: u64, completion_tokens: u64) -> CommitRequest {
-    CommitRequest {
-        reservation_id: id.to_string(),
-        prompt_tokens,
-        completion_tokens,
-        usage_unknown: false,
-    }
 }
 
 /// Extend at 50 s of a 60 s hold: the new expiry is exactly now + hold; at 61 s (past the old
@@ -470,9 +455,6 @@ async fn an_extended_deadline_survives_a_restart() {
 // Reload (the real binary)
 // ------------------------------------------------------------------------------------------
 
-const POLL_LIMIT: Duration = Duration::from_secs(10);
-const POLL_STEP: Duration = Duration::from_millis(50);
-
 /// One tier, `basic`, with `tokens_per_day` padded so that every such policy has the same size.
 fn day_policy(tokens_per_day: u64) -> String {
     format!(
@@ -480,106 +462,36 @@ fn day_policy(tokens_per_day: u64) -> String {
     )
 }
 
-/// Write `text` to `path` atomically (a new file renamed over it), so the server's poller never
-/// reads half a file.
-fn replace_file(path: &Path, text: &str) {
-    let tmp = path.with_extension("toml.new");
-    fs::write(&tmp, text).expect("write the new policy");
-    fs::rename(&tmp, path).expect("rename the new policy into place");
-}
-
-/// A started server with its stderr (RUST_LOG=info) in a log file, and its temporary directory.
+/// A started server (its stderr at RUST_LOG=info in a log file), its policy file and its
+/// temporary directory. Derefs to the [`Process`].
 struct Served {
     process: Process,
     policy: PathBuf,
-    log: PathBuf,
     _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Served {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
 }
 
 impl Served {
     /// `tollgate serve --policy FILE --data-dir DIR --admin-token ...` on `policy_text`.
     fn start(policy_text: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let policy = dir.path().join("policy.toml");
-        fs::write(&policy, policy_text).expect("write policy");
-        let log = dir.path().join("stderr.log");
-        let stderr = fs::File::create(&log).expect("create the log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--policy")
-            .arg(&policy)
-            .arg("--admin-token")
-            .arg(ADMIN_TOKEN)
+        let policy = write_file(dir.path(), "policy.toml", policy_text);
+        let process = Serve::new(&dir.path().join("data"))
+            .policy(&policy)
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .expect("spawn tollgate");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let addr = match line.trim().strip_prefix("tollgate listening on ") {
-            Some(a) => a.parse().expect("an address"),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "unexpected first line {line:?}; log:\n{}",
-                    fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-        };
+            .log_to(&dir.path().join("stderr.log"))
+            .start();
         Self {
-            process: Process { child, addr },
+            process,
             policy,
-            log,
             _dir: dir,
         }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `kill -HUP <pid>`.
-    fn sighup(&self) {
-        let status = Command::new("kill")
-            .arg("-HUP")
-            .arg(self.process.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -HUP: {status:?}");
-    }
-
-    async fn quota(&self) -> Quota {
-        tollgate::proto::quota_client::QuotaClient::connect(self.process.url())
-            .await
-            .expect("connect")
-    }
-
-    async fn admin(
-        &self,
-    ) -> AdminClient<
-        InterceptedService<Channel, impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone>,
-    > {
-        let channel = Channel::from_shared(self.process.url())
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect");
-        let bearer: MetadataValue<_> = format!("Bearer {ADMIN_TOKEN}").parse().unwrap();
-        AdminClient::with_interceptor(channel, move |mut req: Request<()>| {
-            req.metadata_mut().insert("authorization", bearer.clone());
-            Ok(req)
-        })
     }
 
     /// Poll GetUsage of `subject` until `ok` holds (at most POLL_LIMIT).
@@ -601,21 +513,6 @@ impl Served {
                     "{what}: not within {POLL_LIMIT:?}; last GetUsage: {u:?}\nserver log:\n{}",
                     self.log_text()
                 );
-            }
-            tokio::time::sleep(POLL_STEP).await;
-        }
-    }
-
-    /// Poll the log until a line satisfies `ok` (at most POLL_LIMIT); returns that line.
-    async fn log_line_until(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
-        let start = Instant::now();
-        loop {
-            let text = self.log_text();
-            if let Some(line) = text.lines().find(|l| ok(l)) {
-                return line.to_string();
-            }
-            if start.elapsed() > POLL_LIMIT {
-                panic!("{what}: no such log line within {POLL_LIMIT:?}; server log:\n{text}");
             }
             tokio::time::sleep(POLL_STEP).await;
         }

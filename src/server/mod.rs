@@ -176,17 +176,19 @@ pub async fn serve_backend(
     // Shutdown begins once: it flips health, tells the health-only server to stop, and starts
     // the clock on in-flight calls.
     let (began_tx, began_rx) = tokio::sync::watch::channel(false);
-    let health_for_shutdown = health.clone();
+    let mut health_for_shutdown = health.clone();
     let begin = async move {
         shutdown.await;
-        // Probes see NOT_SERVING while in-flight calls finish.
-        health_for_shutdown
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
-        for name in SERVICES {
+        // Health watchers (client-side load balancers, Envoy) see NOT_SERVING; then their
+        // streams end, since a watch never finishes by itself and would hold the drain for the
+        // whole timeout. Probes that connect anew are refused: the listeners close now.
+        for name in std::iter::once("").chain(SERVICES) {
             health_for_shutdown
                 .set_service_status(name, tonic_health::ServingStatus::NotServing)
                 .await;
+        }
+        for name in std::iter::once("").chain(SERVICES) {
+            health_for_shutdown.clear_service_status(name).await;
         }
         tracing::info!("shutting down: refusing new calls, finishing in-flight ones");
         let _ = began_tx.send(true);

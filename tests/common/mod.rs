@@ -1,17 +1,22 @@
 //! Shared harness for the end-to-end tests: a real tollgate gRPC server on 127.0.0.1 (port 0)
-//! with a manual clock, and clients for it. Also a spawner for the real binary, for the tests
-//! that must `kill -9` a process.
+//! with a manual clock, and clients for it. Also the real binary as a child process ([`Serve`],
+//! [`Process`]: its log, signals, `kill -9`, its exit), for the tests that need one, and the
+//! file helpers those tests share (policy files, atomic replacement, running a command).
 #![allow(dead_code)]
 
+use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
@@ -91,30 +96,44 @@ impl TestServer {
         bounds: Bounds,
         options: ServeOptions,
     ) -> Self {
+        let any_port: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Self::launch(policy_toml, dir, clock, bounds, options, any_port).await
+    }
+
+    /// Open the ledger and serve it on `addr`. sled's background threads can hold the
+    /// directory's lock, and the old listener its port, for a moment after a stopped server is
+    /// dropped: a restart retries each for up to two seconds.
+    async fn launch(
+        policy_toml: &str,
+        dir: Arc<tempfile::TempDir>,
+        clock: Arc<ManualClock>,
+        bounds: Bounds,
+        options: ServeOptions,
+        addr: SocketAddr,
+    ) -> Self {
         let policy = Arc::new(Policy::from_toml(policy_toml, "test.toml").expect("test policy"));
-        // sled's background threads can hold the directory's lock for a moment after the last
-        // handle of a stopped server is dropped: a restart retries for up to two seconds.
-        let mut attempt = 0;
-        let ledger = loop {
-            match Ledger::open(
+        let ledger = retry("open ledger", || {
+            Ledger::open(
                 dir.path(),
                 policy.clone(),
                 bounds,
                 Durability::Strict,
                 clock.clone(),
-            ) {
-                Ok(l) => break Arc::new(l),
-                Err(e) if attempt < 100 => {
+            )
+        })
+        .await;
+        let ledger = Arc::new(ledger);
+        let mut attempt = 0;
+        let (listener, addr) = loop {
+            match tollgate::server::bind(addr).await {
+                Ok(bound) => break bound,
+                Err(_) if attempt < 100 => {
                     attempt += 1;
-                    let _ = e;
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
-                Err(e) => panic!("open ledger: {e}"),
+                Err(e) => panic!("bind {addr}: {e}"),
             }
         };
-        let (listener, addr) = tollgate::server::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .expect("bind");
         let (tx, rx) = oneshot::channel::<()>();
         let l = ledger.clone();
         let handle = tokio::spawn(async move {
@@ -145,21 +164,8 @@ impl TestServer {
     }
 
     /// An Admin client that sends the right bearer token.
-    pub async fn admin(
-        &self,
-    ) -> AdminClient<
-        InterceptedService<Channel, impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone>,
-    > {
-        let channel = Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect");
-        let bearer: MetadataValue<_> = format!("Bearer {ADMIN_TOKEN}").parse().unwrap();
-        AdminClient::with_interceptor(channel, move |mut req: Request<()>| {
-            req.metadata_mut().insert("authorization", bearer.clone());
-            Ok(req)
-        })
+    pub async fn admin(&self) -> Admin {
+        admin_client(self.url()).await
     }
 
     /// Move the clock forward by whole seconds.
@@ -239,44 +245,212 @@ pub fn limit<'a>(limits: &'a [proto::LimitStatus], name: &str) -> &'a proto::Lim
         .unwrap_or_else(|| panic!("no limit {name} in {limits:?}"))
 }
 
-/// The real `tollgate` binary, started as a child process.
+/// The real `tollgate` binary, started as a child process (see [`Serve`]).
 pub struct Process {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The file its stderr goes to, if it was started with [`Serve::log_to`].
+    pub log: Option<PathBuf>,
 }
 
-impl Process {
-    /// Start `tollgate serve` on 127.0.0.1:0 with `args`, and wait for its address.
-    pub fn serve(data_dir: &std::path::Path, extra: &[&str]) -> Self {
+/// How long [`Process::log_line_until`] waits, and how often it looks.
+pub const POLL_LIMIT: Duration = Duration::from_secs(10);
+pub const POLL_STEP: Duration = Duration::from_millis(50);
+
+/// A `tollgate serve` to start: the real binary on 127.0.0.1:0 (unless [`Serve::listen`] says
+/// otherwise) over `data_dir`, with extra arguments and environment (RUST_LOG=warn unless set),
+/// its stderr inherited or written to a log file.
+#[derive(Debug, Clone)]
+pub struct Serve {
+    data_dir: PathBuf,
+    listen: String,
+    args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+    log: Option<PathBuf>,
+}
+
+impl Serve {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            listen: "127.0.0.1:0".into(),
+            args: Vec::new(),
+            envs: vec![("RUST_LOG".into(), "warn".into())],
+            log: None,
+        }
+    }
+
+    /// `--listen ADDR` instead of 127.0.0.1:0.
+    pub fn listen(mut self, addr: impl Into<String>) -> Self {
+        self.listen = addr.into();
+        self
+    }
+
+    /// More arguments after `serve --listen ... --data-dir ...`.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
+        self
+    }
+
+    /// `--policy FILE --admin-token ADMIN_TOKEN`.
+    pub fn policy(self, file: &Path) -> Self {
+        self.args([
+            OsStr::new("--policy"),
+            file.as_os_str(),
+            OsStr::new("--admin-token"),
+            OsStr::new(ADMIN_TOKEN),
+        ])
+    }
+
+    /// An environment variable (RUST_LOG replaces the default `warn`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.retain(|(k, _)| k != key);
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// Write stderr to `file` (created or truncated) instead of inheriting it.
+    pub fn log_to(mut self, file: &Path) -> Self {
+        self.log = Some(file.to_path_buf());
+        self
+    }
+
+    /// Start it and wait for the address it prints.
+    pub fn start(self) -> Process {
+        self.try_start().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Start it and wait for the address it prints; if it exits (or prints something else)
+    /// instead, what it printed and logged.
+    pub fn try_start(&self) -> Result<Process, String> {
+        let stderr = match &self.log {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("create the log")),
+            None => Stdio::inherit(),
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(&self.listen)
             .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn tollgate");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("tollgate listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-            .parse()
-            .expect("an address");
-        Self { child, addr }
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        match line.trim().strip_prefix("tollgate listening on ") {
+            Some(a) => Ok(Process {
+                child,
+                addr: a.parse().expect("an address"),
+                log: self.log.clone(),
+            }),
+            None => {
+                let _ = child.kill();
+                let status = child.wait();
+                let log = self
+                    .log
+                    .as_deref()
+                    .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+                    .unwrap_or_default();
+                Err(format!(
+                    "tollgate serve did not start ({status:?}): first line {line:?}; log:\n{log}"
+                ))
+            }
+        }
+    }
+}
+
+impl Process {
+    /// Start `tollgate serve` on 127.0.0.1:0 with `extra` arguments, and wait for its address.
+    pub fn serve<I, S>(data_dir: &Path, extra: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Serve::new(data_dir).args(extra).start()
     }
 
     /// The server's URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// A Quota client (a new connection).
+    pub async fn quota(&self) -> Quota {
+        QuotaClient::connect(self.url()).await.expect("connect")
+    }
+
+    /// An Admin client that sends the right bearer token.
+    pub async fn admin(&self) -> Admin {
+        admin_client(self.url()).await
+    }
+
+    /// `kill -SIGNAL <pid>`, e.g. "HUP" or "TERM".
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal}: {status:?}");
+    }
+
+    /// `kill -HUP <pid>`.
+    pub fn sighup(&self) {
+        self.signal("HUP");
+    }
+
+    /// `kill -TERM <pid>`.
+    pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Wait up to `limit` for the process to exit; its status, or None if it is still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if start.elapsed() >= limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// What it has written to its log file so far (empty without one).
+    pub fn log_text(&self) -> String {
+        self.log
+            .as_deref()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// Poll the log until a line satisfies `ok` (at most POLL_LIMIT); returns that line.
+    pub async fn log_line_until(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let text = self.log_text();
+            if let Some(line) = text.lines().find(|l| ok(l)) {
+                return line.to_string();
+            }
+            if start.elapsed() > POLL_LIMIT {
+                panic!("{what}: no such log line within {POLL_LIMIT:?}; server log:\n{text}");
+            }
+            tokio::time::sleep(POLL_STEP).await;
+        }
     }
 
     /// `kill -9`: no shutdown path runs.
@@ -291,6 +465,69 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Write `text` as `name` in `dir`, and return its path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write file");
+    path
+}
+
+/// Write `text` to `path` atomically (a new file renamed over it), so a server polling the file
+/// never reads half of it.
+pub fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("toml.new");
+    std::fs::write(&tmp, text).expect("write the new file");
+    std::fs::rename(&tmp, path).expect("rename the new file into place");
+}
+
+/// Run `cmd` to its exit (killing it after `limit`, a failure), with its output captured.
+pub fn run_to_exit(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tollgate");
+    let start = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("reap");
+            panic!(
+                "tollgate did not exit within {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// Adds `authorization: Bearer ADMIN_TOKEN` to every call.
+#[derive(Debug, Clone)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// An Admin client with the right bearer token.
+pub type Admin = AdminClient<InterceptedService<Channel, Bearer>>;
+
+/// An Admin client of `url` (a new connection) that sends the right bearer token.
+pub async fn admin_client(url: String) -> Admin {
+    let channel = Channel::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    let bearer = format!("Bearer {ADMIN_TOKEN}").parse().unwrap();
+    AdminClient::with_interceptor(channel, Bearer(bearer))
 }
 
 /// A Quota client.
@@ -312,6 +549,23 @@ pub async fn commit(
     .await
     .expect("commit")
     .into_inner()
+}
+
+/// A Commit of `prompt_tokens` + `completion_tokens` of usage to reservation `id`.
+pub fn commit_req(id: &str, prompt_tokens: u64, completion_tokens: u64) -> proto::CommitRequest {
+    proto::CommitRequest {
+        reservation_id: id.to_string(),
+        prompt_tokens,
+        completion_tokens,
+        usage_unknown: false,
+    }
+}
+
+/// A Refund of reservation `id`.
+pub fn refund_req(id: &str) -> proto::RefundRequest {
+    proto::RefundRequest {
+        reservation_id: id.to_string(),
+    }
 }
 
 /// GetUsage of `subject`.
@@ -365,4 +619,36 @@ pub fn readme_policy_example() -> String {
         .expect("the code block is closed")
         .0
         .to_string()
+}
+
+impl TestServer {
+    /// A server over an existing data directory and clock, bound to exactly `addr` rather than
+    /// a new port: a restart that clients and relays holding the old URL must find again.
+    /// Binding retries for up to two seconds while the old listener's port is released.
+    pub async fn start_in_at(
+        policy_toml: &str,
+        dir: Arc<tempfile::TempDir>,
+        clock: Arc<ManualClock>,
+        addr: SocketAddr,
+    ) -> Self {
+        let options = ServeOptions {
+            admin_token: Some(ADMIN_TOKEN.to_string()),
+            ..Default::default()
+        };
+        Self::launch(policy_toml, dir, clock, Bounds::default(), options, addr).await
+    }
+}
+
+/// `attempt()` until it succeeds, at most 100 times 20 ms apart; then panic naming `what`.
+async fn retry<T, E: std::fmt::Display>(
+    what: &str,
+    mut attempt: impl FnMut() -> Result<T, E>,
+) -> T {
+    for _ in 0..100 {
+        if let Ok(v) = attempt() {
+            return v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    attempt().unwrap_or_else(|e| panic!("{what}: {e}"))
 }
