@@ -12,7 +12,7 @@ use crate::engine::{
     Bounds, CommitOutcome, Engine, EngineError, Mutation, RefundOutcome, ReservationId,
     ReserveInput, ReserveOutcome, Usage, UsageQuery, UsageReport,
 };
-use crate::policy::{Overrides, Policy};
+use crate::policy::{Overrides, Policy, PolicyCell};
 use crate::store::{Durability, Store, StoreError, Ticket, Writer};
 
 /// Why a ledger call failed.
@@ -39,6 +39,8 @@ pub struct Housekeeping {
     pub purged: usize,
     /// Scopes at rest forgotten.
     pub forgotten: usize,
+    /// After the pass: open holds, reservation records, scopes in memory.
+    pub counts: (usize, usize, usize),
 }
 
 /// What an answer must wait for before it is sent.
@@ -72,9 +74,10 @@ impl Wait {
 /// correct and cheaper than an async one.
 pub struct Ledger {
     engine: Mutex<Engine>,
+    /// The engine's policy, readable without the engine lock.
+    policy: PolicyCell,
     writer: Writer,
     clock: Arc<dyn Clock>,
-    store: Store,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -96,6 +99,7 @@ impl Ledger {
     ) -> Result<Self, StoreError> {
         let store = Store::open(data_dir)?;
         let snapshot = store.load()?;
+        let cell = PolicyCell::new(policy.clone());
         let mut engine = Engine::new(policy, bounds);
         let (scopes, reservations) = (snapshot.scopes.len(), snapshot.reservations.len());
         for problem in engine.restore(snapshot.scopes, snapshot.reservations, snapshot.assignments)
@@ -111,9 +115,9 @@ impl Ledger {
         );
         Ok(Self {
             engine: Mutex::new(engine),
-            writer: Writer::start(store.clone(), durability),
+            policy: cell,
+            writer: Writer::start(store, durability),
             clock,
-            store,
         })
     }
 
@@ -246,14 +250,18 @@ impl Ledger {
         self.answer(result, ticket, Wait::Own).await
     }
 
-    /// The policy in force (a snapshot: a reload swaps the whole policy).
+    /// The policy in force (a snapshot: a reload swaps the whole policy). Read without the
+    /// engine lock.
     pub fn policy(&self) -> Result<Arc<Policy>, LedgerError> {
-        Ok(self.lock()?.policy().clone())
+        Ok(self.policy.get())
     }
 
-    /// Put a new policy in force (see [`Engine::set_policy`]).
+    /// Put a new policy in force (see [`Engine::set_policy`]). The cell is set under the
+    /// engine lock, so the two never disagree for longer than this call.
     pub fn set_policy(&self, policy: Arc<Policy>) -> Result<(), LedgerError> {
-        self.lock()?.set_policy(policy);
+        let mut engine = self.lock()?;
+        engine.set_policy(policy.clone());
+        self.policy.set(policy);
         Ok(())
     }
 
@@ -283,10 +291,13 @@ impl Ledger {
             .decide(|e, now, out| {
                 // A second expiry pass (the first ran before this closure) drains a backlog,
                 // e.g. after a restart, twice as fast.
+                let expired = e.expire_due(now, out);
+                crate::telemetry::add(crate::telemetry::HOLDS_EXPIRED, expired as u64);
                 Ok(Housekeeping {
-                    expired: e.expire_due(now, out),
+                    expired,
                     purged: e.purge_settled(now, out),
                     forgotten: e.forget_scopes_at_rest(now, out),
+                    counts: (e.open_holds(), e.reservation_count(), e.scope_count()),
                 })
             })
             .await?;
@@ -303,15 +314,5 @@ impl Ledger {
     pub fn counts(&self) -> Result<(usize, usize, usize), LedgerError> {
         let e = self.lock()?;
         Ok((e.open_holds(), e.reservation_count(), e.scope_count()))
-    }
-
-    /// Bytes the store takes on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.store.size_on_disk()
-    }
-
-    /// The durability in force.
-    pub fn durability(&self) -> Durability {
-        self.writer.durability()
     }
 }

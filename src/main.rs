@@ -171,12 +171,9 @@ fn main() -> ExitCode {
 }
 
 fn check_policy(file: &std::path::Path) -> ExitCode {
-    let policy = match Policy::from_file(file) {
+    let policy = match load_policy(Some(file)) {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("tollgate: policy refused: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     println!("{}: OK", file.display());
     print!("{}", policy.summary());
@@ -193,17 +190,19 @@ struct ChatMessageJson {
     name: Option<String>,
 }
 
-fn count_tokens(args: CountTokensArgs) -> ExitCode {
-    let policy = match &args.policy {
-        Some(path) => Policy::from_file(path),
-        None => Ok(Policy::embedded_default()),
-    };
-    let policy = match policy {
-        Ok(p) => p,
-        Err(e) => {
+/// The policy file given, or the embedded default; a refused file is reported (exit 2).
+fn load_policy(path: Option<&std::path::Path>) -> Result<Policy, ExitCode> {
+    path.map_or_else(|| Ok(Policy::embedded_default()), Policy::from_file)
+        .map_err(|e| {
             eprintln!("tollgate: policy refused: {e}");
-            return ExitCode::from(2);
-        }
+            ExitCode::from(2)
+        })
+}
+
+fn count_tokens(args: CountTokensArgs) -> ExitCode {
+    let policy = match load_policy(args.policy.as_deref()) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     let Some(encoding) = policy.encoding_for(&args.model) else {
         eprintln!(
@@ -259,16 +258,9 @@ fn count_tokens(args: CountTokensArgs) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    let policy = match &args.policy {
-        Some(path) => Policy::from_file(path),
-        None => Ok(Policy::embedded_default()),
-    };
-    let policy = match policy {
+    let policy = match load_policy(args.policy.as_deref()) {
         Ok(p) => Arc::new(p),
-        Err(e) => {
-            eprintln!("tollgate: policy refused: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -288,7 +280,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
             tracing::info!(%addr, "metrics at /metrics");
         }
-        let (backend, reloader) = match &args.upstream {
+        let backend = match &args.upstream {
             Some(url) => {
                 let relay = match Relay::new(
                     url,
@@ -305,11 +297,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                 if args.admin_token.is_some() {
                     tracing::warn!("relay mode: --admin-token is not used here; the upstream checks Admin calls");
                 }
-                let reloader = args
-                    .policy
-                    .clone()
-                    .map(|path| tollgate::server::reload::spawn_reloader(relay.clone(), path));
-                (Backend::Relay(relay), reloader)
+                Backend::Relay(relay)
             }
             None => {
                 let ledger = match Ledger::open(
@@ -328,13 +316,12 @@ fn serve(args: ServeArgs) -> ExitCode {
                 if args.admin_token.as_deref().is_none_or(str::is_empty) {
                     tracing::warn!("no --admin-token: every Admin call will be refused");
                 }
-                let reloader = args
-                    .policy
-                    .clone()
-                    .map(|path| tollgate::server::reload::spawn_reloader(ledger.clone(), path));
-                (Backend::Ledger(ledger), reloader)
+                Backend::Ledger(ledger)
             }
         };
+        let reloader = args.policy.clone().map(|path| {
+            tollgate::server::reload::spawn_reloader(Arc::new(backend.clone()), path)
+        });
         let (listener, addr) = match tollgate::server::bind(args.listen).await {
             Ok(bound) => bound,
             Err(e) => {

@@ -10,10 +10,11 @@
 //! make the series count grow with the user count).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Reserves decided, by tier, decision and `denied_by`.
 pub const DECISIONS: &str = "tollgate_decisions_total";
@@ -42,9 +43,33 @@ pub const FLUSH_SECONDS: &str = "tollgate_store_flush_duration_seconds";
 /// Relay mode: Reserves answered without the upstream, by tier and fail mode.
 pub const UPSTREAM_FAILURES: &str = "tollgate_relay_upstream_unavailable_total";
 
+/// Whether a recorder is installed. The `metrics` macros are cheap without one, but their
+/// label values (tier names) are built before the recorder is asked; checked first, they are
+/// never built for metrics nobody scrapes.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
 /// Start serving `/metrics` on `addr` (a background task of the current tokio runtime).
 pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
-    // Histograms, not summaries: buckets aggregate across instances and over time.
+    builder()?.with_http_listener(addr).install()?;
+    enable();
+    Ok(())
+}
+
+/// Record metrics in this process without serving them, and return the handle that renders
+/// them (for tests, and for embedding tollgate's server in another program).
+pub fn install_recorder() -> Result<PrometheusHandle, BuildError> {
+    let handle = builder()?.install_recorder()?;
+    enable();
+    Ok(handle)
+}
+
+/// The exporter's configuration: histograms, not summaries, since buckets aggregate across
+/// instances and over time.
+fn builder() -> Result<PrometheusBuilder, BuildError> {
     let rpc_buckets = [
         0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
         0.5, 1.0, 2.5,
@@ -53,12 +78,13 @@ pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
         0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
     ];
     PrometheusBuilder::new()
-        .with_http_listener(addr)
         .set_buckets_for_metric(Matcher::Full(RPC_SECONDS.into()), &rpc_buckets)?
-        .set_buckets_for_metric(Matcher::Full(FLUSH_SECONDS.into()), &flush_buckets)?
-        .install()?;
+        .set_buckets_for_metric(Matcher::Full(FLUSH_SECONDS.into()), &flush_buckets)
+}
+
+fn enable() {
+    ENABLED.store(true, Ordering::Relaxed);
     describe();
-    Ok(())
 }
 
 fn describe() {
@@ -97,6 +123,9 @@ fn describe() {
 
 /// One Reserve's decision.
 pub fn decision(tier: &str, decision: &'static str, denied_by: &str) {
+    if !enabled() {
+        return;
+    }
     counter!(
         DECISIONS,
         "tier" => tier.to_string(),
@@ -108,23 +137,30 @@ pub fn decision(tier: &str, decision: &'static str, denied_by: &str) {
 
 /// Add to a counter without labels.
 pub fn add(name: &'static str, value: u64) {
-    if value > 0 {
+    if enabled() && value > 0 {
         counter!(name).increment(value);
     }
 }
 
 /// Set a gauge without labels.
 pub fn set(name: &'static str, value: usize) {
-    gauge!(name).set(value as f64);
+    if enabled() {
+        gauge!(name).set(value as f64);
+    }
 }
 
 /// Record how long a store flush took.
 pub fn flush_took(elapsed: Duration) {
-    histogram!(FLUSH_SECONDS).record(elapsed.as_secs_f64());
+    if enabled() {
+        histogram!(FLUSH_SECONDS).record(elapsed.as_secs_f64());
+    }
 }
 
 /// Record one gRPC call: its method, its status code and how long since `started`.
 pub fn rpc(method: &'static str, code: tonic::Code, started: Instant) {
+    if !enabled() {
+        return;
+    }
     histogram!(
         RPC_SECONDS,
         "method" => method,
@@ -135,6 +171,9 @@ pub fn rpc(method: &'static str, code: tonic::Code, started: Instant) {
 
 /// A relay Reserve answered without its upstream.
 pub fn upstream_failure(tier: &str, mode: &'static str) {
+    if !enabled() {
+        return;
+    }
     counter!(UPSTREAM_FAILURES, "tier" => tier.to_string(), "mode" => mode).increment(1);
 }
 

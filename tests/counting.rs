@@ -11,14 +11,11 @@ use std::sync::Arc;
 
 use tollgate::policy::{Policy, DEFAULT_MAX_OUTPUT_TOKENS};
 use tollgate::proto::{
-    ChatMessage, CountTokensRequest, CountTokensResponse, Decision, ReserveRequest, ReserveResponse,
+    ChatMessage, CountTokensRequest, CountTokensResponse, Decision, ReserveRequest,
 };
 use tollgate::server::validate::{DEFAULT_MAX_PROMPT_BYTES, MAX_MESSAGES};
 use tollgate::server::{ServeOptions, MESSAGE_OVERHEAD_BYTES};
 use tonic::Code;
-
-/// The minimal policy of the documentation.
-const POLICY_500: &str = "default_tier = \"free\"\n\n[tiers.free]\ntokens_per_day = 500\n";
 
 /// A budget far above anything these tests reserve.
 const POLICY_ROOMY: &str = "default_tier = \"t\"\n\n[tiers.t]\ntokens_per_day = 1000000000000\n";
@@ -85,22 +82,6 @@ fn msg(role: &str, content: &str) -> ChatMessage {
     }
 }
 
-/// A Reserve of `prompt` text for `model`.
-fn reserve_text(
-    subject: &str,
-    model: &str,
-    prompt: &str,
-    max_output: Option<u64>,
-) -> ReserveRequest {
-    ReserveRequest {
-        subject: subject.to_string(),
-        model: model.to_string(),
-        prompt: Some(prompt.to_string()),
-        max_output_tokens: max_output,
-        ..Default::default()
-    }
-}
-
 /// A Reserve of chat `messages` for `model`.
 fn reserve_chat(
     subject: &str,
@@ -139,14 +120,6 @@ async fn count_chat(q: &mut Quota, model: &str, messages: Vec<ChatMessage>) -> C
     .await
     .unwrap_or_else(|s| panic!("count_tokens({model}): {s:?}"))
     .into_inner()
-}
-
-/// A Reserve that must be answered OK.
-async fn reserve_ok(q: &mut Quota, req: ReserveRequest) -> ReserveResponse {
-    q.reserve(req)
-        .await
-        .unwrap_or_else(|s| panic!("reserve: {s:?}"))
-        .into_inner()
 }
 
 /// The status of a call that must fail with `code`.
@@ -200,7 +173,7 @@ async fn real_text_over_500_tokens_is_denied_and_of_two_300_token_texts_one_is_a
         assert!((251..=500).contains(&c.tokens), "about 300 tokens: {c:?}");
     }
 
-    let r = reserve_ok(&mut q, reserve_text("alice", "gpt-4o", &long, Some(0))).await;
+    let r = rsv(&mut q, reserve_text("alice", "gpt-4o", &long, Some(0))).await;
     assert_eq!(decision(&r), Decision::Denied);
     assert_eq!(r.denied_by, "tokens_per_day");
     assert_eq!(r.reserved_tokens, 0);
@@ -211,7 +184,7 @@ async fn real_text_over_500_tokens_is_denied_and_of_two_300_token_texts_one_is_a
         "more than the limit never fits: {r:?}"
     );
 
-    let a = reserve_ok(&mut q, reserve_text("alice", "gpt-4o", &first, Some(0))).await;
+    let a = rsv(&mut q, reserve_text("alice", "gpt-4o", &first, Some(0))).await;
     assert_eq!(decision(&a), Decision::Allowed);
     assert_eq!(a.prompt_tokens, first_count.tokens);
     assert_eq!(a.reserved_tokens, first_count.tokens);
@@ -221,7 +194,7 @@ async fn real_text_over_500_tokens_is_denied_and_of_two_300_token_texts_one_is_a
         500 - first_count.tokens
     );
 
-    let b = reserve_ok(&mut q, reserve_text("alice", "gpt-4o", &second, Some(0))).await;
+    let b = rsv(&mut q, reserve_text("alice", "gpt-4o", &second, Some(0))).await;
     assert_eq!(decision(&b), Decision::Denied);
     assert_eq!(b.denied_by, "tokens_per_day");
     assert_eq!(b.prompt_tokens, second_count.tokens);
@@ -270,18 +243,18 @@ async fn real_chats_over_500_tokens_are_denied_and_of_two_300_token_chats_one_is
         + count_text(&mut q, "gpt-4o", "assistant").await.tokens;
     assert_eq!(first_count.tokens, texts + 3 * 3 + 3);
 
-    let r = reserve_ok(&mut q, reserve_chat("bob", "gpt-4o", long, Some(0))).await;
+    let r = rsv(&mut q, reserve_chat("bob", "gpt-4o", long, Some(0))).await;
     assert_eq!(decision(&r), Decision::Denied);
     assert_eq!(r.denied_by, "tokens_per_day");
     assert_eq!(r.prompt_tokens, long_count.tokens);
     assert!(r.retry_after.is_none(), "{r:?}");
 
-    let a = reserve_ok(&mut q, reserve_chat("bob", "gpt-4o", first, Some(0))).await;
+    let a = rsv(&mut q, reserve_chat("bob", "gpt-4o", first, Some(0))).await;
     assert_eq!(decision(&a), Decision::Allowed);
     assert_eq!(a.prompt_tokens, first_count.tokens);
     assert_eq!(a.reserved_tokens, first_count.tokens);
 
-    let b = reserve_ok(&mut q, reserve_chat("bob", "gpt-4o", second, Some(0))).await;
+    let b = rsv(&mut q, reserve_chat("bob", "gpt-4o", second, Some(0))).await;
     assert_eq!(decision(&b), Decision::Denied);
     assert_eq!(b.denied_by, "tokens_per_day");
     assert_eq!(b.prompt_tokens, second_count.tokens);
@@ -300,7 +273,7 @@ async fn real_chats_over_500_tokens_are_denied_and_of_two_300_token_chats_one_is
 async fn not_exactly_one_of_prompt_tokens_prompt_and_messages_is_invalid_and_changes_nothing() {
     let server = TestServer::start(POLICY_ROOMY).await;
     let mut q = server.quota().await;
-    let held = reserve_ok(&mut q, reserve("alice", 10, 20)).await;
+    let held = rsv(&mut q, reserve("alice", 10, 20)).await;
     assert_eq!(decision(&held), Decision::Allowed);
     let before = usage(&mut q, "alice").await;
     let counts = server.ledger.counts().unwrap();
@@ -363,7 +336,7 @@ async fn model_is_required_for_text_and_chats_but_not_for_a_count() {
 
     let mut req = reserve("alice", 7, 3);
     req.model = String::new();
-    let r = reserve_ok(&mut q, req).await;
+    let r = rsv(&mut q, req).await;
     assert_eq!(decision(&r), Decision::Allowed);
     assert_eq!((r.prompt_tokens, r.reserved_tokens), (7, 10));
     assert_eq!(r.model, "");
@@ -418,7 +391,7 @@ async fn an_unknown_model_with_text_says_how_to_add_it_and_with_a_count_is_fine(
 
     let mut req = reserve("alice", 100, 50);
     req.model = "claude-3-opus".into();
-    let r = reserve_ok(&mut q, req).await;
+    let r = rsv(&mut q, req).await;
     assert_eq!(decision(&r), Decision::Allowed);
     assert_eq!((r.prompt_tokens, r.reserved_tokens), (100, 150));
     assert_eq!(r.model, "claude-3-opus");
@@ -451,14 +424,14 @@ async fn the_policy_models_table_picks_encodings_for_new_models_and_overrides_bu
     for model in ["my-llama", "gpt-4o", "gpt-4o-2024-08-06"] {
         let c = count_text(&mut q, model, MULTILINGUAL).await;
         assert_eq!(c, gpt4, "{model} counts as cl100k_base");
-        let r = reserve_ok(&mut q, reserve_text("alice", model, MULTILINGUAL, Some(0))).await;
+        let r = rsv(&mut q, reserve_text("alice", model, MULTILINGUAL, Some(0))).await;
         assert_eq!(decision(&r), Decision::Allowed);
         assert_eq!(
             (r.prompt_tokens, r.reserved_tokens),
             (gpt4.tokens, gpt4.tokens)
         );
     }
-    let r = reserve_ok(
+    let r = rsv(
         &mut q,
         reserve_text("alice", "gpt-4o-mini", MULTILINGUAL, Some(0)),
     )
@@ -541,7 +514,7 @@ async fn absent_max_output_tokens_holds_the_model_default_and_zero_holds_only_th
 
     // The policy's default, for the model and its dated snapshot.
     for model in ["gpt-4o", "gpt-4o-2024-08-06"] {
-        let r = reserve_ok(&mut q, reserve_text("alice", model, &text, None)).await;
+        let r = rsv(&mut q, reserve_text("alice", model, &text, None)).await;
         assert_eq!(decision(&r), Decision::Allowed);
         assert_eq!(
             (r.prompt_tokens, r.reserved_tokens),
@@ -551,22 +524,22 @@ async fn absent_max_output_tokens_holds_the_model_default_and_zero_holds_only_th
     }
     // No entry: the built-in default.
     assert_eq!(DEFAULT_MAX_OUTPUT_TOKENS, 4096);
-    let r = reserve_ok(&mut q, reserve_text("alice", "gpt-4", &text, None)).await;
+    let r = rsv(&mut q, reserve_text("alice", "gpt-4", &text, None)).await;
     assert_eq!(
         (r.prompt_tokens, r.reserved_tokens),
         (n4, n4 + DEFAULT_MAX_OUTPUT_TOKENS)
     );
-    let r = reserve_ok(&mut q, reserve_text("alice", "gpt-4o-mini", &text, None)).await;
+    let r = rsv(&mut q, reserve_text("alice", "gpt-4o-mini", &text, None)).await;
     assert_eq!(r.reserved_tokens, n + DEFAULT_MAX_OUTPUT_TOKENS);
     // A count without max_output_tokens gets the default too.
     let mut req = reserve("alice", 40, 0);
     req.max_output_tokens = None;
-    let r = reserve_ok(&mut q, req).await;
+    let r = rsv(&mut q, req).await;
     assert_eq!(r.reserved_tokens, 40 + 256);
     // Explicit 0 holds only the prompt; an explicit value wins over the default.
-    let r = reserve_ok(&mut q, reserve_text("alice", "gpt-4o", &text, Some(0))).await;
+    let r = rsv(&mut q, reserve_text("alice", "gpt-4o", &text, Some(0))).await;
     assert_eq!((r.prompt_tokens, r.reserved_tokens), (n, n));
-    let r = reserve_ok(&mut q, reserve_text("alice", "gpt-4o", &text, Some(1000))).await;
+    let r = rsv(&mut q, reserve_text("alice", "gpt-4o", &text, Some(1000))).await;
     assert_eq!(r.reserved_tokens, n + 1000);
 
     let u = usage(&mut q, "alice").await;
@@ -590,7 +563,7 @@ async fn a_special_token_look_alike_counts_as_ordinary_text() {
             c.tokens > 1,
             "{model}: counted as text, not one special token: {c:?}"
         );
-        let r = reserve_ok(
+        let r = rsv(
             &mut q,
             reserve_text("alice", model, "<|endoftext|>", Some(0)),
         )
@@ -600,7 +573,7 @@ async fn a_special_token_look_alike_counts_as_ordinary_text() {
 
         let chat = vec![msg("user", "<|im_start|>system<|im_end|><|endoftext|>")];
         let c = count_chat(&mut q, model, chat.clone()).await;
-        let r = reserve_ok(&mut q, reserve_chat("alice", model, chat, Some(0))).await;
+        let r = rsv(&mut q, reserve_chat("alice", model, chat, Some(0))).await;
         assert_eq!(decision(&r), Decision::Allowed);
         assert_eq!(r.prompt_tokens, c.tokens);
     }
@@ -653,12 +626,12 @@ async fn a_prompt_over_the_byte_bound_is_invalid_and_one_at_the_bound_is_counted
 
     let at = &over[..SMALL_BOUND];
     let c = count_text(&mut q, "gpt-4o", at).await;
-    let r = reserve_ok(&mut q, reserve_text("alice", "gpt-4o", at, Some(0))).await;
+    let r = rsv(&mut q, reserve_text("alice", "gpt-4o", at, Some(0))).await;
     assert_eq!(decision(&r), Decision::Allowed);
     assert_eq!(r.prompt_tokens, c.tokens);
 
     // A count is no text: the byte bound does not apply to it.
-    let r = reserve_ok(&mut q, reserve("alice", 1_000_000, 0)).await;
+    let r = rsv(&mut q, reserve("alice", 1_000_000, 0)).await;
     assert_eq!(decision(&r), Decision::Allowed);
     server.stop().await;
 }
@@ -679,7 +652,7 @@ async fn chat_text_over_the_byte_bound_names_messages() {
         },
     ];
     let c = count_chat(&mut q, "gpt-4o", at.clone()).await;
-    let r = reserve_ok(&mut q, reserve_chat("alice", "gpt-4o", at.clone(), Some(0))).await;
+    let r = rsv(&mut q, reserve_chat("alice", "gpt-4o", at.clone(), Some(0))).await;
     assert_eq!(decision(&r), Decision::Allowed);
     assert_eq!(r.prompt_tokens, c.tokens);
 
@@ -722,7 +695,7 @@ async fn a_message_over_the_grpc_limit_is_refused_and_the_server_keeps_serving()
     assert!(m.contains(&format!("the limit is: {limit} bytes")), "{m}");
 
     // The same connection and a new one both still work.
-    let r = reserve_ok(
+    let r = rsv(
         &mut q,
         reserve_text("alice", "gpt-4o", "hello world", Some(0)),
     )
@@ -795,7 +768,7 @@ async fn more_than_10000_messages_or_a_bad_role_is_invalid() {
     // A role of 64 bytes is fine.
     let role_64 = "r".repeat(64);
     let c = count_chat(&mut q, "gpt-4o", vec![msg(&role_64, "hi")]).await;
-    let r = reserve_ok(
+    let r = rsv(
         &mut q,
         reserve_chat("alice", "gpt-4o", vec![msg(&role_64, "hi")], Some(0)),
     )
@@ -815,7 +788,7 @@ async fn a_chat_of_exactly_10000_messages_is_counted() {
     let user = count_text(&mut q, "gpt-4o", "user").await.tokens;
     let c = count_chat(&mut q, "gpt-4o", chat.clone()).await;
     assert_eq!(c.tokens, 3 + MAX_MESSAGES as u64 * (3 + user));
-    let r = reserve_ok(&mut q, reserve_chat("alice", "gpt-4o", chat, Some(0))).await;
+    let r = rsv(&mut q, reserve_chat("alice", "gpt-4o", chat, Some(0))).await;
     assert_eq!(decision(&r), Decision::Allowed);
     assert_eq!(r.prompt_tokens, c.tokens);
     server.stop().await;
@@ -948,7 +921,7 @@ async fn small_reserves_on_other_connections_answer_while_4_mib_prompts_are_coun
     let mut small_done = Vec::new();
     let mut i = 0;
     while !bigs.iter().all(|(_, call)| call.is_finished()) {
-        let r = reserve_ok(
+        let r = rsv(
             &mut small[i % 2],
             reserve_text("small", "gpt-4o", small_text, Some(0)),
         )
@@ -1008,7 +981,7 @@ async fn a_4_mib_run_without_a_word_break_is_counted() {
     let c = count_text(&mut q, "gpt-4o", &big).await;
     // o200k_base has a token for "aaaaaaaa": one run of a's is 8 letters a token.
     assert_eq!(c.tokens, DEFAULT_MAX_PROMPT_BYTES as u64 / 8);
-    let r = reserve_ok(&mut q, reserve_text("big", "gpt-4o", &big, Some(0))).await;
+    let r = rsv(&mut q, reserve_text("big", "gpt-4o", &big, Some(0))).await;
     assert_eq!(decision(&r), Decision::Allowed);
     assert_eq!(r.prompt_tokens, c.tokens);
     server.stop().await;

@@ -25,9 +25,7 @@ use tollgate::engine::{Bounds, EngineError, ReservationId, ReserveInput, Usage};
 use tollgate::ledger::{Ledger, LedgerError};
 use tollgate::policy::Policy;
 use tollgate::proto::quota_client::QuotaClient;
-use tollgate::proto::{
-    CommitRequest, Decision, GetSubjectRequest, GetUsageResponse, SetSubjectRequest,
-};
+use tollgate::proto::{CommitRequest, Decision, GetSubjectRequest, GetUsageResponse};
 use tollgate::store::Durability;
 
 /// Two tiers with every token limit far away and hour-long holds (max_concurrent absent).
@@ -78,11 +76,7 @@ fn strict_args(policy: &Path) -> Vec<String> {
 
 /// Reserve and insist on an allowed hold; returns its id.
 async fn hold(q: &mut QuotaClient<Channel>, subject: &str, prompt: u64, output: u64) -> String {
-    let r = q
-        .reserve(reserve(subject, prompt, output))
-        .await
-        .expect("Reserve")
-        .into_inner();
+    let r = rsv(q, reserve(subject, prompt, output)).await;
     assert_eq!(decision(&r), Decision::Allowed, "{r:?}");
     assert_eq!(r.reserved_tokens, prompt + output);
     r.reservation_id
@@ -107,11 +101,7 @@ async fn every_acknowledged_change_survives_kill_9() {
     let mut a = server.admin().await;
 
     let set = a
-        .set_subject(SetSubjectRequest {
-            subject: "alice".into(),
-            tier: "gold".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("alice", "gold"))
         .await
         .expect("SetSubject")
         .into_inner();
@@ -119,11 +109,7 @@ async fn every_acknowledged_change_survives_kill_9() {
 
     // Committed below the hold: 120 charged, 180 back.
     let r1 = hold(&mut q, "alice", 100, 200).await;
-    let c1 = q
-        .commit(commit_req(&r1, 50, 70))
-        .await
-        .unwrap()
-        .into_inner();
+    let c1 = commit(&mut q, &r1, 50, 70).await;
     assert_eq!(
         (c1.charged_tokens, c1.released_tokens, c1.debt_tokens),
         (120, 180, 0)
@@ -135,7 +121,7 @@ async fn every_acknowledged_change_survives_kill_9() {
     // Left open, with an idempotency key.
     let mut keyed = reserve("alice", 10, 20);
     keyed.idempotency_key = "k3".into();
-    let r3 = q.reserve(keyed.clone()).await.unwrap().into_inner();
+    let r3 = rsv(&mut q, keyed.clone()).await;
     assert_eq!(decision(&r3), Decision::Allowed);
     let r3 = r3.reservation_id;
     // Committed with unknown usage: the full hold (10) is charged.
@@ -152,11 +138,7 @@ async fn every_acknowledged_change_survives_kill_9() {
     assert_eq!((c4.charged_tokens, c4.released_tokens), (10, 0));
     // Committed above the hold: 40 charged, 20 of them debt.
     let r5 = hold(&mut q, "alice", 10, 10).await;
-    let c5 = q
-        .commit(commit_req(&r5, 10, 30))
-        .await
-        .unwrap()
-        .into_inner();
+    let c5 = commit(&mut q, &r5, 10, 30).await;
     assert_eq!(
         (c5.charged_tokens, c5.released_tokens, c5.debt_tokens),
         (40, 0, 20)
@@ -165,7 +147,7 @@ async fn every_acknowledged_change_survives_kill_9() {
     let r6 = hold(&mut q, "bob", 7, 8).await;
     // The last answer: a Commit. Then kill -9 at once.
     let r7 = hold(&mut q, "bob", 1, 1).await;
-    let c7 = q.commit(commit_req(&r7, 1, 0)).await.unwrap().into_inner();
+    let c7 = commit(&mut q, &r7, 1, 0).await;
     assert_eq!(c7.charged_tokens, 1);
     server.kill9();
 
@@ -197,11 +179,7 @@ async fn every_acknowledged_change_survives_kill_9() {
     }
 
     // Settled reservations replay their first answers.
-    let again = q
-        .commit(commit_req(&r1, 50, 70))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = commit(&mut q, &r1, 50, 70).await;
     assert_eq!(
         (
             again.charged_tokens,
@@ -210,11 +188,7 @@ async fn every_acknowledged_change_survives_kill_9() {
         ),
         (120, 180, 0)
     );
-    let again = q
-        .commit(commit_req(&r5, 10, 30))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = commit(&mut q, &r5, 10, 30).await;
     assert_eq!((again.charged_tokens, again.debt_tokens), (40, 20));
     let again = q
         .commit(CommitRequest {
@@ -226,7 +200,7 @@ async fn every_acknowledged_change_survives_kill_9() {
         .unwrap()
         .into_inner();
     assert_eq!(again.charged_tokens, 10);
-    let again = q.commit(commit_req(&r7, 1, 0)).await.unwrap().into_inner();
+    let again = commit(&mut q, &r7, 1, 0).await;
     assert_eq!(again.charged_tokens, 1);
     let again = q.refund(refund_req(&r2)).await.unwrap().into_inner();
     assert_eq!(again.released_tokens, 300);
@@ -239,7 +213,7 @@ async fn every_acknowledged_change_survives_kill_9() {
     let e = q.commit(commit_req(&r1, 50, 71)).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     // The idempotency key still answers with the first hold, and holds nothing more.
-    let replay = q.reserve(keyed).await.unwrap().into_inner();
+    let replay = rsv(&mut q, keyed).await;
     assert_eq!(replay.reservation_id, r3);
     assert_eq!(replay.reserved_tokens, 30);
     assert_eq!(
@@ -249,7 +223,7 @@ async fn every_acknowledged_change_survives_kill_9() {
     );
 
     // The open holds can still be settled.
-    let c3 = q.commit(commit_req(&r3, 10, 5)).await.unwrap().into_inner();
+    let c3 = commit(&mut q, &r3, 10, 5).await;
     assert_eq!((c3.charged_tokens, c3.released_tokens), (15, 15));
     let f6 = q.refund(refund_req(&r6)).await.unwrap().into_inner();
     assert_eq!(f6.released_tokens, 15);
@@ -273,7 +247,7 @@ async fn every_acknowledged_change_survives_kill_9() {
         assert_eq!(figures(&ub), bob, "bob after the second kill -9: {ub:?}");
     }
     assert_eq!(ua.tier, "gold");
-    let again = q.commit(commit_req(&r3, 10, 5)).await.unwrap().into_inner();
+    let again = commit(&mut q, &r3, 10, 5).await;
     assert_eq!(again.charged_tokens, 15);
     server.kill9();
 }

@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 use prost_types::{Duration as PbDuration, Timestamp};
 use tonic::{Code, Status};
 
-use tollgate::proto::{
-    Decision, ExtendRequest, GetSubjectRequest, GetUsageResponse, RefundRequest, SetSubjectRequest,
-};
+use tollgate::proto::{Decision, ExtendRequest, GetSubjectRequest, GetUsageResponse};
 
 // ------------------------------------------------------------------------------------------
 // Extend
@@ -58,11 +56,7 @@ fn set_clock(server: &TestServer, us: u64) {
 
 /// Reserve and insist on an allowed hold; returns its id and expiry.
 async fn hold(q: &mut Quota, subject: &str, prompt: u64, output: u64) -> (String, Timestamp) {
-    let r = q
-        .reserve(reserve(subject, prompt, output))
-        .await
-        .expect("Reserve")
-        .into_inner();
+    let r = rsv(q, reserve(subject, prompt, output)).await;
     assert_eq!(decision(&r), Decision::Allowed, "{r:?}");
     assert_eq!(r.reserved_tokens, prompt + output, "{r:?}");
     (r.reservation_id, r.expires_at.expect("expires_at"))
@@ -129,11 +123,7 @@ async fn extend_moves_the_deadline_out_and_the_hold_stays_held_past_the_old_one(
 
     set_clock(&server, 100 * SEC);
     assert_eq!(figures(&mut q, "alice").await, (0, 150, 1));
-    let c = q
-        .commit(commit_req(&id, 100, 20))
-        .await
-        .expect("Commit of the extended hold")
-        .into_inner();
+    let c = commit(&mut q, &id, 100, 20).await;
     assert_eq!(
         (c.charged_tokens, c.released_tokens, c.debt_tokens),
         (120, 30, 0)
@@ -337,7 +327,7 @@ async fn extend_validates_hold_and_reservation_id() {
             &[],
         );
     }
-    let unknown = "0192a8a4-1c2b-7cc0-8d1e-0123456789ab";
+    let unknown = WELL_FORMED_UNKNOWN_ID;
     assert_status(
         extend(&mut q, unknown, Some(secs(60))).await,
         Code::NotFound,
@@ -362,14 +352,8 @@ async fn extend_of_a_settled_hold_fails_naming_its_state() {
     let (refunded, _) = hold(&mut q, "alice", 200, 0).await;
     let (overdue, _) = hold(&mut q, "alice", 400, 0).await;
 
-    q.commit(commit_req(&committed, 60, 0))
-        .await
-        .expect("Commit");
-    q.refund(RefundRequest {
-        reservation_id: refunded.clone(),
-    })
-    .await
-    .expect("Refund");
+    commit(&mut q, &committed, 60, 0).await;
+    refund(&mut q, &refunded).await;
     for (id, state) in [(&committed, "COMMITTED"), (&refunded, "REFUNDED")] {
         assert_status(
             extend(&mut q, id, Some(secs(60))).await,
@@ -529,10 +513,7 @@ async fn try_reserve(
     subject: &str,
     tokens: u64,
 ) -> tollgate::proto::ReserveResponse {
-    q.reserve(reserve(subject, tokens, 0))
-        .await
-        .expect("Reserve")
-        .into_inner()
+    rsv(q, reserve(subject, tokens, 0)).await
 }
 
 fn assert_denied_by_day(r: &tollgate::proto::ReserveResponse) {
@@ -749,11 +730,7 @@ async fn a_tier_removed_by_reload_falls_back_to_the_default_and_keeps_holds() {
     let mut q = s.quota().await;
     let mut a = s.admin().await;
     let set = a
-        .set_subject(SetSubjectRequest {
-            subject: "alice".into(),
-            tier: "gold".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("alice", "gold"))
         .await
         .expect("SetSubject")
         .into_inner();
@@ -782,22 +759,14 @@ async fn a_tier_removed_by_reload_falls_back_to_the_default_and_keeps_holds() {
         .into_inner();
     assert_eq!(sub.tier, "basic");
     let err = a
-        .set_subject(SetSubjectRequest {
-            subject: "bob".into(),
-            tier: "gold".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("bob", "gold"))
         .await
         .expect_err("gold is gone");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().starts_with("tier: "), "{err:?}");
 
     // The open hold settles under the new tier.
-    let c = q
-        .commit(commit_req(&id, 300, 200))
-        .await
-        .expect("Commit")
-        .into_inner();
+    let c = commit(&mut q, &id, 300, 200).await;
     assert_eq!(
         (c.charged_tokens, c.released_tokens, c.debt_tokens),
         (500, 1500, 0)

@@ -9,7 +9,7 @@ use common::*;
 
 use tollgate::proto::{
     ChatMessage, CommitRequest, CountTokensRequest, Decision, GetUsageRequest, GetUsageResponse,
-    LimitOverrides, RefundRequest, ReserveRequest, ReserveResponse, SetSubjectRequest,
+    LimitOverrides, ReserveRequest, ReserveResponse, SetSubjectRequest,
 };
 
 /// Seconds in a day.
@@ -28,25 +28,6 @@ fn cost(price: Price, prompt: u64, output: u64) -> u64 {
     (prompt * price.0 + output * price.1).div_ceil(1_000_000)
 }
 
-/// A protobuf Duration in microseconds.
-fn dur_us(d: &prost_types::Duration) -> u64 {
-    assert!(d.seconds >= 0 && d.nanos >= 0, "negative duration {d:?}");
-    u64::try_from(d.seconds).unwrap() * SEC + u64::try_from(d.nanos).unwrap() / 1_000
-}
-
-/// `retry_after` of a response, in microseconds.
-fn retry_us(r: &ReserveResponse) -> Option<u64> {
-    r.retry_after.as_ref().map(dur_us)
-}
-
-/// A Reserve of explicit token counts on `model`.
-fn on(model: &str, subject: &str, prompt: u64, output: u64) -> ReserveRequest {
-    ReserveRequest {
-        model: model.to_string(),
-        ..reserve(subject, prompt, output)
-    }
-}
-
 fn in_group(mut req: ReserveRequest, group: &str) -> ReserveRequest {
     req.group = group.to_string();
     req
@@ -60,18 +41,6 @@ fn dry(mut req: ReserveRequest) -> ReserveRequest {
 fn keyed(mut req: ReserveRequest, key: &str) -> ReserveRequest {
     req.idempotency_key = key.to_string();
     req
-}
-
-async fn rsv(q: &mut Quota, req: ReserveRequest) -> ReserveResponse {
-    q.reserve(req).await.expect("reserve").into_inner()
-}
-
-async fn refund(q: &mut Quota, id: &str) {
-    q.refund(RefundRequest {
-        reservation_id: id.to_string(),
-    })
-    .await
-    .expect("refund");
 }
 
 /// The fleet's figures (GetUsage naming no subject, group or client IP).

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 
 use tokio::task::JoinSet;
-use tollgate::proto::{CommitRequest, Decision, RefundRequest, ReserveRequest};
+use tollgate::proto::{CommitRequest, Decision, ReserveRequest};
 use tonic::Code;
 
 /// A bucket of 1,000 tokens a minute, 10,000 tokens a day, 60 s holds (at most 600 s).
@@ -56,28 +56,12 @@ hold_seconds = 60
 "#;
 
 const T0_SECS: i64 = (T0 / SEC) as i64;
-const WELL_FORMED_UNKNOWN_ID: &str = "0192a8a4-1c2b-7cc0-8d1e-0123456789ab";
-
-fn commit(id: &str, prompt_tokens: u64, completion_tokens: u64) -> CommitRequest {
-    CommitRequest {
-        reservation_id: id.to_string(),
-        prompt_tokens,
-        completion_tokens,
-        usage_unknown: false,
-    }
-}
 
 fn commit_unknown(id: &str) -> CommitRequest {
     CommitRequest {
         reservation_id: id.to_string(),
         usage_unknown: true,
         ..Default::default()
-    }
-}
-
-fn refund(id: &str) -> RefundRequest {
-    RefundRequest {
-        reservation_id: id.to_string(),
     }
 }
 
@@ -101,7 +85,7 @@ fn secs(d: Option<prost_types::Duration>) -> (i64, i32) {
 
 /// An allowed Reserve: its reservation id.
 async fn hold(q: &mut Quota, req: ReserveRequest) -> String {
-    let r = q.reserve(req).await.expect("reserve").into_inner();
+    let r = rsv(q, req).await;
     assert_eq!(decision(&r), Decision::Allowed, "{r:?}");
     assert_eq!(r.reservation_id.len(), 36, "{r:?}");
     r.reservation_id
@@ -119,11 +103,7 @@ async fn commit_charges_actual_usage_and_gives_the_rest_back_to_every_limit() {
     let server = TestServer::start(POLICY).await;
     let mut q = server.quota().await;
 
-    let r = q
-        .reserve(reserve("alice", 100, 400))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, reserve("alice", 100, 400)).await;
     assert_eq!(decision(&r), Decision::Allowed);
     assert_eq!(r.reserved_tokens, 500);
     assert_eq!(r.prompt_tokens, 100);
@@ -138,11 +118,7 @@ async fn commit_charges_actual_usage_and_gives_the_rest_back_to_every_limit() {
         (500, 0, 1, 1)
     );
 
-    let c = q
-        .commit(commit(&r.reservation_id, 100, 50))
-        .await
-        .unwrap()
-        .into_inner();
+    let c = commit(&mut q, &r.reservation_id, 100, 50).await;
     assert_eq!(c.charged_tokens, 150);
     assert_eq!(c.released_tokens, 350);
     assert_eq!(c.debt_tokens, 0);
@@ -169,7 +145,7 @@ async fn refund_gives_the_whole_hold_back() {
     assert_eq!(limit(&u.limits, "tokens_per_minute").remaining, 500);
     assert_eq!(limit(&u.limits, "tokens_per_day").remaining, 9_500);
 
-    let r = q.refund(refund(&id)).await.unwrap().into_inner();
+    let r = q.refund(refund_req(&id)).await.unwrap().into_inner();
     assert_eq!(r.released_tokens, 500);
 
     let u = usage(&mut q, "alice").await;
@@ -187,17 +163,9 @@ async fn commit_above_the_hold_puts_the_bucket_in_debt_until_it_refills() {
     let server = TestServer::start(POLICY_SLOW_BUCKET).await;
     let mut q = server.quota().await;
 
-    let r = q
-        .reserve(reserve("alice", 10, 40))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, reserve("alice", 10, 40)).await;
     assert_eq!(limit(&r.limits, "tokens_per_minute").remaining, 10);
-    let c = q
-        .commit(commit(&r.reservation_id, 10, 140))
-        .await
-        .unwrap()
-        .into_inner();
+    let c = commit(&mut q, &r.reservation_id, 10, 140).await;
     assert_eq!(
         (c.charged_tokens, c.released_tokens, c.debt_tokens),
         (150, 0, 100)
@@ -206,30 +174,18 @@ async fn commit_above_the_hold_puts_the_bucket_in_debt_until_it_refills() {
     assert_eq!(limit(&c.limits, "tokens_per_minute").remaining, 0);
 
     // 10 tokens need the bucket at +10: 100 tokens of refill at one a second.
-    let denied = q
-        .reserve(reserve("alice", 10, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let denied = rsv(&mut q, reserve("alice", 10, 0)).await;
     assert_eq!(decision(&denied), Decision::Denied);
     assert_eq!(denied.denied_by, "tokens_per_minute");
     assert_eq!(secs(denied.retry_after), (100, 0));
 
     server.advance_secs(99);
-    let denied = q
-        .reserve(reserve("alice", 10, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let denied = rsv(&mut q, reserve("alice", 10, 0)).await;
     assert_eq!(decision(&denied), Decision::Denied);
     assert_eq!(secs(denied.retry_after), (1, 0));
 
     server.advance_secs(1);
-    let admitted = q
-        .reserve(reserve("alice", 10, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let admitted = rsv(&mut q, reserve("alice", 10, 0)).await;
     assert_eq!(decision(&admitted), Decision::Allowed, "{admitted:?}");
     assert_eq!(limit(&admitted.limits, "tokens_per_minute").remaining, 0);
 
@@ -248,11 +204,7 @@ async fn commit_above_the_hold_puts_the_day_in_debt_until_the_next_utc_day() {
     let mut q = server.quota().await;
 
     let id = hold(&mut q, reserve("alice", 100, 100)).await;
-    let c = q
-        .commit(commit(&id, 100, 1_400))
-        .await
-        .unwrap()
-        .into_inner();
+    let c = commit(&mut q, &id, 100, 1_400).await;
     assert_eq!(
         (c.charged_tokens, c.released_tokens, c.debt_tokens),
         (1_500, 0, 1_300)
@@ -263,31 +215,19 @@ async fn commit_above_the_hold_puts_the_day_in_debt_until_the_next_utc_day() {
     assert_eq!((u.used_tokens, u.held_tokens), (1_500, 0));
 
     // Even one token is refused until midnight UTC, 12 h after noon.
-    let denied = q
-        .reserve(reserve("alice", 1, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let denied = rsv(&mut q, reserve("alice", 1, 0)).await;
     assert_eq!(decision(&denied), Decision::Denied);
     assert_eq!(denied.denied_by, "tokens_per_day");
     assert_eq!(secs(denied.retry_after), (12 * 3600, 0));
 
     server.advance_secs(12 * 3600 - 1);
-    let denied = q
-        .reserve(reserve("alice", 1, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let denied = rsv(&mut q, reserve("alice", 1, 0)).await;
     assert_eq!(decision(&denied), Decision::Denied);
     assert_eq!(secs(denied.retry_after), (1, 0));
     assert_eq!(usage(&mut q, "alice").await.used_tokens, 1_500);
 
     server.advance_secs(1);
-    let admitted = q
-        .reserve(reserve("alice", 1, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let admitted = rsv(&mut q, reserve("alice", 1, 0)).await;
     assert_eq!(decision(&admitted), Decision::Allowed, "{admitted:?}");
     assert_eq!(limit(&admitted.limits, "tokens_per_day").remaining, 999);
     let u = usage(&mut q, "alice").await;
@@ -301,8 +241,8 @@ async fn repeating_a_commit_or_a_refund_returns_the_same_result() {
     let mut q = server.quota().await;
 
     let a = hold(&mut q, reserve("alice", 100, 400)).await;
-    let first = q.commit(commit(&a, 100, 50)).await.unwrap().into_inner();
-    let again = q.commit(commit(&a, 100, 50)).await.unwrap().into_inner();
+    let first = commit(&mut q, &a, 100, 50).await;
+    let again = commit(&mut q, &a, 100, 50).await;
     assert_eq!(first, again);
     assert_eq!(
         (
@@ -314,8 +254,8 @@ async fn repeating_a_commit_or_a_refund_returns_the_same_result() {
     );
 
     let b = hold(&mut q, reserve("alice", 30, 70)).await;
-    let first = q.refund(refund(&b)).await.unwrap().into_inner();
-    let again = q.refund(refund(&b)).await.unwrap().into_inner();
+    let first = q.refund(refund_req(&b)).await.unwrap().into_inner();
+    let again = q.refund(refund_req(&b)).await.unwrap().into_inner();
     assert_eq!(first.released_tokens, 100);
     assert_eq!(again.released_tokens, 100);
 
@@ -335,9 +275,9 @@ async fn conflicting_settlements_are_failed_precondition_naming_the_state() {
     let mut q = server.quota().await;
 
     let refunded = hold(&mut q, reserve("alice", 100, 400)).await;
-    q.refund(refund(&refunded)).await.unwrap();
+    refund(&mut q, &refunded).await;
     assert_status(
-        q.commit(commit(&refunded, 100, 50)).await,
+        q.commit(commit_req(&refunded, 100, 50)).await,
         Code::FailedPrecondition,
         &["REFUNDED", &refunded],
     );
@@ -348,14 +288,14 @@ async fn conflicting_settlements_are_failed_precondition_naming_the_state() {
     );
 
     let committed = hold(&mut q, reserve("alice", 100, 400)).await;
-    q.commit(commit(&committed, 100, 50)).await.unwrap();
+    commit(&mut q, &committed, 100, 50).await;
     assert_status(
-        q.refund(refund(&committed)).await,
+        q.refund(refund_req(&committed)).await,
         Code::FailedPrecondition,
         &["COMMITTED", &committed],
     );
     assert_status(
-        q.commit(commit(&committed, 100, 51)).await,
+        q.commit(commit_req(&committed, 100, 51)).await,
         Code::FailedPrecondition,
         &[
             "COMMITTED",
@@ -364,7 +304,7 @@ async fn conflicting_settlements_are_failed_precondition_naming_the_state() {
         ],
     );
     assert_status(
-        q.commit(commit(&committed, 150, 0)).await,
+        q.commit(commit_req(&committed, 150, 0)).await,
         Code::FailedPrecondition,
         &["COMMITTED"],
     );
@@ -389,12 +329,12 @@ async fn an_unknown_well_formed_id_is_not_found() {
     let server = TestServer::start(POLICY).await;
     let mut q = server.quota().await;
     assert_status(
-        q.commit(commit(WELL_FORMED_UNKNOWN_ID, 1, 1)).await,
+        q.commit(commit_req(WELL_FORMED_UNKNOWN_ID, 1, 1)).await,
         Code::NotFound,
         &[WELL_FORMED_UNKNOWN_ID],
     );
     assert_status(
-        q.refund(refund(WELL_FORMED_UNKNOWN_ID)).await,
+        q.refund(refund_req(WELL_FORMED_UNKNOWN_ID)).await,
         Code::NotFound,
         &[WELL_FORMED_UNKNOWN_ID],
     );
@@ -407,11 +347,7 @@ async fn a_retried_reserve_returns_the_first_answer_and_holds_nothing_more() {
     let server = TestServer::start(POLICY).await;
     let mut q = server.quota().await;
 
-    let first = q
-        .reserve(with_key(reserve("alice", 100, 400), "k1"))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = rsv(&mut q, with_key(reserve("alice", 100, 400), "k1")).await;
     assert_eq!(decision(&first), Decision::Allowed);
     assert!(!first.replayed);
     let before = usage(&mut q, "alice").await;
@@ -422,11 +358,7 @@ async fn a_retried_reserve_returns_the_first_answer_and_holds_nothing_more() {
 
     server.advance_secs(10);
     for _ in 0..3 {
-        let again = q
-            .reserve(with_key(reserve("alice", 100, 400), "k1"))
-            .await
-            .unwrap()
-            .into_inner();
+        let again = rsv(&mut q, with_key(reserve("alice", 100, 400), "k1")).await;
         assert_eq!(decision(&again), Decision::Allowed);
         assert_eq!(again.reservation_id, first.reservation_id);
         assert_eq!(again.expires_at, first.expires_at);
@@ -443,11 +375,7 @@ async fn a_retried_reserve_returns_the_first_answer_and_holds_nothing_more() {
     assert_eq!(server.ledger.counts().unwrap().0, 1);
 
     // The one hold is settled once.
-    let c = q
-        .commit(commit(&first.reservation_id, 100, 100))
-        .await
-        .unwrap()
-        .into_inner();
+    let c = commit(&mut q, &first.reservation_id, 100, 100).await;
     assert_eq!(c.charged_tokens, 200);
     server.stop().await;
 }
@@ -519,7 +447,7 @@ async fn the_same_key_for_another_subject_is_independent() {
     assert_eq!((u.held_tokens, u.open_holds), (10, 1));
     assert_eq!(server.ledger.counts().unwrap().0, 3);
 
-    q.refund(refund(&a)).await.unwrap();
+    refund(&mut q, &a).await;
     assert_eq!(
         hold(&mut q, with_key(reserve("bob", 100, 400), "k1")).await,
         b
@@ -552,7 +480,7 @@ async fn usage_unknown_with_token_counts_is_invalid_and_changes_nothing() {
     let id = hold(&mut q, reserve("alice", 100, 400)).await;
     let before = usage(&mut q, "alice").await;
     for (p, c) in [(1, 0), (0, 1), (100, 400)] {
-        let mut req = commit(&id, p, c);
+        let mut req = commit_req(&id, p, c);
         req.usage_unknown = true;
         assert_status(
             q.commit(req).await,
@@ -562,14 +490,7 @@ async fn usage_unknown_with_token_counts_is_invalid_and_changes_nothing() {
     }
     assert_eq!(usage(&mut q, "alice").await, before);
     // Still HELD: a refund gives it all back.
-    assert_eq!(
-        q.refund(refund(&id))
-            .await
-            .unwrap()
-            .into_inner()
-            .released_tokens,
-        500
-    );
+    assert_eq!(refund(&mut q, &id).await, 500);
     server.stop().await;
 }
 
@@ -578,11 +499,7 @@ async fn an_unsettled_hold_expires_at_the_tier_default_and_is_charged_in_full() 
     let server = TestServer::start(POLICY).await;
     let mut q = server.quota().await;
 
-    let r = q
-        .reserve(reserve("alice", 100, 400))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, reserve("alice", 100, 400)).await;
     assert_eq!(r.expires_at.unwrap().seconds, T0_SECS + 60);
 
     server.advance_secs(59);
@@ -602,19 +519,11 @@ async fn a_requested_hold_duration_sets_the_deadline() {
     let server = TestServer::start(POLICY).await;
     let mut q = server.quota().await;
 
-    let r = q
-        .reserve(with_hold(reserve("alice", 100, 400), 15))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, with_hold(reserve("alice", 100, 400), 15)).await;
     assert_eq!(decision(&r), Decision::Allowed);
     assert_eq!(r.expires_at.unwrap().seconds, T0_SECS + 15);
     // Longer than the default is allowed up to max_hold_seconds.
-    let long = q
-        .reserve(with_hold(reserve("bob", 1, 1), 600))
-        .await
-        .unwrap()
-        .into_inner();
+    let long = rsv(&mut q, with_hold(reserve("bob", 1, 1), 600)).await;
     assert_eq!(long.expires_at.unwrap().seconds, T0_SECS + 600);
 
     server.advance_secs(14);
@@ -640,21 +549,13 @@ async fn reserve_expires_due_holds_before_deciding() {
     let mut q = server.quota().await;
 
     hold(&mut q, with_hold(reserve("alice", 10, 10), 15)).await;
-    let denied = q
-        .reserve(reserve("alice", 10, 10))
-        .await
-        .unwrap()
-        .into_inner();
+    let denied = rsv(&mut q, reserve("alice", 10, 10)).await;
     assert_eq!(decision(&denied), Decision::Denied);
     assert_eq!(denied.denied_by, "max_concurrent");
 
     server.advance_secs(15);
     // No GetUsage in between: the Reserve itself expires the first hold and admits.
-    let admitted = q
-        .reserve(reserve("alice", 10, 10))
-        .await
-        .unwrap()
-        .into_inner();
+    let admitted = rsv(&mut q, reserve("alice", 10, 10)).await;
     assert_eq!(decision(&admitted), Decision::Allowed, "{admitted:?}");
     let u = usage(&mut q, "alice").await;
     assert_eq!(
@@ -672,7 +573,7 @@ async fn refund_after_expiry_is_failed_precondition_naming_expired() {
     let id = hold(&mut q, reserve("alice", 100, 400)).await;
     server.advance_secs(60);
     assert_status(
-        q.refund(refund(&id)).await,
+        q.refund(refund_req(&id)).await,
         Code::FailedPrecondition,
         &["EXPIRED", &id],
     );
@@ -692,7 +593,7 @@ async fn a_late_commit_reconciles_an_expired_hold_to_the_actual_usage() {
     assert_eq!((u.held_tokens, u.used_tokens, u.open_holds), (0, 500, 0));
 
     server.advance_secs(3_600);
-    let c = q.commit(commit(&id, 100, 50)).await.unwrap().into_inner();
+    let c = commit(&mut q, &id, 100, 50).await;
     assert_eq!(
         (c.charged_tokens, c.released_tokens, c.debt_tokens),
         (150, 350, 0)
@@ -702,12 +603,9 @@ async fn a_late_commit_reconciles_an_expired_hold_to_the_actual_usage() {
     assert_eq!(limit(&u.limits, "tokens_per_day").remaining, 9_850);
 
     // Now COMMITTED: the same Commit repeats, anything else conflicts.
-    assert_eq!(
-        q.commit(commit(&id, 100, 50)).await.unwrap().into_inner(),
-        c
-    );
+    assert_eq!(commit(&mut q, &id, 100, 50).await, c);
     assert_status(
-        q.refund(refund(&id)).await,
+        q.refund(refund_req(&id)).await,
         Code::FailedPrecondition,
         &["COMMITTED"],
     );
@@ -723,7 +621,7 @@ async fn a_late_commit_above_the_hold_charges_the_debt() {
     let id = hold(&mut q, reserve("alice", 100, 400)).await;
     server.advance_secs(61);
     assert_eq!(usage(&mut q, "alice").await.used_tokens, 500);
-    let c = q.commit(commit(&id, 100, 600)).await.unwrap().into_inner();
+    let c = commit(&mut q, &id, 100, 600).await;
     assert_eq!(
         (c.charged_tokens, c.released_tokens, c.debt_tokens),
         (700, 0, 200)
@@ -778,10 +676,10 @@ async fn settled_and_expired_records_are_purged_after_the_retention() {
     for (i, id) in ids.iter().enumerate() {
         match i % 3 {
             0 => {
-                q.commit(commit(id, 10, 5)).await.unwrap();
+                commit(&mut q, id, 10, 5).await;
             }
             1 => {
-                q.refund(refund(id)).await.unwrap();
+                refund(&mut q, id).await;
             }
             _ => {}
         }
@@ -801,13 +699,17 @@ async fn settled_and_expired_records_are_purged_after_the_retention() {
     server.ledger.housekeeping().await.unwrap();
     assert_eq!(holds_and_records(&server), (0, left));
     assert_status(
-        q.commit(commit(&ids[0], 10, 5)).await,
+        q.commit(commit_req(&ids[0], 10, 5)).await,
         Code::NotFound,
         &[&ids[0]],
     );
-    assert_status(q.refund(refund(&ids[1])).await, Code::NotFound, &[&ids[1]]);
+    assert_status(
+        q.refund(refund_req(&ids[1])).await,
+        Code::NotFound,
+        &[&ids[1]],
+    );
     // An expired one can still be committed late (within its own 24 h).
-    let late = q.commit(commit(&ids[2], 10, 0)).await.unwrap().into_inner();
+    let late = commit(&mut q, &ids[2], 10, 0).await;
     assert_eq!((late.charged_tokens, late.released_tokens), (10, 10));
 
     server.advance_secs(60);
@@ -817,13 +719,17 @@ async fn settled_and_expired_records_are_purged_after_the_retention() {
         (0, 1),
         "only the late commit is left"
     );
-    assert_status(q.commit(commit(&ids[5], 10, 5)).await, Code::NotFound, &[]);
-    assert_status(q.refund(refund(&ids[5])).await, Code::NotFound, &[]);
+    assert_status(
+        q.commit(commit_req(&ids[5], 10, 5)).await,
+        Code::NotFound,
+        &[],
+    );
+    assert_status(q.refund(refund_req(&ids[5])).await, Code::NotFound, &[]);
 
     // The keys went with their records: an old key makes a new hold now.
     let fresh = hold(&mut q, with_key(reserve("user-0", 10, 10), "key-0")).await;
     assert_ne!(fresh, ids[0]);
-    q.refund(refund(&fresh)).await.unwrap();
+    refund(&mut q, &fresh).await;
 
     // 24 h after the late commit and the refund, nothing is left, and a restart brings
     // nothing back.
@@ -833,6 +739,10 @@ async fn settled_and_expired_records_are_purged_after_the_retention() {
     let server = server.restart(POLICY_ROOMY).await;
     assert_eq!(holds_and_records(&server), (0, 0));
     let mut q = server.quota().await;
-    assert_status(q.commit(commit(&ids[2], 10, 0)).await, Code::NotFound, &[]);
+    assert_status(
+        q.commit(commit_req(&ids[2], 10, 0)).await,
+        Code::NotFound,
+        &[],
+    );
     server.stop().await;
 }

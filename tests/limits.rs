@@ -14,27 +14,9 @@ use tonic::Code;
 
 use tollgate::proto::admin_client::AdminClient;
 use tollgate::proto::quota_client::QuotaClient;
-use tollgate::proto::{
-    CommitRequest, Decision, GetSubjectRequest, LimitStatus, RefundRequest, ReserveRequest,
-    ReserveResponse, SetSubjectRequest,
-};
+use tollgate::proto::{Decision, GetSubjectRequest, LimitStatus, ReserveRequest, ReserveResponse};
 
 const HOUR: u64 = 3600 * SEC;
-
-/// A protobuf Duration in microseconds.
-fn dur_us(d: &prost_types::Duration) -> u64 {
-    assert!(d.seconds >= 0 && d.nanos >= 0, "negative duration {d:?}");
-    u64::try_from(d.seconds).unwrap() * SEC + u64::try_from(d.nanos).unwrap() / 1_000
-}
-
-/// `retry_after` of a response, in microseconds.
-fn retry_us(r: &ReserveResponse) -> Option<u64> {
-    r.retry_after.as_ref().map(dur_us)
-}
-
-async fn rsv(q: &mut Quota, req: ReserveRequest) -> ReserveResponse {
-    q.reserve(req).await.expect("reserve").into_inner()
-}
 
 fn dry(mut req: ReserveRequest) -> ReserveRequest {
     req.dry_run = true;
@@ -72,16 +54,6 @@ fn reset_us(limits: &[LimitStatus], name: &str) -> u64 {
             .as_ref()
             .expect("reset_after"),
     )
-}
-
-async fn refund(q: &mut Quota, id: &str) -> u64 {
-    q.refund(RefundRequest {
-        reservation_id: id.to_string(),
-    })
-    .await
-    .expect("refund")
-    .into_inner()
-    .released_tokens
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -407,16 +379,7 @@ async fn a_hold_that_expired_before_midnight_is_charged_to_its_own_day() {
     assert_allowed(&r2, 500);
 
     // A late Commit of yesterday's hold gives nothing back to today; debt lands on today.
-    let c = q
-        .commit(CommitRequest {
-            reservation_id: r.reservation_id.clone(),
-            prompt_tokens: 100,
-            completion_tokens: 0,
-            usage_unknown: false,
-        })
-        .await
-        .expect("late commit")
-        .into_inner();
+    let c = commit(&mut q, &r.reservation_id, 100, 0).await;
     assert_eq!(
         (c.charged_tokens, c.released_tokens, c.debt_tokens),
         (100, 400, 0)
@@ -450,11 +413,7 @@ async fn race(
             let mut admitted = Vec::new();
             let mut denied = Vec::new();
             for _ in 0..mine {
-                let r = q
-                    .reserve(reserve("shared", tokens, 0))
-                    .await
-                    .expect("reserve")
-                    .into_inner();
+                let r = rsv(&mut q, reserve("shared", tokens, 0)).await;
                 match decision(&r) {
                     Decision::Allowed => {
                         assert_eq!(r.reserved_tokens, tokens);
@@ -713,22 +672,14 @@ async fn set_subject_moves_a_subject_to_another_tier() {
     // Without the token nothing changes.
     let mut anonymous = AdminClient::connect(server.url()).await.expect("connect");
     let err = anonymous
-        .set_subject(SetSubjectRequest {
-            subject: "bob".into(),
-            tier: "pro".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("bob", "pro"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     assert_eq!(usage(&mut q, "bob").await.tier, "free");
 
     let s = admin
-        .set_subject(SetSubjectRequest {
-            subject: "bob".into(),
-            tier: "pro".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("bob", "pro"))
         .await
         .expect("set_subject")
         .into_inner();
@@ -771,11 +722,7 @@ async fn set_subject_moves_a_subject_to_another_tier() {
 
     // An unknown tier is refused and changes nothing.
     let err = admin
-        .set_subject(SetSubjectRequest {
-            subject: "bob".into(),
-            tier: "gold".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("bob", "gold"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -783,11 +730,7 @@ async fn set_subject_moves_a_subject_to_another_tier() {
 
     // Back to free: its limits apply to what bob already holds.
     admin
-        .set_subject(SetSubjectRequest {
-            subject: "bob".into(),
-            tier: "free".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("bob", "free"))
         .await
         .expect("set_subject");
     let r = rsv(&mut q, reserve("bob", 10, 0)).await;

@@ -29,7 +29,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use tollgate::proto::{Decision, ReserveRequest, ReserveResponse, SetSubjectRequest};
+use tollgate::proto::Decision;
 use tollgate::server::validate::DEFAULT_MAX_PROMPT_BYTES;
 
 /// The shutdown tests measure exit times: one at a time.
@@ -237,23 +237,13 @@ impl Metrics {
 /// on a connection that closed before it was sent. Neither reached the service.
 fn refused(e: &Status) -> bool {
     // UNKNOWN: a call caught on a connection as it closes fails with tonic's "transport error".
-    // It was not answered, so nothing was acknowledged; the restart check proves no more.
+    // INTERNAL "h2 protocol error" with GOAWAY (NO_ERROR): a call sent just after the server's
+    // GOAWAY, which tonic's client reports as a protocol error. Neither was answered, so
+    // nothing was acknowledged; the restart check proves no more.
     matches!(
         e.code(),
         Code::Unavailable | Code::Cancelled | Code::Unknown
-    )
-}
-
-/// A Reserve of explicit counts on `model`.
-fn on(model: &str, subject: &str, prompt: u64, output: u64) -> ReserveRequest {
-    ReserveRequest {
-        model: model.to_string(),
-        ..reserve(subject, prompt, output)
-    }
-}
-
-async fn rsv(q: &mut Quota, req: ReserveRequest) -> ReserveResponse {
-    q.reserve(req).await.expect("Reserve").into_inner()
+    ) || (e.code() == Code::Internal && e.message().starts_with("h2 protocol error"))
 }
 
 /// A model's price in µUSD per million (input, output) tokens.
@@ -279,17 +269,6 @@ fn unbroken_letters(bytes: usize) -> String {
         out.push(char::from(b'a' + (state % 26) as u8));
     }
     out
-}
-
-/// A Reserve whose prompt text is counted on the server.
-fn reserve_text(subject: &str, text: &str) -> ReserveRequest {
-    ReserveRequest {
-        subject: subject.to_string(),
-        model: "gpt-4o".to_string(),
-        prompt: Some(text.to_string()),
-        max_output_tokens: Some(0),
-        ..Default::default()
-    }
 }
 
 /// A channel to `addr` (no connection is made until the first call).
@@ -437,11 +416,7 @@ async fn metrics_count_exactly_what_a_scripted_workload_did() {
     let set = server
         .admin()
         .await
-        .set_subject(SetSubjectRequest {
-            subject: "pat".into(),
-            tier: "pro".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("pat", "pro"))
         .await
         .expect("SetSubject")
         .into_inner();
@@ -961,7 +936,9 @@ async fn during_shutdown_health_is_not_serving_and_new_calls_fail_while_one_fini
     let big = unbroken_letters(DEFAULT_MAX_PROMPT_BYTES);
     let mut big_q = server.quota().await;
     let big_call = tokio::spawn(async move {
-        let r = big_q.reserve(reserve_text("big", &big)).await;
+        let r = big_q
+            .reserve(reserve_text("big", "gpt-4o", &big, Some(0)))
+            .await;
         (r, Instant::now())
     });
     // Long enough for 4 MiB to reach the server over loopback; counting it takes seconds.
@@ -1158,7 +1135,8 @@ async fn shutdown_timeout_bounds_the_exit_with_calls_still_in_flight() {
             let big = big.clone();
             let mut q = server.quota().await;
             in_flight.push(tokio::spawn(async move {
-                q.reserve(reserve_text("big", &big)).await
+                q.reserve(reserve_text("big", "gpt-4o", &big, Some(0)))
+                    .await
             }));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1293,9 +1271,17 @@ async fn json_logs_name_decisions_and_never_the_prompt() {
     // Distinctive words, each its own token run, so a leak of any part is visible.
     let allowed_secret = "zanzibarquokka allowed-prompt-7f3a91 please summarise my diary";
     let denied_secret = "xylophonewombat denied-prompt-c0ffee42 ".repeat(20);
-    let r = rsv(&mut q, reserve_text("log-alice", allowed_secret)).await;
+    let r = rsv(
+        &mut q,
+        reserve_text("log-alice", "gpt-4o", allowed_secret, Some(0)),
+    )
+    .await;
     assert_eq!(decision(&r), Decision::Allowed, "{r:?}");
-    let d = rsv(&mut q, reserve_text("log-alice", &denied_secret)).await;
+    let d = rsv(
+        &mut q,
+        reserve_text("log-alice", "gpt-4o", &denied_secret, Some(0)),
+    )
+    .await;
     assert_eq!(
         (decision(&d), d.denied_by.as_str()),
         (Decision::Denied, "tokens_per_day")

@@ -4,10 +4,7 @@ mod common;
 use common::*;
 
 use tollgate::proto::admin_client::AdminClient;
-use tollgate::proto::{
-    CommitRequest, Decision, GetSubjectRequest, GetUsageResponse, RefundRequest, ResetUsageRequest,
-    SetSubjectRequest,
-};
+use tollgate::proto::{Decision, GetSubjectRequest, GetUsageResponse, ResetUsageRequest};
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
@@ -27,25 +24,8 @@ tokens_per_day = 100000
 hold_seconds = 120
 "#;
 
-const WELL_FORMED_UNKNOWN_ID: &str = "0192a8a4-1c2b-7cc0-8d1e-0123456789ab";
-
-fn commit(id: &str, prompt_tokens: u64, completion_tokens: u64) -> CommitRequest {
-    CommitRequest {
-        reservation_id: id.to_string(),
-        prompt_tokens,
-        completion_tokens,
-        usage_unknown: false,
-    }
-}
-
-fn refund(id: &str) -> RefundRequest {
-    RefundRequest {
-        reservation_id: id.to_string(),
-    }
-}
-
 async fn hold(q: &mut Quota, req: tollgate::proto::ReserveRequest) -> String {
-    let r = q.reserve(req).await.expect("reserve").into_inner();
+    let r = rsv(q, req).await;
     assert_eq!(decision(&r), Decision::Allowed, "{r:?}");
     r.reservation_id
 }
@@ -62,21 +42,17 @@ async fn holds_usage_bucket_keys_and_tiers_survive_a_restart() {
     let mut admin = server.admin().await;
 
     admin
-        .set_subject(SetSubjectRequest {
-            subject: "carol".into(),
-            tier: "pro".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("carol", "pro"))
         .await
         .unwrap();
 
     // alice: one open hold under a key, and one committed call.
     let mut keyed = reserve("alice", 100, 200);
     keyed.idempotency_key = "k1".into();
-    let first = q.reserve(keyed.clone()).await.unwrap().into_inner();
+    let first = rsv(&mut q, keyed.clone()).await;
     assert_eq!(decision(&first), Decision::Allowed);
     let done = hold(&mut q, reserve("alice", 50, 50)).await;
-    let c = q.commit(commit(&done, 50, 30)).await.unwrap().into_inner();
+    let c = commit(&mut q, &done, 50, 30).await;
     assert_eq!((c.charged_tokens, c.released_tokens), (80, 20));
     // Bucket: 600 - 300 - 100 + 20.
     let before = usage(&mut q, "alice").await;
@@ -118,37 +94,26 @@ async fn holds_usage_bucket_keys_and_tiers_survive_a_restart() {
     assert_eq!(limit(&carol_usage.limits, "tokens_per_minute").limit, 6_000);
 
     // The key still replays the first answer and holds nothing more.
-    let again = q.reserve(keyed).await.unwrap().into_inner();
+    let again = rsv(&mut q, keyed).await;
     assert_eq!(again.reservation_id, first.reservation_id);
     assert_eq!(again.expires_at, first.expires_at);
     assert_eq!(counts(&usage(&mut q, "alice").await), (300, 80, 1, 2));
     // And a settled reservation is still settled.
-    let c2 = q.commit(commit(&done, 50, 30)).await.unwrap().into_inner();
+    let c2 = commit(&mut q, &done, 50, 30).await;
     assert_eq!(
         (c2.charged_tokens, c2.released_tokens, c2.debt_tokens),
         (80, 20, 0)
     );
 
     // The hold made before the restart is committed after it.
-    let c = q
-        .commit(commit(&first.reservation_id, 100, 100))
-        .await
-        .unwrap()
-        .into_inner();
+    let c = commit(&mut q, &first.reservation_id, 100, 100).await;
     assert_eq!(
         (c.charged_tokens, c.released_tokens, c.debt_tokens),
         (200, 100, 0)
     );
     assert_eq!(limit(&c.limits, "tokens_per_minute").remaining, 420);
     assert_eq!(counts(&usage(&mut q, "alice").await), (0, 280, 0, 2));
-    assert_eq!(
-        q.refund(refund(&carol_hold))
-            .await
-            .unwrap()
-            .into_inner()
-            .released_tokens,
-        2_000
-    );
+    assert_eq!(refund(&mut q, &carol_hold).await, 2_000);
     server.stop().await;
 }
 
@@ -168,7 +133,7 @@ async fn a_hold_keeps_its_deadline_across_a_restart() {
     server.advance_secs(1);
     assert_eq!(counts(&usage(&mut q, "alice").await), (0, 300, 0, 1));
     assert_status(
-        q.refund(refund(&id)).await,
+        q.refund(refund_req(&id)).await,
         Code::FailedPrecondition,
         &["EXPIRED"],
     );
@@ -188,18 +153,18 @@ async fn an_expiry_made_by_a_failing_call_is_persisted_and_not_charged_twice() {
     server.advance_secs(60);
     // Both fail, and both are the first calls to see the deadlines passed.
     assert_status(
-        q.commit(commit(WELL_FORMED_UNKNOWN_ID, 1, 1)).await,
+        q.commit(commit_req(WELL_FORMED_UNKNOWN_ID, 1, 1)).await,
         Code::NotFound,
         &[],
     );
     assert_status(
-        q.refund(refund(&b)).await,
+        q.refund(refund_req(&b)).await,
         Code::FailedPrecondition,
         &["EXPIRED"],
     );
     // Alice's state is written again by a later call.
     let c = hold(&mut q, reserve("alice", 5, 5)).await;
-    q.commit(commit(&c, 5, 5)).await.unwrap();
+    commit(&mut q, &c, 5, 5).await;
     assert_eq!(counts(&usage(&mut q, "alice").await), (0, 310, 0, 2));
     assert_eq!(counts(&usage(&mut q, "bob").await), (0, 30, 0, 1));
 
@@ -209,7 +174,7 @@ async fn an_expiry_made_by_a_failing_call_is_persisted_and_not_charged_twice() {
     assert_eq!(counts(&usage(&mut q, "alice").await), (0, 310, 0, 2));
     assert_eq!(counts(&usage(&mut q, "bob").await), (0, 30, 0, 1));
     assert_status(
-        q.refund(refund(&a)).await,
+        q.refund(refund_req(&a)).await,
         Code::FailedPrecondition,
         &["EXPIRED"],
     );
@@ -222,13 +187,7 @@ async fn admin_calls_without_the_right_bearer_token_are_unauthenticated() {
 
     let mut plain = AdminClient::connect(server.url()).await.unwrap();
     assert_status(
-        plain
-            .set_subject(SetSubjectRequest {
-                subject: "alice".into(),
-                tier: "pro".into(),
-                ..Default::default()
-            })
-            .await,
+        plain.set_subject(set_subject_req("alice", "pro")).await,
         Code::Unauthenticated,
         &[],
     );
@@ -269,13 +228,7 @@ async fn admin_calls_without_the_right_bearer_token_are_unauthenticated() {
             Ok(req)
         });
         assert_status(
-            wrong
-                .set_subject(SetSubjectRequest {
-                    subject: "alice".into(),
-                    tier: "pro".into(),
-                    ..Default::default()
-                })
-                .await,
+            wrong.set_subject(set_subject_req("alice", "pro")).await,
             Code::Unauthenticated,
             &[],
         );
@@ -302,13 +255,7 @@ async fn set_subject_assigns_a_tier_and_an_unknown_tier_is_invalid() {
 
     for tier in ["gold", ""] {
         assert_status(
-            admin
-                .set_subject(SetSubjectRequest {
-                    subject: "alice".into(),
-                    tier: tier.into(),
-                    ..Default::default()
-                })
-                .await,
+            admin.set_subject(set_subject_req("alice", tier)).await,
             Code::InvalidArgument,
             &["tier"],
         );
@@ -323,11 +270,7 @@ async fn set_subject_assigns_a_tier_and_an_unknown_tier_is_invalid() {
     assert_eq!((s.tier.as_str(), s.assigned), ("std", false));
 
     let set = admin
-        .set_subject(SetSubjectRequest {
-            subject: "alice".into(),
-            tier: "pro".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("alice", "pro"))
         .await
         .unwrap()
         .into_inner();
@@ -356,7 +299,7 @@ async fn reset_usage_clears_today_but_keeps_open_holds() {
 
     let open = hold(&mut q, reserve("alice", 100, 200)).await;
     let done = hold(&mut q, reserve("alice", 50, 50)).await;
-    q.commit(commit(&done, 50, 50)).await.unwrap();
+    commit(&mut q, &done, 50, 50).await;
     let before = usage(&mut q, "alice").await;
     assert_eq!(counts(&before), (300, 100, 1, 2));
     assert_eq!(limit(&before.limits, "tokens_per_minute").remaining, 200);
@@ -376,11 +319,7 @@ async fn reset_usage_clears_today_but_keeps_open_holds() {
     assert_eq!(server.ledger.counts().unwrap().0, 1);
 
     // The open hold is still owed its Commit, and it counts after the reset.
-    let c = q
-        .commit(commit(&open, 100, 100))
-        .await
-        .unwrap()
-        .into_inner();
+    let c = commit(&mut q, &open, 100, 100).await;
     assert_eq!((c.charged_tokens, c.released_tokens), (200, 100));
     assert_eq!(counts(&usage(&mut q, "alice").await), (0, 200, 0, 0));
 

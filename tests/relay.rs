@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::{Code, Request};
@@ -21,7 +21,7 @@ use tollgate::proto::admin_client::AdminClient;
 use tollgate::proto::quota_client::QuotaClient;
 use tollgate::proto::{
     ChatMessage, CountTokensRequest, Decision, ExtendRequest, GetSubjectRequest, GetUsageRequest,
-    RefundRequest, ReserveRequest, ReserveResponse, ResetUsageRequest, SetSubjectRequest,
+    ReserveRequest, ReserveResponse, ResetUsageRequest, SetSubjectRequest,
 };
 use tollgate::relay::Relay;
 use tollgate::server::{serve_backend, Backend, ServeOptions};
@@ -100,20 +100,6 @@ fn dead_address() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-async fn rsv(q: &mut Quota, req: ReserveRequest) -> ReserveResponse {
-    q.reserve(req).await.expect("reserve").into_inner()
-}
-
-fn with_prompt(subject: &str, model: &str, text: &str, max_output: u64) -> ReserveRequest {
-    ReserveRequest {
-        subject: subject.into(),
-        model: model.into(),
-        prompt: Some(text.into()),
-        max_output_tokens: Some(max_output),
-        ..Default::default()
-    }
-}
-
 async fn count(q: &mut Quota, model: &str, prompt: Option<&str>, chat: &[ChatMessage]) -> u64 {
     q.count_tokens(CountTokensRequest {
         model: model.into(),
@@ -166,11 +152,7 @@ fn assert_failed_closed(r: &ReserveResponse, tier: &str) {
 /// The process-wide Prometheus recorder, so the relay's counters can be read back.
 fn metrics() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        PrometheusBuilder::new()
-            .install_recorder()
-            .expect("install the recorder")
-    })
+    HANDLE.get_or_init(|| tollgate::telemetry::install_recorder().expect("install the recorder"))
 }
 
 /// tollgate_relay_upstream_unavailable_total{tier, mode}, 0 when never counted.
@@ -320,7 +302,7 @@ async fn prompts_and_chats_are_counted_in_the_relay() {
     let n = count(&mut qr, "gpt-4o", Some(text), &[]).await;
     assert_eq!(n, count(&mut qc, "gpt-4o", Some(text), &[]).await);
     assert!(n > 5, "{n}");
-    let r = rsv(&mut qr, with_prompt("pat", "gpt-4o", text, 50)).await;
+    let r = rsv(&mut qr, reserve_text("pat", "gpt-4o", text, Some(50))).await;
     assert_allowed(&r, n + 50);
     assert_eq!(r.prompt_tokens, n, "{r:?}");
     let u = usage(&mut qc, "pat").await;
@@ -362,7 +344,7 @@ async fn prompts_and_chats_are_counted_in_the_relay() {
         &mut qr,
         ReserveRequest {
             max_output_tokens: None,
-            ..with_prompt("quin", "gpt-4o", text, 0)
+            ..reserve_text("quin", "gpt-4o", text, Some(0))
         },
     )
     .await;
@@ -387,11 +369,7 @@ async fn a_downgrade_through_a_relay_holds_the_granted_models_count() {
     central
         .admin()
         .await
-        .set_subject(SetSubjectRequest {
-            subject: "tess".into(),
-            tier: "thrifty".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("tess", "thrifty"))
         .await
         .expect("set_subject");
 
@@ -403,7 +381,7 @@ async fn a_downgrade_through_a_relay_holds_the_granted_models_count() {
         "the test needs a text the two tokenizers count differently"
     );
 
-    let r = rsv(&mut qr, with_prompt("tess", "gpt-4", text, 10)).await;
+    let r = rsv(&mut qr, reserve_text("tess", "gpt-4", text, Some(10))).await;
     assert_eq!(decision(&r), Decision::Downgraded, "{r:?}");
     assert_eq!(r.model, "gpt-4o-mini", "{r:?}");
     assert_eq!(r.prompt_tokens, granted, "{r:?}");
@@ -459,7 +437,7 @@ async fn bad_input_is_refused_by_the_relay_itself_even_with_the_central_down() {
             "prompt",
         ),
         (
-            with_prompt("ann", "no-such-model", "hello", 1),
+            reserve_text("ann", "no-such-model", "hello", Some(1)),
             "no known tokenizer",
         ),
         (
@@ -484,11 +462,7 @@ async fn bad_input_is_refused_by_the_relay_itself_even_with_the_central_down() {
         &["client_ip"],
     );
     assert_status(
-        q.commit(tollgate::proto::CommitRequest {
-            reservation_id: "nope".into(),
-            ..Default::default()
-        })
-        .await,
+        q.commit(commit_req("nope", 0, 0)).await,
         Code::InvalidArgument,
         &["reservation_id"],
     );
@@ -546,7 +520,11 @@ async fn fail_closed_denies_and_central_holds_answer_unavailable() {
         started.elapsed()
     );
     // A prompt is still counted (and reported) when the answer is a denial.
-    let r = rsv(&mut q, with_prompt("cal", "gpt-4o", "hello there", 5)).await;
+    let r = rsv(
+        &mut q,
+        reserve_text("cal", "gpt-4o", "hello there", Some(5)),
+    )
+    .await;
     assert_failed_closed(&r, "closed_default");
     assert_eq!(
         r.prompt_tokens,
@@ -559,23 +537,9 @@ async fn fail_closed_denies_and_central_holds_answer_unavailable() {
 
     // The hold made before the outage is central: only the central service can settle it.
     let id = held.reservation_id.clone();
-    let commit = q
-        .commit(tollgate::proto::CommitRequest {
-            reservation_id: id.clone(),
-            prompt_tokens: 10,
-            completion_tokens: 5,
-            usage_unknown: false,
-        })
-        .await;
+    let commit = q.commit(commit_req(&id, 10, 5)).await;
     assert_status(commit, Code::Unavailable, &[]);
-    assert_status(
-        q.refund(RefundRequest {
-            reservation_id: id.clone(),
-        })
-        .await,
-        Code::Unavailable,
-        &[],
-    );
+    assert_status(q.refund(refund_req(&id)).await, Code::Unavailable, &[]);
     assert_status(
         q.extend(ExtendRequest {
             reservation_id: id,
@@ -683,14 +647,7 @@ async fn fail_open_allows_and_the_relay_settles_its_own_holds() {
     relay
         .admin()
         .await
-        .set_subject(bearer(
-            SetSubjectRequest {
-                subject: "olga".into(),
-                tier: "always_on".into(),
-                ..Default::default()
-            },
-            ADMIN_TOKEN,
-        ))
+        .set_subject(bearer(set_subject_req("olga", "always_on"), ADMIN_TOKEN))
         .await
         .expect("set_subject");
     let r = rsv(&mut q, reserve("olga", 1, 1)).await;
@@ -727,20 +684,10 @@ async fn fail_open_allows_and_the_relay_settles_its_own_holds() {
         (50, 50, 0)
     );
     assert_eq!(commit(&mut q, &first, 30, 20).await, c, "a retried Commit");
-    let conflict = q
-        .commit(tollgate::proto::CommitRequest {
-            reservation_id: first.clone(),
-            prompt_tokens: 30,
-            completion_tokens: 21,
-            usage_unknown: false,
-        })
-        .await;
+    let conflict = q.commit(commit_req(&first, 30, 21)).await;
     assert_status(conflict, Code::FailedPrecondition, &["COMMITTED"]);
     assert_status(
-        q.refund(RefundRequest {
-            reservation_id: first.clone(),
-        })
-        .await,
+        q.refund(refund_req(&first)).await,
         Code::FailedPrecondition,
         &["COMMITTED"],
     );
@@ -780,29 +727,19 @@ async fn fail_open_allows_and_the_relay_settles_its_own_holds() {
         T0 / SEC + 10 + 300,
         "an Extend never brings the expiry forward"
     );
-    let refund = |id: &str| RefundRequest {
-        reservation_id: id.to_string(),
-    };
     let f = q
-        .refund(refund(&second))
+        .refund(refund_req(&second))
         .await
         .expect("refund")
         .into_inner();
     assert_eq!(f.released_tokens, 20);
     let f = q
-        .refund(refund(&second))
+        .refund(refund_req(&second))
         .await
         .expect("refund retried")
         .into_inner();
     assert_eq!(f.released_tokens, 20, "a retried Refund");
-    let late = q
-        .commit(tollgate::proto::CommitRequest {
-            reservation_id: second.clone(),
-            prompt_tokens: 5,
-            completion_tokens: 0,
-            usage_unknown: false,
-        })
-        .await;
+    let late = q.commit(commit_req(&second, 5, 0)).await;
     assert_status(late, Code::FailedPrecondition, &["REFUNDED"]);
 
     // Usage is truth: a Commit above the hold is charged in full, the excess as debt; an
@@ -857,12 +794,7 @@ async fn fail_open_allows_and_the_relay_settles_its_own_holds() {
 
     // A hold the relay never made is still the central service's: UNAVAILABLE, not NOT_FOUND.
     let unknown = q
-        .commit(tollgate::proto::CommitRequest {
-            reservation_id: "0190b3a0-0000-7000-8000-000000000000".into(),
-            prompt_tokens: 1,
-            completion_tokens: 1,
-            usage_unknown: false,
-        })
+        .commit(commit_req("0190b3a0-0000-7000-8000-000000000000", 1, 1))
         .await;
     assert_status(unknown, Code::Unavailable, &[]);
 }
@@ -894,11 +826,7 @@ async fn an_unseen_subject_gets_the_default_tiers_fail_mode() {
     central
         .admin()
         .await
-        .set_subject(SetSubjectRequest {
-            subject: "stu".into(),
-            tier: "strict".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("stu", "strict"))
         .await
         .expect("set_subject");
     assert_eq!(rsv(&mut q, reserve("stu", 1, 1)).await.tier, "strict");
@@ -949,11 +877,7 @@ tokens_per_day = 1000
     central
         .admin()
         .await
-        .set_subject(SetSubjectRequest {
-            subject: "vera".into(),
-            tier: "vip".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("vera", "vip"))
         .await
         .expect("set_subject");
     let before = rsv(&mut q, reserve("rob", 100, 100)).await;

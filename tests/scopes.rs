@@ -10,27 +10,12 @@ use common::*;
 use tonic::Code;
 
 use tollgate::proto::{
-    Decision, GetSubjectRequest, GetUsageRequest, GetUsageResponse, LimitStatus, RefundRequest,
-    ReserveRequest, ReserveResponse, SetSubjectRequest,
+    Decision, GetSubjectRequest, GetUsageRequest, GetUsageResponse, LimitStatus, ReserveRequest,
+    ReserveResponse, SetSubjectRequest,
 };
 
 /// Microseconds from now to the next UTC midnight, at T0 (noon).
 const HALF_DAY: u64 = 12 * 3600 * SEC;
-
-/// A protobuf Duration in microseconds.
-fn dur_us(d: &prost_types::Duration) -> u64 {
-    assert!(d.seconds >= 0 && d.nanos >= 0, "negative duration {d:?}");
-    u64::try_from(d.seconds).unwrap() * SEC + u64::try_from(d.nanos).unwrap() / 1_000
-}
-
-/// `retry_after` of a response, in microseconds.
-fn retry_us(r: &ReserveResponse) -> Option<u64> {
-    r.retry_after.as_ref().map(dur_us)
-}
-
-async fn rsv(q: &mut Quota, req: ReserveRequest) -> ReserveResponse {
-    q.reserve(req).await.expect("reserve").into_inner()
-}
 
 /// `req` with a group and a client IP (empty: none).
 fn with(req: ReserveRequest, group: &str, client_ip: &str) -> ReserveRequest {
@@ -89,16 +74,6 @@ fn status<'a>(
     let s = scoped_limit(limits, scope, name);
     assert_eq!(s.scope_id, scope_id, "{s:?}");
     s
-}
-
-async fn refund(q: &mut Quota, id: &str) -> u64 {
-    q.refund(RefundRequest {
-        reservation_id: id.to_string(),
-    })
-    .await
-    .expect("refund")
-    .into_inner()
-    .released_tokens
 }
 
 fn set_subject(subject: &str, tier: &str, group: &str) -> SetSubjectRequest {
@@ -886,7 +861,7 @@ async fn an_idempotent_retry_with_another_ip_or_group_is_refused() {
         model: "gpt-4o-mini".into(),
         ..reserve("ivy", 100, 50)
     };
-    let r = q.reserve(first.clone()).await.unwrap().into_inner();
+    let r = rsv(&mut q, first.clone()).await;
     assert_eq!(decision(&r), Decision::Allowed);
     for (field, retry) in [
         (
@@ -910,14 +885,14 @@ async fn an_idempotent_retry_with_another_ip_or_group_is_refused() {
             &[field, "turn-1"],
         );
     }
-    let replay = q
-        .reserve(ReserveRequest {
+    let replay = rsv(
+        &mut q,
+        ReserveRequest {
             group: String::new(),
             ..first.clone()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     assert!(replay.replayed);
     assert_eq!(replay.reservation_id, r.reservation_id);
     server.stop().await;

@@ -5,38 +5,24 @@ mod common;
 use common::*;
 use tollgate::proto::Decision;
 
-const POLICY_500: &str = "default_tier = \"free\"\n\n[tiers.free]\ntokens_per_day = 500\n";
-
 #[tokio::test]
 async fn a_600_token_reserve_is_denied_and_two_300s_admit_one() {
     let server = TestServer::start(POLICY_500).await;
     let mut q = server.quota().await;
 
-    let r = q
-        .reserve(reserve("alice", 600, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, reserve("alice", 600, 0)).await;
     assert_eq!(decision(&r), Decision::Denied);
     assert_eq!(r.denied_by, "tokens_per_day");
     assert!(r.reservation_id.is_empty());
     assert!(r.retry_after.is_none(), "600 > 500 can never fit: {r:?}");
 
-    let first = q
-        .reserve(reserve("alice", 300, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = rsv(&mut q, reserve("alice", 300, 0)).await;
     assert_eq!(decision(&first), Decision::Allowed);
     assert_eq!(first.reserved_tokens, 300);
     assert!(!first.reservation_id.is_empty());
     assert_eq!(limit(&first.limits, "tokens_per_day").remaining, 200);
 
-    let second = q
-        .reserve(reserve("alice", 300, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let second = rsv(&mut q, reserve("alice", 300, 0)).await;
     assert_eq!(decision(&second), Decision::Denied);
     assert_eq!(second.denied_by, "tokens_per_day");
     // The first hold is what blocks it, and holds outlive midnight, so the hint is short: the
@@ -44,29 +30,12 @@ async fn a_600_token_reserve_is_denied_and_two_300s_admit_one() {
     assert_eq!(second.retry_after.unwrap().seconds, 1);
 
     // Once the first commits only 150, the second fits.
-    let c = q
-        .commit(tollgate::proto::CommitRequest {
-            reservation_id: first.reservation_id.clone(),
-            prompt_tokens: 100,
-            completion_tokens: 50,
-            usage_unknown: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let c = commit(&mut q, &first.reservation_id, 100, 50).await;
     assert_eq!((c.charged_tokens, c.released_tokens), (150, 150));
-    let third = q
-        .reserve(reserve("alice", 300, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let third = rsv(&mut q, reserve("alice", 300, 0)).await;
     assert_eq!(decision(&third), Decision::Allowed);
     // Now charged usage (150 + 300 held) leaves 50; 300 more waits for tomorrow, 12 h from noon.
-    let fourth = q
-        .reserve(reserve("alice", 100, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let fourth = rsv(&mut q, reserve("alice", 100, 0)).await;
     assert_eq!(decision(&fourth), Decision::Denied);
     assert_eq!(fourth.retry_after.unwrap().seconds, 12 * 3600);
 
@@ -96,23 +65,19 @@ async fn the_embedded_default_policy_admits_a_typical_first_reserve_in_every_tie
     for tier in ["free", "pro", "enterprise"] {
         let subject = format!("new-{tier}");
         admin
-            .set_subject(tollgate::proto::SetSubjectRequest {
-                subject: subject.clone(),
-                tier: tier.into(),
-                ..Default::default()
-            })
+            .set_subject(set_subject_req(&subject, tier))
             .await
             .unwrap();
-        let r = q
-            .reserve(tollgate::proto::ReserveRequest {
+        let r = rsv(
+            &mut q,
+            tollgate::proto::ReserveRequest {
                 subject,
                 model: "gpt-4o-mini".into(),
                 prompt: Some("Hello there, how many tokens is this?".into()),
                 ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+            },
+        )
+        .await;
         assert_eq!(decision(&r), Decision::Allowed, "{tier}: {r:?}");
         assert_eq!(
             r.reserved_tokens,

@@ -28,11 +28,7 @@ async fn a_free_user_asking_for_an_expert_model_is_denied_by_model() {
     let server = TestServer::start(POLICY).await;
     let mut q = server.quota().await;
 
-    let r = q
-        .reserve(for_model("ann", "gpt-4o", 100))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, for_model("ann", "gpt-4o", 100)).await;
     assert_eq!(decision(&r), Decision::Denied);
     assert_eq!(r.denied_by, "model");
     assert!(r.retry_after.is_none(), "no wait helps: {r:?}");
@@ -41,44 +37,24 @@ async fn a_free_user_asking_for_an_expert_model_is_denied_by_model() {
     assert_eq!((u.held_tokens, u.open_holds, u.requests), (0, 0, 0));
 
     // The model is reported first even when another limit would also refuse.
-    let r = q
-        .reserve(for_model("ann", "gpt-4o", 20000))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, for_model("ann", "gpt-4o", 20000)).await;
     assert_eq!(r.denied_by, "model");
 
     // Listed models, and their dated snapshots, are allowed; a longer name is not the model.
     for model in ["gpt-4o-mini", "gpt-4o-mini-2024-07-18", "gpt-4.1-nano"] {
-        let r = q
-            .reserve(for_model("ann", model, 10))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = rsv(&mut q, for_model("ann", model, 10)).await;
         assert_eq!(decision(&r), Decision::Allowed, "{model}");
     }
-    let r = q
-        .reserve(for_model("ann", "gpt-4o-mini-search", 10))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, for_model("ann", "gpt-4o-mini-search", 10)).await;
     assert_eq!(r.denied_by, "model");
 
     // A tier without a list allows any model; moving ann there lets her use gpt-4o.
     let mut admin = server.admin().await;
     admin
-        .set_subject(SetSubjectRequest {
-            subject: "ann".into(),
-            tier: "pro".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("ann", "pro"))
         .await
         .unwrap();
-    let r = q
-        .reserve(for_model("ann", "gpt-4o", 100))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, for_model("ann", "gpt-4o", 100)).await;
     assert_eq!(decision(&r), Decision::Allowed);
     server.stop().await;
 }
@@ -124,26 +100,14 @@ async fn overrides_apply_to_one_subject_and_survive_a_restart() {
 
     let mut q = server.quota().await;
     // 20,000 is over free's 10,000 a day but within vip's override.
-    let r = q
-        .reserve(for_model("vip", "gpt-4o-mini", 20_000))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, for_model("vip", "gpt-4o-mini", 20_000)).await;
     assert_eq!(decision(&r), Decision::Allowed);
     assert_eq!(limit(&r.limits, "tokens_per_day").limit, 50_000);
     // max_concurrent = 1 comes from the override too (free sets none).
-    let r2 = q
-        .reserve(for_model("vip", "gpt-4o-mini", 10))
-        .await
-        .unwrap()
-        .into_inner();
+    let r2 = rsv(&mut q, for_model("vip", "gpt-4o-mini", 10)).await;
     assert_eq!(r2.denied_by, "max_concurrent");
     // Another free subject keeps the tier's limits.
-    let other = q
-        .reserve(for_model("ann", "gpt-4o-mini", 20_000))
-        .await
-        .unwrap()
-        .into_inner();
+    let other = rsv(&mut q, for_model("ann", "gpt-4o-mini", 20_000)).await;
     assert_eq!(other.denied_by, "tokens_per_day");
 
     let server = server.restart(POLICY).await;
@@ -169,11 +133,7 @@ async fn overrides_apply_to_one_subject_and_survive_a_restart() {
 
     // SetSubject replaces: without overrides, the tier's limits are back.
     admin
-        .set_subject(SetSubjectRequest {
-            subject: "vip".into(),
-            tier: "free".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("vip", "free"))
         .await
         .unwrap();
     let u = usage(&mut q, "vip").await;
@@ -220,23 +180,9 @@ async fn tokens_per_month_spans_days_and_resets_with_the_utc_month() {
     let to_april: u64 = (21 * 24 + 12) * 3600;
     let server = TestServer::start(MONTHLY).await;
     let mut q = server.quota().await;
-    let r = q
-        .reserve(reserve("ann", 600, 0))
-        .await
-        .unwrap()
-        .into_inner();
-    q.commit(tollgate::proto::CommitRequest {
-        reservation_id: r.reservation_id,
-        prompt_tokens: 600,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let r = q
-        .reserve(reserve("ann", 500, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, reserve("ann", 600, 0)).await;
+    commit(&mut q, &r.reservation_id, 600, 0).await;
+    let r = rsv(&mut q, reserve("ann", 500, 0)).await;
     assert_eq!(r.denied_by, "tokens_per_month");
     assert_eq!(r.retry_after.unwrap().seconds, to_april as i64);
     assert_eq!(limit(&r.limits, "tokens_per_month").remaining, 400);
@@ -245,29 +191,17 @@ async fn tokens_per_month_spans_days_and_resets_with_the_utc_month() {
     server.advance_secs(24 * 3600);
     let u = usage(&mut q, "ann").await;
     assert_eq!((u.used_tokens, u.used_tokens_month), (0, 600));
-    let r = q
-        .reserve(reserve("ann", 500, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, reserve("ann", 500, 0)).await;
     assert_eq!(r.denied_by, "tokens_per_month");
 
     // April does.
     server.advance_secs(to_april - 24 * 3600);
     let u = usage(&mut q, "ann").await;
     assert_eq!(u.used_tokens_month, 0);
-    let r = q
-        .reserve(reserve("ann", 500, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, reserve("ann", 500, 0)).await;
     assert_eq!(decision(&r), Decision::Allowed);
     // More than the whole month can never fit.
-    let r = q
-        .reserve(reserve("bob", 1001, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, reserve("bob", 1001, 0)).await;
     assert_eq!(r.denied_by, "tokens_per_month");
     assert!(r.retry_after.is_none());
     server.stop().await;
@@ -290,57 +224,41 @@ async fn shadow_mode_never_denies_but_reports_and_counts() {
     let server = TestServer::start(SHADOW).await;
     let mut admin = server.admin().await;
     admin
-        .set_subject(SetSubjectRequest {
-            subject: "tess".into(),
-            tier: "trial".into(),
-            ..Default::default()
-        })
+        .set_subject(set_subject_req("tess", "trial"))
         .await
         .unwrap();
     let mut q = server.quota().await;
 
     // Within the limits: nothing to report.
-    let ok = q
-        .reserve(for_model("tess", "gpt-4o-mini", 10))
-        .await
-        .unwrap()
-        .into_inner();
+    let ok = rsv(&mut q, for_model("tess", "gpt-4o-mini", 10)).await;
     assert_eq!(ok.shadow_denied_by, "");
     // Over the day quota: allowed anyway, and the would-be denial is reported.
-    let r = q
-        .reserve(for_model("tess", "gpt-4o-mini", 150))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, for_model("tess", "gpt-4o-mini", 150)).await;
     assert_eq!(decision(&r), Decision::Allowed);
     assert_eq!(r.shadow_denied_by, "tokens_per_day");
     assert!(!r.reservation_id.is_empty());
     // A model outside the tier: allowed too, reported as "model".
-    let r = q
-        .reserve(for_model("tess", "gpt-4o", 10))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, for_model("tess", "gpt-4o", 10)).await;
     assert_eq!(
         (decision(&r), r.shadow_denied_by.as_str()),
         (Decision::Allowed, "model")
     );
     // A dry run reports without counting.
-    let dry = q
-        .reserve(ReserveRequest {
+    let dry = rsv(
+        &mut q,
+        ReserveRequest {
             dry_run: true,
             ..for_model("tess", "gpt-4o-mini", 500)
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     assert_eq!(dry.shadow_denied_by, "tokens_per_day");
 
     let u = usage(&mut q, "tess").await;
     assert_eq!((u.shadow_denials, u.held_tokens, u.requests), (2, 170, 3));
 
     // An enforced tier still denies.
-    let r = q.reserve(reserve("ed", 150, 0)).await.unwrap().into_inner();
+    let r = rsv(&mut q, reserve("ed", 150, 0)).await;
     assert_eq!(
         (decision(&r), r.denied_by.as_str()),
         (Decision::Denied, "tokens_per_day")
@@ -354,7 +272,7 @@ async fn a_whole_policy_can_be_in_shadow_mode() {
     let policy = format!("enforce = false\n{SHADOW}");
     let server = TestServer::start(&policy).await;
     let mut q = server.quota().await;
-    let r = q.reserve(reserve("ed", 150, 0)).await.unwrap().into_inner();
+    let r = rsv(&mut q, reserve("ed", 150, 0)).await;
     assert_eq!(
         (decision(&r), r.shadow_denied_by.as_str()),
         (Decision::Allowed, "tokens_per_day")

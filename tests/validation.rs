@@ -3,11 +3,8 @@
 mod common;
 use common::*;
 
-use tollgate::proto::{CommitRequest, Decision, GetUsageRequest, RefundRequest, ReserveRequest};
+use tollgate::proto::{Decision, GetUsageRequest, ReserveRequest};
 use tonic::Code;
-
-/// The minimal policy of the documentation.
-const POLICY_500: &str = "default_tier = \"free\"\n\n[tiers.free]\ntokens_per_day = 500\n";
 
 /// Large enough that the per-request bound, not the policy, is what is tested.
 const POLICY_BIG: &str = r#"
@@ -22,25 +19,10 @@ tokens_per_day = 1000000000
 async fn server_with_alice(policy: &str) -> (TestServer, Quota, String) {
     let server = TestServer::start(policy).await;
     let mut q = server.quota().await;
-    let done = q
-        .reserve(reserve("alice", 10, 30))
-        .await
-        .unwrap()
-        .into_inner();
+    let done = rsv(&mut q, reserve("alice", 10, 30)).await;
     assert_eq!(decision(&done), Decision::Allowed);
-    q.commit(CommitRequest {
-        reservation_id: done.reservation_id,
-        prompt_tokens: 10,
-        completion_tokens: 20,
-        usage_unknown: false,
-    })
-    .await
-    .unwrap();
-    let open = q
-        .reserve(reserve("alice", 10, 10))
-        .await
-        .unwrap()
-        .into_inner();
+    commit(&mut q, &done.reservation_id, 10, 20).await;
+    let open = rsv(&mut q, reserve("alice", 10, 10)).await;
     assert_eq!(decision(&open), Decision::Allowed);
     let u = usage(&mut q, "alice").await;
     assert_eq!(
@@ -134,7 +116,7 @@ async fn a_subject_of_257_bytes_is_invalid_and_256_is_accepted() {
     assert_eq!(server.ledger.counts().unwrap(), (0, 0, 0));
 
     let max = "s".repeat(256);
-    let r = q.reserve(reserve(&max, 10, 10)).await.unwrap().into_inner();
+    let r = rsv(&mut q, reserve(&max, 10, 10)).await;
     assert_eq!(decision(&r), Decision::Allowed);
     let u = usage(&mut q, &max).await;
     assert_eq!((u.held_tokens, u.open_holds), (20, 1));
@@ -201,45 +183,22 @@ async fn token_counts_above_the_per_request_bound_are_invalid() {
     assert!(m.contains("100000000"), "{m}");
 
     // Exactly the bound is a valid request (the policy then decides).
-    let r = q
-        .reserve(reserve("alice", 60_000_000, 40_000_000))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, reserve("alice", 60_000_000, 40_000_000)).await;
     assert_eq!(decision(&r), Decision::Allowed);
     assert_eq!(r.reserved_tokens, 100_000_000);
 
     // Commit reports are bounded too, and a refused Commit leaves the hold open.
     let before = usage(&mut q, "alice").await;
     assert_invalid(
-        q.commit(CommitRequest {
-            reservation_id: open.clone(),
-            prompt_tokens: u64::MAX,
-            completion_tokens: 0,
-            usage_unknown: false,
-        })
-        .await,
+        q.commit(commit_req(&open, u64::MAX, 0)).await,
         "prompt_tokens",
     );
     assert_invalid(
-        q.commit(CommitRequest {
-            reservation_id: open.clone(),
-            prompt_tokens: 0,
-            completion_tokens: 100_000_001,
-            usage_unknown: false,
-        })
-        .await,
+        q.commit(commit_req(&open, 0, 100_000_001)).await,
         "completion_tokens",
     );
     assert_eq!(usage(&mut q, "alice").await, before);
-    let released = q
-        .refund(RefundRequest {
-            reservation_id: open,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .released_tokens;
+    let released = refund(&mut q, &open).await;
     assert_eq!(released, 20);
     server.stop().await;
 }
@@ -263,44 +222,14 @@ async fn a_malformed_reservation_id_is_invalid_and_an_empty_one_is_required() {
         &format!("{open} "),
         &open[..35],
     ] {
-        let m = assert_invalid(
-            q.commit(CommitRequest {
-                reservation_id: bad.to_string(),
-                prompt_tokens: 1,
-                completion_tokens: 1,
-                usage_unknown: false,
-            })
-            .await,
-            "reservation_id",
-        );
+        let m = assert_invalid(q.commit(commit_req(bad, 1, 1)).await, "reservation_id");
         assert!(m.contains("36-character"), "{bad:?}: {m}");
-        let m = assert_invalid(
-            q.refund(RefundRequest {
-                reservation_id: bad.to_string(),
-            })
-            .await,
-            "reservation_id",
-        );
+        let m = assert_invalid(q.refund(refund_req(bad)).await, "reservation_id");
         assert!(m.contains("36-character"), "{bad:?}: {m}");
     }
-    let m = assert_invalid(
-        q.commit(CommitRequest {
-            reservation_id: String::new(),
-            prompt_tokens: 1,
-            completion_tokens: 1,
-            usage_unknown: false,
-        })
-        .await,
-        "reservation_id",
-    );
+    let m = assert_invalid(q.commit(commit_req("", 1, 1)).await, "reservation_id");
     assert!(m.contains("required"), "{m}");
-    let m = assert_invalid(
-        q.refund(RefundRequest {
-            reservation_id: String::new(),
-        })
-        .await,
-        "reservation_id",
-    );
+    let m = assert_invalid(q.refund(refund_req("")).await, "reservation_id");
     assert!(m.contains("required"), "{m}");
 
     assert_eq!(usage(&mut q, "alice").await, before);
@@ -338,7 +267,7 @@ async fn a_negative_or_zero_hold_is_invalid() {
         seconds: 0,
         nanos: 1_000,
     });
-    let r = q.reserve(req).await.unwrap().into_inner();
+    let r = rsv(&mut q, req).await;
     assert_eq!(decision(&r), Decision::Allowed);
     let e = r.expires_at.unwrap();
     assert_eq!((e.seconds, e.nanos), ((T0 / SEC) as i64, 1_000));
@@ -358,9 +287,9 @@ async fn an_idempotency_key_of_256_bytes_is_invalid_and_255_is_accepted() {
 
     let mut req = reserve("alice", 10, 10);
     req.idempotency_key = "k".repeat(255);
-    let first = q.reserve(req.clone()).await.unwrap().into_inner();
+    let first = rsv(&mut q, req.clone()).await;
     assert_eq!(decision(&first), Decision::Allowed);
-    let again = q.reserve(req).await.unwrap().into_inner();
+    let again = rsv(&mut q, req).await;
     assert_eq!(again.reservation_id, first.reservation_id);
     assert_eq!(usage(&mut q, "alice").await.open_holds, 2);
     server.stop().await;
@@ -374,10 +303,7 @@ async fn a_model_name_over_128_bytes_is_invalid() {
     refused_reserve(&server, &mut q, req, "model").await;
     let mut req = reserve("alice", 10, 10);
     req.model = "m".repeat(128);
-    assert_eq!(
-        decision(&q.reserve(req).await.unwrap().into_inner()),
-        Decision::Allowed
-    );
+    assert_eq!(decision(&rsv(&mut q, req).await), Decision::Allowed);
     server.stop().await;
 }
 
@@ -386,11 +312,7 @@ async fn the_minimal_policy_example_works() {
     let server = TestServer::start(POLICY_500).await;
     let mut q = server.quota().await;
 
-    let r = q
-        .reserve(reserve("alice", 100, 100))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = rsv(&mut q, reserve("alice", 100, 100)).await;
     assert_eq!(decision(&r), Decision::Allowed);
     // Only tokens_per_day applies; holds last the default 300 s.
     let names: Vec<_> = r.limits.iter().map(|l| l.name.as_str()).collect();
@@ -398,16 +320,7 @@ async fn the_minimal_policy_example_works() {
     assert_eq!(limit(&r.limits, "tokens_per_day").remaining, 300);
     assert_eq!(r.expires_at.unwrap().seconds, (T0 / SEC) as i64 + 300);
 
-    let c = q
-        .commit(CommitRequest {
-            reservation_id: r.reservation_id,
-            prompt_tokens: 100,
-            completion_tokens: 20,
-            usage_unknown: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let c = commit(&mut q, &r.reservation_id, 100, 20).await;
     assert_eq!((c.charged_tokens, c.released_tokens), (120, 80));
     let u = usage(&mut q, "alice").await;
     assert_eq!(u.tier, "free");
@@ -416,18 +329,10 @@ async fn the_minimal_policy_example_works() {
 
     // Any number of requests a minute; only the day's 500 tokens bind.
     for _ in 0..19 {
-        let r = q
-            .reserve(reserve("alice", 20, 0))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = rsv(&mut q, reserve("alice", 20, 0)).await;
         assert_eq!(decision(&r), Decision::Allowed);
     }
-    let denied = q
-        .reserve(reserve("alice", 1, 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let denied = rsv(&mut q, reserve("alice", 1, 0)).await;
     assert_eq!(decision(&denied), Decision::Denied);
     assert_eq!(denied.denied_by, "tokens_per_day");
     server.stop().await;

@@ -54,8 +54,7 @@ impl Engine {
             let Some(state) = self.scopes.get(&key) else {
                 continue;
             };
-            let limits = self.scope_limits(&key);
-            if state.is_at_rest(&limits, now_us) {
+            if state.is_at_rest(now_us, || self.scope_limits(&key)) {
                 self.scopes.remove(&key);
                 out.push(Mutation::Scope { key, state: None });
                 forgotten += 1;
@@ -132,7 +131,6 @@ impl Engine {
             match r.state.finished_at() {
                 None => {
                     self.deadlines.insert((r.expires_us, r.id));
-                    self.open_holds += 1;
                 }
                 Some(at_us) => {
                     self.settled.insert((at_us, r.id));

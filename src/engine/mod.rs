@@ -23,7 +23,7 @@ mod window;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
-pub use bucket::{BucketLimit, TokenBucket, UNITS_PER_TOKEN};
+pub use bucket::{BucketLimit, TokenBucket};
 pub use error::EngineError;
 pub use period::PeriodCounter;
 pub use reservation::{
@@ -62,6 +62,26 @@ pub enum Mutation {
         /// What was set.
         config: Option<SubjectConfig>,
     },
+}
+
+/// The scopes of one call (subject first, fleet last), each with its limits and its state as
+/// read at the start of the call: a decision changes these copies and writes them back whole.
+pub(super) struct Scopes(Vec<(ScopeKey, Arc<Limits>, ScopeState)>);
+
+impl Scopes {
+    /// The subject's limits (the subject is always first).
+    fn subject_limits(&self) -> &Arc<Limits> {
+        &self.0[0].1
+    }
+
+    /// The status of every limit of every scope.
+    fn statuses(&self, now_us: u64) -> Vec<LimitStatus> {
+        let mut out = Vec::new();
+        for (key, limits, state) in &self.0 {
+            state.statuses(limits, now_us, key.kind(), &key.id(), &mut out);
+        }
+        out
+    }
 }
 
 /// Bounds on everything the engine keeps in memory. A bound that is reached refuses new work
@@ -125,7 +145,6 @@ pub struct Engine {
     settled: BTreeSet<(u64, ReservationId)>,
     /// (subject, key) -> the reservation the key first made.
     idempotency: HashMap<(String, String), ReservationId>,
-    open_holds: usize,
 }
 
 impl Engine {
@@ -141,7 +160,6 @@ impl Engine {
             deadlines: BTreeSet::new(),
             settled: BTreeSet::new(),
             idempotency: HashMap::new(),
-            open_holds: 0,
         }
     }
 
@@ -154,11 +172,6 @@ impl Engine {
     /// a tier the new policy lacks gets the default tier; limits apply from the next decision.
     pub fn set_policy(&mut self, policy: Arc<Policy>) {
         self.policy = policy;
-    }
-
-    /// The bounds in force.
-    pub fn bounds(&self) -> Bounds {
-        self.bounds
     }
 
     /// The tier of a subject.
@@ -186,6 +199,19 @@ impl Engine {
             ScopeKey::Ip(ip) => scopes.ip(*ip),
             ScopeKey::Global => scopes.global(),
         }
+    }
+
+    /// The scopes `keys` name, with their limits and current state.
+    fn scopes_of(&self, keys: Vec<ScopeKey>) -> Scopes {
+        Scopes(
+            keys.into_iter()
+                .map(|k| {
+                    let limits = self.scope_limits(&k);
+                    let state = self.scope_state(&k);
+                    (k, limits, state)
+                })
+                .collect(),
+        )
     }
 
     /// Whether a scope's refusals are enforced (false: shadow mode).
@@ -233,14 +259,10 @@ impl Engine {
             .is_some_and(|at| at.saturating_add(self.bounds.retention_us) <= now_us)
     }
 
-    /// A reservation by id (for inspection and tests).
-    pub fn reservation(&self, id: ReservationId) -> Option<&Reservation> {
-        self.reservations.get(&id)
-    }
-
     /// Open holds across all subjects.
     pub fn open_holds(&self) -> usize {
-        self.open_holds
+        // Every open hold has exactly one deadline, and nothing else does.
+        self.deadlines.len()
     }
 
     /// Reservation records in memory (open and settled).

@@ -23,11 +23,6 @@ impl PeriodCounter {
         }
     }
 
-    /// The period this counter last counted in.
-    pub fn period(&self) -> u32 {
-        self.period
-    }
-
     /// Add to the count of `period` (starting it at zero if it is a new one). A period older
     /// than the counter's (the clock stepped back) adds to the counter's period: a charge is
     /// never dropped.
@@ -36,6 +31,16 @@ impl PeriodCounter {
             *self = Self { period, value: 0 };
         }
         self.value = self.value.saturating_add(amount);
+    }
+
+    /// Add to the count of `period`, unless the counter has already moved on to a later one:
+    /// that period is over, and what it would have counted no longer counts anywhere. For usage
+    /// that belongs to a past period by nature (a hold that expired at a deadline the counter
+    /// has passed), where [`add`](Self::add)'s rule for a clock stepping back does not apply.
+    pub fn add_unless_over(&mut self, period: u32, amount: u64) {
+        if period >= self.period {
+            self.add(period, amount);
+        }
     }
 
     /// Take from the count of `period`, never below zero; nothing if `period` is not current.

@@ -89,6 +89,24 @@ pub struct Settlement {
     pub charged_usd: u64,
 }
 
+impl Settlement {
+    /// What charging `usage` to a hold of `held` tokens comes to: the reported tokens (the whole
+    /// hold when the usage is unknown), what flows back, and what goes beyond the hold (debt).
+    pub fn of(held: u64, usage: &Usage, charged_usd: u64) -> Self {
+        let charged = if usage.usage_unknown {
+            held
+        } else {
+            usage.prompt_tokens.saturating_add(usage.completion_tokens)
+        };
+        Self {
+            charged_tokens: charged,
+            released_tokens: held.saturating_sub(charged),
+            debt_tokens: charged.saturating_sub(held),
+            charged_usd,
+        }
+    }
+}
+
 /// Where a reservation is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HoldState {

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use super::reservation::{scope_keys, Requested};
 use super::{
     Ask, Engine, EngineError, Hold, HoldState, LimitStatus, Mutation, Refusal, Reservation,
-    ReservationId, ScopeKey, ScopeKind, ScopeState,
+    ReservationId, ScopeKey, ScopeKind, Scopes,
 };
 use crate::clock::MICROS_PER_SECOND;
 use crate::policy::{Limits, Price};
@@ -19,6 +19,17 @@ pub enum Decision {
     Downgraded,
     /// A limit said no.
     Denied,
+}
+
+impl Decision {
+    /// The decision's name, as logs and metrics label it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Decision::Allowed => "ALLOWED",
+            Decision::Downgraded => "DOWNGRADED",
+            Decision::Denied => "DENIED",
+        }
+    }
 }
 
 /// A Reserve, already checked for shape and bounds (see `server::validate`).
@@ -125,36 +136,21 @@ impl Plan {
     }
 }
 
-/// The scopes of one Reserve, each with its limits and its current state.
-struct Scopes(Vec<(ScopeKey, std::sync::Arc<Limits>, ScopeState)>);
-
-impl Scopes {
-    fn subject_limits(&self) -> &Limits {
-        &self.0[0].1
+/// A hold life a Reserve or Extend asks for: at most the tier's `max_hold_seconds`.
+pub(super) fn check_hold(limits: &Limits, tier: &str, hold_us: u64) -> Result<(), EngineError> {
+    if hold_us > limits.max_hold_seconds * MICROS_PER_SECOND {
+        return Err(EngineError::InvalidArgument {
+            field: "hold",
+            rule: format!(
+                "must be at most {} seconds (max_hold_seconds of tier {tier:?})",
+                limits.max_hold_seconds
+            ),
+        });
     }
-
-    fn statuses(&self, now_us: u64) -> Vec<LimitStatus> {
-        let mut out = Vec::new();
-        for (key, limits, state) in &self.0 {
-            state.statuses(limits, now_us, key.kind(), &key.id(), &mut out);
-        }
-        out
-    }
+    Ok(())
 }
 
 impl Engine {
-    fn scopes_of(&self, keys: Vec<ScopeKey>) -> Scopes {
-        Scopes(
-            keys.into_iter()
-                .map(|k| {
-                    let limits = self.scope_limits(&k);
-                    let state = self.scope_state(&k);
-                    (k, limits, state)
-                })
-                .collect(),
-        )
-    }
-
     /// Every refusal of `plan` across the scopes.
     fn refusals(&self, scopes: &Scopes, plan: &Plan, now_us: u64) -> Vec<Refusal> {
         let mut out = Vec::new();
@@ -194,23 +190,6 @@ impl Engine {
             }
         }
 
-        let limits = self.limits_of(&input.subject);
-        let tier = self.tier_of(&input.subject).name.clone();
-        let hold_us = match input.hold_us {
-            Some(h) if h > limits.max_hold_seconds * MICROS_PER_SECOND => {
-                return Err(EngineError::InvalidArgument {
-                    field: "hold",
-                    rule: format!(
-                        "must be at most {} seconds (max_hold_seconds of tier {:?})",
-                        limits.max_hold_seconds,
-                        self.tier_of(&input.subject).name
-                    ),
-                })
-            }
-            Some(h) => h,
-            None => limits.hold_seconds * MICROS_PER_SECOND,
-        };
-
         let group = input
             .group
             .clone()
@@ -220,6 +199,15 @@ impl Engine {
             group.as_deref(),
             input.client_ip,
         ));
+        let limits = scopes.subject_limits().clone();
+        let tier = self.tier_of(&input.subject).name.clone();
+        let hold_us = match input.hold_us {
+            Some(h) => {
+                check_hold(&limits, &tier, h)?;
+                h
+            }
+            None => limits.hold_seconds * MICROS_PER_SECOND,
+        };
         let asked = Plan::new(
             &input.model,
             input.prompt_tokens,
@@ -358,7 +346,6 @@ impl Engine {
                 .insert((reservation.subject.clone(), key.clone()), reservation.id);
         }
         self.deadlines.insert((expires_us, reservation.id));
-        self.open_holds += 1;
         let outcome = ReserveOutcome {
             decision,
             tier,
@@ -403,7 +390,7 @@ impl Engine {
 
     /// Bounds on memory that an admitted hold must fit within.
     fn check_room(&self, scopes: &Scopes) -> Result<(), EngineError> {
-        if self.open_holds >= self.bounds.max_open_holds {
+        if self.open_holds() >= self.bounds.max_open_holds {
             return Err(EngineError::Exhausted {
                 what: "open holds",
                 bound: self.bounds.max_open_holds as u64,

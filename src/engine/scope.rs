@@ -215,6 +215,8 @@ const HOLDS_RETRY_US: u64 = 1_000_000;
 /// until the next period.
 struct PeriodQuota {
     name: &'static str,
+    /// Counts µUSD rather than tokens.
+    money: bool,
     limit: u64,
     spent: u64,
     held: u64,
@@ -287,9 +289,14 @@ impl ScopeState {
     ) -> impl DoubleEndedIterator<Item = PeriodQuota> {
         let (day, month) = (utc_day(now_us), utc_month(now_us));
         let (to_day, to_month) = (until_next_utc_day(now_us), until_next_utc_month(now_us));
-        let quota = |name, limit: Option<u64>, charged: u64, held: u64, until_next_us| {
+        let quota = |(name, money): (&'static str, bool),
+                     limit: Option<u64>,
+                     charged: u64,
+                     held: u64,
+                     until_next_us| {
             limit.map(|limit| PeriodQuota {
                 name,
+                money,
                 limit,
                 spent: charged.saturating_add(held),
                 held,
@@ -299,28 +306,28 @@ impl ScopeState {
         match set {
             QuotaSet::Ordinary => [
                 quota(
-                    "tokens_per_day",
+                    ("tokens_per_day", false),
                     limits.tokens_per_day,
                     self.day_tokens.get(day),
                     self.quota_held(),
                     to_day,
                 ),
                 quota(
-                    "tokens_per_month",
+                    ("tokens_per_month", false),
                     limits.tokens_per_month,
                     self.month_tokens.get(month),
                     self.quota_held(),
                     to_month,
                 ),
                 quota(
-                    "usd_per_day",
+                    ("usd_per_day", true),
                     limits.usd_per_day,
                     self.day_usd.get(day),
                     self.held_usd,
                     to_day,
                 ),
                 quota(
-                    "usd_per_month",
+                    ("usd_per_month", true),
                     limits.usd_per_month,
                     self.month_usd.get(month),
                     self.held_usd,
@@ -329,7 +336,7 @@ impl ScopeState {
             ],
             QuotaSet::Downgrade => [
                 quota(
-                    "downgrade.tokens_per_day",
+                    ("downgrade.tokens_per_day", false),
                     limits.downgrade.as_ref().and_then(|d| d.tokens_per_day),
                     self.downgrade_day_tokens.get(day),
                     self.downgrade_held_tokens,
@@ -398,11 +405,7 @@ impl ScopeState {
         // Longer periods first: when two refuse and no wait can lift either, the binding
         // refusal (the last of equals) is the narrower one.
         for q in self.period_quotas(limits, now_us, set).rev() {
-            let amount = if q.name.starts_with("usd") {
-                ask.hold.usd
-            } else {
-                tokens
-            };
+            let amount = if q.money { ask.hold.usd } else { tokens };
             if let Some((limit, retry)) = q.refusal(amount) {
                 refuse(limit, retry);
             }
@@ -508,19 +511,43 @@ impl ScopeState {
         }
     }
 
-    /// Charge usage that became known at `at_us` (a Commit now, or an expiry at its deadline):
-    /// `tokens` to the day and month token counters (or the downgrade budget), `usd` to the
-    /// money counters.
+    /// Charge usage that became known at `at_us` (a Commit now): `tokens` to the day and month
+    /// token counters (or the downgrade budget), `usd` to the money counters.
     pub fn charge(&mut self, at_us: u64, tokens: u64, usd: u64, on_downgrade_budget: bool) {
+        self.charge_with(PeriodCounter::add, at_us, tokens, usd, on_downgrade_budget);
+    }
+
+    /// Charge a hold that expired at `deadline_us`, to the deadline's periods only: a period
+    /// this scope has already left behind is over, and is not charged (a late Commit's
+    /// [`uncharge`](Self::uncharge) skips it by the same rule, so the two agree).
+    pub fn charge_expired(
+        &mut self,
+        deadline_us: u64,
+        tokens: u64,
+        usd: u64,
+        on_downgrade_budget: bool,
+    ) {
+        let add = PeriodCounter::add_unless_over;
+        self.charge_with(add, deadline_us, tokens, usd, on_downgrade_budget);
+    }
+
+    fn charge_with(
+        &mut self,
+        add: fn(&mut PeriodCounter, u32, u64),
+        at_us: u64,
+        tokens: u64,
+        usd: u64,
+        on_downgrade_budget: bool,
+    ) {
         let (day, month) = (utc_day(at_us), utc_month(at_us));
         if on_downgrade_budget {
-            self.downgrade_day_tokens.add(day, tokens);
+            add(&mut self.downgrade_day_tokens, day, tokens);
         } else {
-            self.day_tokens.add(day, tokens);
-            self.month_tokens.add(month, tokens);
+            add(&mut self.day_tokens, day, tokens);
+            add(&mut self.month_tokens, month, tokens);
         }
-        self.day_usd.add(day, usd);
-        self.month_usd.add(month, usd);
+        add(&mut self.day_usd, day, usd);
+        add(&mut self.month_usd, month, usd);
     }
 
     /// Give back usage charged at `charged_us`, to the periods that are still current at
@@ -564,11 +591,10 @@ impl ScopeState {
 
     /// Whether this state is indistinguishable from a fresh scope's at `now_us` under `limits`,
     /// so that it can be forgotten (bounding memory by active scopes, not every one ever seen).
-    pub fn is_at_rest(&self, limits: &Limits, now_us: u64) -> bool {
-        let bucket_full = match (limits.bucket(), self.bucket) {
-            (Some(config), Some(b)) => b.wait_for(config, now_us, config.capacity) == Some(0),
-            _ => true,
-        };
+    /// The limits are asked for (`limits`) only when the counters are all at rest and a bucket
+    /// is kept: finding them costs a CIDR scan or an override merge, and the sweeper asks
+    /// thousands of scopes a pass.
+    pub fn is_at_rest(&self, now_us: u64, limits: impl FnOnce() -> Arc<Limits>) -> bool {
         let (day, month) = (utc_day(now_us), utc_month(now_us));
         let today = [
             &self.day_tokens,
@@ -581,12 +607,17 @@ impl ScopeState {
             &self.downgrade_day_tokens,
         ];
         let this_month = [&self.month_tokens, &self.month_usd, &self.month_saved_usd];
-        self.open_holds == 0
+        let counters_at_rest = self.open_holds == 0
             && self.held_tokens == 0
             && self.held_usd == 0
-            && bucket_full
             && self.window.until_empty(now_us) == 0
             && today.iter().all(|c| c.get(day) == 0)
-            && this_month.iter().all(|c| c.get(month) == 0)
+            && this_month.iter().all(|c| c.get(month) == 0);
+        counters_at_rest
+            && self.bucket.is_none_or(|b| {
+                limits()
+                    .bucket()
+                    .is_none_or(|config| b.wait_for(config, now_us, config.capacity) == Some(0))
+            })
     }
 }

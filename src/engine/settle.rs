@@ -2,7 +2,7 @@
 
 use super::{
     Engine, EngineError, HoldState, LimitStatus, Mutation, Reservation, ReservationId, ScopeKey,
-    ScopeState, Settlement, Usage,
+    ScopeState, Scopes, Settlement, Usage,
 };
 use crate::clock::MICROS_PER_SECOND;
 use crate::policy::Limits;
@@ -72,7 +72,7 @@ impl Engine {
                 if first == usage {
                     return Ok(CommitOutcome {
                         settlement,
-                        limits: self.statuses_of(&r.scopes(), now_us),
+                        limits: self.scopes_of(r.scopes()).statuses(now_us),
                         replayed: true,
                     });
                 }
@@ -96,22 +96,15 @@ impl Engine {
         };
 
         let r = &self.reservations[&id];
-        let (actual, actual_usd) = if usage.usage_unknown {
-            (held, r.held_usd)
+        let actual_usd = if usage.usage_unknown {
+            r.held_usd
         } else {
-            (
-                usage.prompt_tokens.saturating_add(usage.completion_tokens),
-                r.cost(usage.prompt_tokens, usage.completion_tokens),
-            )
+            r.cost(usage.prompt_tokens, usage.completion_tokens)
         };
-        let settlement = Settlement {
-            charged_tokens: actual,
-            released_tokens: held.saturating_sub(actual),
-            debt_tokens: actual.saturating_sub(held),
-            charged_usd: actual_usd,
-        };
+        let settlement = Settlement::of(held, &usage, actual_usd);
+        let actual = settlement.charged_tokens;
         let r = r.clone();
-        self.for_each_scope(&r, out, |key, limits, state| {
+        let scopes = self.for_each_scope(&r, out, |key, limits, state| {
             let hold = r.hold_on(key.kind());
             match expired_at {
                 None => {
@@ -137,7 +130,6 @@ impl Engine {
         match expired_at {
             None => {
                 self.deadlines.remove(&(r.expires_us, id));
-                self.open_holds -= 1;
             }
             Some(at_us) => {
                 self.settled.remove(&(at_us, id));
@@ -150,7 +142,7 @@ impl Engine {
             at_us: now_us,
         };
         self.mark_settled(now_us, id, out);
-        let limits = self.statuses_of(&r.scopes(), now_us);
+        let limits = scopes.statuses(now_us);
         self.put_reservation(r, out);
         Ok(CommitOutcome {
             settlement,
@@ -159,19 +151,20 @@ impl Engine {
         })
     }
 
-    /// Apply `change` to the state of every scope of `r`, and persist each.
+    /// Apply `change` to the state of every scope of `r`, persist each, and return them as
+    /// changed (for the statuses of the answer).
     fn for_each_scope(
         &mut self,
         r: &Reservation,
         out: &mut Vec<Mutation>,
         mut change: impl FnMut(&ScopeKey, &Limits, &mut ScopeState),
-    ) {
-        for key in r.scopes() {
-            let limits = self.scope_limits(&key);
-            let mut state = self.scope_state(&key);
-            change(&key, &limits, &mut state);
-            self.put_scope(&key, state, out);
+    ) -> Scopes {
+        let mut scopes = self.scopes_of(r.scopes());
+        for (key, limits, state) in &mut scopes.0 {
+            change(key, limits, state);
+            self.put_scope(key, *state, out);
         }
+        scopes
     }
 
     /// Give a whole hold back: the call never happened. A retry returns the same answer.
@@ -215,7 +208,6 @@ impl Engine {
             state.settle_bucket(limits, now_us, held, 0);
         });
         self.deadlines.remove(&(r.expires_us, id));
-        self.open_holds -= 1;
         let mut r = r;
         r.state = HoldState::Refunded { at_us: now_us };
         self.mark_settled(now_us, id, out);
@@ -247,15 +239,7 @@ impl Engine {
         }
         let tier = self.tier_of(&r.subject);
         let limits = &self.limits_of(&r.subject);
-        if hold_us > limits.max_hold_seconds * MICROS_PER_SECOND {
-            return Err(EngineError::InvalidArgument {
-                field: "hold",
-                rule: format!(
-                    "must be at most {} seconds (max_hold_seconds of tier {:?})",
-                    limits.max_hold_seconds, tier.name
-                ),
-            });
-        }
+        super::reserve::check_hold(limits, &tier.name, hold_us)?;
         let wanted = now_us.saturating_add(hold_us).max(r.expires_us);
         if wanted == r.expires_us {
             // Nothing to push out (even if a reload has since lowered the lifetime).
@@ -306,14 +290,15 @@ impl Engine {
         self.deadlines.remove(&(deadline, id));
         let held = r.held_tokens();
         // The hold expired at its deadline, not when this runs (a pass can run late, e.g. after
-        // a restart past midnight): charge the deadline's day, which is a no-op if that day is
-        // already over for the scope. The bucket keeps the full hold: it was all used.
+        // a restart past midnight): it is charged to the deadline's day and month, and not at
+        // all to a period the scope has already left behind (that period is over, and a late
+        // Commit's reconciliation skips it by the same rule). The bucket keeps the full hold:
+        // it was all used.
         self.for_each_scope(&r, out, |key, _, state| {
             let hold = r.hold_on(key.kind());
             state.release(hold);
-            state.charge(deadline, held, hold.usd, hold.on_downgrade_budget);
+            state.charge_expired(deadline, held, hold.usd, hold.on_downgrade_budget);
         });
-        self.open_holds -= 1;
         r.state = HoldState::Expired { at_us: deadline };
         self.mark_settled(deadline, id, out);
         self.put_reservation(r, out);

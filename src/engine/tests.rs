@@ -150,7 +150,7 @@ fn check_invariants(e: &Engine, step: usize) {
             assert!(e.idempotency[&(r.subject.clone(), k.clone())] >= r.id);
         }
     }
-    assert_eq!(e.open_holds, open, "step {step}: open hold count");
+    assert_eq!(e.open_holds(), open, "step {step}: open hold count");
     assert_eq!(e.deadlines.len(), open, "step {step}: deadline index");
     assert_eq!(
         e.settled.len() + open,
@@ -645,4 +645,40 @@ fn an_overdue_hold_beyond_a_bounded_pass_is_expired_by_its_own_settlement() {
         .unwrap();
     assert_eq!(c.settlement.charged_tokens, 0);
     assert_eq!(e.usage(&of("open-a"), later).used_tokens, 0);
+}
+
+/// A hold whose deadline fell in a day the scope has already left behind (an expiry pass
+/// running late, after midnight) is not charged to today, and its late Commit gives nothing
+/// back to today either: today counts only today's usage.
+#[test]
+fn a_late_expiry_from_yesterday_does_not_charge_today() {
+    let policy = Arc::new(Policy::from_toml(POLICY, "p.toml").unwrap());
+    let mut e = Engine::new(policy, Bounds::default());
+    let mut out = Vec::new();
+    let input = |tokens, id| ReserveInput {
+        prompt_tokens: tokens,
+        model: "small".into(),
+        ..one_token("ann", id)
+    };
+    // 23:50: a 100-token hold that expires at 23:50:30, unsettled.
+    let old = e.reserve(input(100, 1), START, &mut out).unwrap();
+    let old = old.reservation_id.unwrap();
+    // 00:01 the next day, before any expiry pass: 10 tokens used today.
+    let now = START + 11 * MICROS_PER_MINUTE;
+    let used = |u: u64| Usage {
+        prompt_tokens: u,
+        completion_tokens: 0,
+        usage_unknown: false,
+    };
+    let today = e.reserve(input(10, 2), now, &mut out).unwrap();
+    e.commit(today.reservation_id.unwrap(), used(10), now, &mut out)
+        .unwrap();
+    assert_eq!(e.usage(&of("ann"), now).used_tokens, 10);
+    // The pass reaches the old hold now: yesterday's hold does not land on today.
+    assert_eq!(e.expire_due(now, &mut out), 1);
+    assert_eq!(e.usage(&of("ann"), now).used_tokens, 10);
+    assert_eq!(e.usage(&UsageQuery::default(), now).used_tokens, 10);
+    // Its late Commit (nothing was used) changes today by nothing either.
+    e.commit(old, used(0), now, &mut out).unwrap();
+    assert_eq!(e.usage(&of("ann"), now).used_tokens, 10);
 }

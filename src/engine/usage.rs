@@ -65,17 +65,6 @@ pub struct UsageReport {
 }
 
 impl Engine {
-    /// The status of every limit of the given scopes.
-    pub(super) fn statuses_of(&self, keys: &[ScopeKey], now_us: u64) -> Vec<LimitStatus> {
-        let mut out = Vec::new();
-        for key in keys {
-            let limits = self.scope_limits(key);
-            self.scope_state(key)
-                .statuses(&limits, now_us, key.kind(), &key.id(), &mut out);
-        }
-        out
-    }
-
     /// The usage of the scope `query` names, with the limits of every scope that applies.
     pub fn usage(&self, query: &UsageQuery, now_us: u64) -> UsageReport {
         let group = query.group.clone().or_else(|| {
@@ -98,8 +87,8 @@ impl Engine {
                 keys
             }
         };
-        let key = &keys[0];
-        let state = self.scope_state(key);
+        let scopes = self.scopes_of(keys);
+        let (key, _, state) = &scopes.0[0];
         let (day, month) = (utc_day(now_us), utc_month(now_us));
         UsageReport {
             scope: key.kind(),
@@ -127,7 +116,7 @@ impl Engine {
             held_usd: state.held_usd,
             saved_usd: state.day_saved_usd.get(day),
             saved_usd_month: state.month_saved_usd.get(month),
-            limits: self.statuses_of(&keys, now_us),
+            limits: scopes.statuses(now_us),
         }
     }
 }

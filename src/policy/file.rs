@@ -303,14 +303,19 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             },
         );
     }
-    for tier in tiers.values() {
+    let scopes = scope_limits(&src, file.groups, file.ip, file.global)?;
+    let policy = Policy::new(
+        file.enforce.unwrap_or(true),
+        file.default_tier.into_inner(),
+        tiers,
+        models,
+        scopes,
+    );
+    // The same lookup a Reserve makes: an exact entry, a dated snapshot of one, or the
+    // built-in table.
+    for tier in policy.tiers() {
         if let Some(d) = &tier.limits.downgrade {
-            let known = models
-                .get(&d.model)
-                .and_then(|m: &ModelConfig| m.encoding)
-                .is_some()
-                || built_in_encoding(&d.model).is_some();
-            if !known {
+            if policy.encoding_for(&d.model).is_none() {
                 return Err(src.error(
                     downgrade_spans.get(&tier.name).cloned().unwrap_or(0..0),
                     format!(
@@ -321,14 +326,7 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             }
         }
     }
-    let scopes = scope_limits(&src, file.groups, file.ip, file.global)?;
-    Ok(Policy::new(
-        file.enforce.unwrap_or(true),
-        file.default_tier.into_inner(),
-        tiers,
-        models,
-        scopes,
-    ))
+    Ok(policy)
 }
 
 /// The limits of `[groups.*]`, `[ip]` (with its `cidr` entries) and `[global]`.
@@ -367,9 +365,10 @@ fn scope_limits(
         };
         let limits = scope(&format!("[groups.{name:?}]"), g, false)?;
         if name == "default" {
-            out.group_default = limits.clone();
+            out.group_default = limits;
+        } else {
+            out.groups.insert(name, limits);
         }
-        out.groups.insert(name, limits);
     }
     if let Some(ip) = ip {
         let span = ip.span();

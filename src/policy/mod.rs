@@ -271,6 +271,35 @@ pub struct ModelConfig {
     pub price: Option<Price>,
 }
 
+/// The policy in force, swapped whole by a reload and read without any other lock: the request
+/// path reads it (to pick a tokenizer) before it takes the engine lock, and must not contend
+/// with decisions for it.
+#[derive(Debug)]
+pub struct PolicyCell(std::sync::RwLock<Arc<Policy>>);
+
+impl PolicyCell {
+    /// A cell holding `policy`.
+    pub fn new(policy: Arc<Policy>) -> Self {
+        Self(std::sync::RwLock::new(policy))
+    }
+
+    /// The policy in force (a snapshot).
+    pub fn get(&self) -> Arc<Policy> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Put `policy` in force.
+    pub fn set(&self, policy: Arc<Policy>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = policy;
+    }
+}
+
 /// A validated policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -279,6 +308,9 @@ pub struct Policy {
     tiers: BTreeMap<String, Tier>,
     models: BTreeMap<String, ModelConfig>,
     scopes: ScopeLimits,
+    /// Every model a tier downgrades to, once, with its encoding: worked out at load, since
+    /// each Reserve with a prompt to count needs it.
+    downgrades: Vec<(String, Encoding)>,
 }
 
 impl Policy {
@@ -309,13 +341,24 @@ impl Policy {
         scopes: ScopeLimits,
     ) -> Self {
         debug_assert!(tiers.contains_key(&default_tier));
-        Self {
+        let mut policy = Self {
             enforce,
             default_tier,
             tiers,
             models,
             scopes,
-        }
+            downgrades: Vec::new(),
+        };
+        let mut downgrades: Vec<(String, Encoding)> = policy
+            .tiers
+            .values()
+            .filter_map(|t| t.limits.downgrade.as_ref())
+            .filter_map(|d| policy.encoding_for(&d.model).map(|e| (d.model.clone(), e)))
+            .collect();
+        downgrades.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        downgrades.dedup();
+        policy.downgrades = downgrades;
+        policy
     }
 
     /// The limits of groups, client IPs and the whole fleet.
@@ -328,17 +371,10 @@ impl Policy {
         self.model(model).and_then(|m| m.price)
     }
 
-    /// Every model a tier downgrades to (a Reserve's prompt is counted for each of them too
-    /// when their encodings differ from the requested model's).
-    pub fn downgrade_models(&self) -> Vec<&str> {
-        let mut out: Vec<&str> = self
-            .tiers
-            .values()
-            .filter_map(|t| t.limits.downgrade.as_ref().map(|d| d.model.as_str()))
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        out
+    /// Every model a tier downgrades to, with its encoding (a Reserve's prompt is counted for
+    /// each of them too when their encodings differ from the requested model's).
+    pub fn downgrades(&self) -> &[(String, Encoding)] {
+        &self.downgrades
     }
 
     /// The policy's entry for `model`: the entry of that exact name, or of the name it is a
@@ -417,7 +453,7 @@ impl Policy {
             "groups (default): {}",
             self.limits_line(&scopes.group_default)
         );
-        for (name, l) in scopes.groups.iter().filter(|(n, _)| *n != "default") {
+        for (name, l) in &scopes.groups {
             let _ = writeln!(out, "group {name}: {}", self.limits_line(l));
         }
         let _ = writeln!(out, "ip: {}", self.limits_line(&scopes.ip_default));

@@ -68,16 +68,6 @@ impl LocalHolds {
         self.holds.get_mut(&id)
     }
 
-    /// How many are remembered.
-    pub fn len(&self) -> usize {
-        self.holds.len()
-    }
-
-    /// Whether none is.
-    pub fn is_empty(&self) -> bool {
-        self.holds.is_empty()
-    }
-
     fn forget_old(&mut self, now_us: u64) {
         while let Some(&(created, id)) = self.order.front() {
             if created.saturating_add(MICROS_PER_DAY) > now_us {
@@ -122,7 +112,7 @@ mod tests {
             h.get_mut(ReservationId(1)).is_none(),
             "a day old: forgotten"
         );
-        assert_eq!(h.len(), 1);
+        assert_eq!(h.holds.len(), 1);
         for i in 3..(MAX_LOCAL_HOLDS as u128 + 2) {
             assert!(h.insert(ReservationId(i), hold(MICROS_PER_DAY), MICROS_PER_DAY));
         }

@@ -18,17 +18,17 @@ mod local;
 mod service;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
-pub use local::{LocalHold, LocalHolds, MAX_LOCAL_HOLDS};
+use local::{LocalHold, LocalHolds};
 pub use service::{RelayAdmin, RelayQuota};
 
 use crate::clock::Clock;
 use crate::ledger::LedgerError;
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyCell};
 use crate::server::reload::PolicyHolder;
 
 /// The deadline of one call to the upstream when `--upstream-timeout` is not given: far above
@@ -46,7 +46,7 @@ pub const MAX_REMEMBERED_TIERS: usize = 100_000;
 pub struct Relay {
     channel: Channel,
     upstream: String,
-    policy: RwLock<Arc<Policy>>,
+    policy: PolicyCell,
     tiers: Mutex<HashMap<String, String>>,
     local: Mutex<LocalHolds>,
     clock: Arc<dyn Clock>,
@@ -102,7 +102,7 @@ impl Relay {
         Ok(Self {
             channel,
             upstream: upstream.to_string(),
-            policy: RwLock::new(policy),
+            policy: PolicyCell::new(policy),
             tiers: Mutex::new(HashMap::new()),
             local: Mutex::new(LocalHolds::default()),
             clock,
@@ -111,10 +111,7 @@ impl Relay {
 
     /// The policy in force here (for counting and fail modes).
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.policy.get()
     }
 
     /// The upstream URL.
@@ -171,10 +168,7 @@ impl PolicyHolder for Relay {
         Ok(self.policy())
     }
     fn replace(&self, policy: Arc<Policy>) -> Result<(), LedgerError> {
-        *self
-            .policy
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = policy;
+        self.policy.set(policy);
         Ok(())
     }
 }

@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::{unreachable, LocalHold, Relay};
 use crate::clock::MICROS_PER_SECOND;
-use crate::engine::{ReservationId, Usage};
+use crate::engine::{ReservationId, Settlement, Usage};
 use crate::proto::admin_client::AdminClient;
 use crate::proto::quota_client::QuotaClient;
 use crate::server::prompt::PromptCounter;
@@ -48,18 +48,17 @@ impl RelayQuota {
         &self,
         request: Request<proto::ReserveRequest>,
     ) -> Result<Response<proto::ReserveResponse>, Status> {
-        let mut call = validate::reserve(request.into_inner(), self.max_prompt_bytes)?;
+        let call = validate::reserve(request.into_inner(), self.max_prompt_bytes)?;
         let policy = self.relay.policy();
-        let counted = self
+        let input = self
             .prompts
-            .reserve_counts(&mut call, || Ok(policy.clone()))
+            .reserve_input(call, || Ok(policy.clone()))
             .await?;
-        let input = &call.input;
         let forwarded = proto::ReserveRequest {
             subject: input.subject.clone(),
             model: input.model.clone(),
-            prompt_tokens: Some(counted.prompt_tokens),
-            max_output_tokens: Some(counted.max_output_tokens),
+            prompt_tokens: Some(input.prompt_tokens),
+            max_output_tokens: Some(input.max_output_tokens),
             idempotency_key: input.idempotency_key.clone().unwrap_or_default(),
             hold: input.hold_us.map(to_duration),
             dry_run: input.dry_run,
@@ -67,7 +66,7 @@ impl RelayQuota {
             messages: Vec::new(),
             group: input.group.clone().unwrap_or_default(),
             client_ip: input.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-            prompt_tokens_for: counted
+            prompt_tokens_for: input
                 .prompt_tokens_for
                 .iter()
                 .map(|(model, tokens)| proto::ModelTokens {
@@ -82,9 +81,9 @@ impl RelayQuota {
                     .remember_tier(&input.subject, &answer.get_ref().tier);
                 Ok(answer)
             }
-            Err(status) if unreachable(&status) => Ok(Response::new(
-                self.without_upstream(&call, &counted, &policy, &status),
-            )),
+            Err(status) if unreachable(&status) => self
+                .without_upstream(&input, &policy, &status)
+                .map(Response::new),
             Err(status) => Err(status),
         }
     }
@@ -93,20 +92,18 @@ impl RelayQuota {
     /// says.
     fn without_upstream(
         &self,
-        call: &validate::ReserveCall,
-        counted: &crate::server::prompt::Counted,
+        input: &crate::engine::ReserveInput,
         policy: &policy::Policy,
         status: &Status,
-    ) -> proto::ReserveResponse {
-        let input = &call.input;
+    ) -> Result<proto::ReserveResponse, Status> {
         let tier = self.relay.tier_of(&input.subject, policy);
         let limits = policy.resolve(Some(&tier)).limits.clone();
         let now = self.relay.now_us();
-        let tokens = counted.prompt_tokens + counted.max_output_tokens;
+        let tokens = input.prompt_tokens + input.max_output_tokens;
         let denied = proto::ReserveResponse {
             decision: proto::Decision::Denied as i32,
             model: input.model.clone(),
-            prompt_tokens: counted.prompt_tokens,
+            prompt_tokens: input.prompt_tokens,
             denied_by: UPSTREAM_UNAVAILABLE.into(),
             retry_after: Some(to_duration(UPSTREAM_RETRY_US)),
             tier: tier.clone(),
@@ -117,13 +114,19 @@ impl RelayQuota {
                 metrics::upstream_failure(&tier, "closed");
             }
             tracing::warn!(subject = %input.subject, %tier, error = %status.message(), "upstream unreachable: denied (fail closed)");
-            return denied;
+            return Ok(denied);
         }
         let max_hold_us = limits.max_hold_seconds * MICROS_PER_SECOND;
+        // The central service's rule for a hold asked for, applied here too.
+        if input.hold_us.is_some_and(|h| h > max_hold_us) {
+            return Err(Status::invalid_argument(format!(
+                "hold: must be at most {} seconds (max_hold_seconds of tier {tier:?})",
+                limits.max_hold_seconds
+            )));
+        }
         let hold_us = input
             .hold_us
-            .unwrap_or(limits.hold_seconds * MICROS_PER_SECOND)
-            .min(max_hold_us);
+            .unwrap_or(limits.hold_seconds * MICROS_PER_SECOND);
         let key = input
             .idempotency_key
             .clone()
@@ -131,18 +134,18 @@ impl RelayQuota {
         if let Some((subject, k)) = &key {
             // A retry during the outage replays the hold the first attempt got here.
             if let Some((id, hold)) = self.relay.local().by_key(subject, k) {
-                return proto::ReserveResponse {
+                return Ok(proto::ReserveResponse {
                     decision: proto::Decision::Allowed as i32,
                     reservation_id: id.to_string(),
                     model: input.model.clone(),
                     reserved_tokens: hold.tokens,
-                    prompt_tokens: counted.prompt_tokens,
+                    prompt_tokens: input.prompt_tokens,
                     expires_at: Some(to_timestamp(hold.expires_us)),
                     shadow_denied_by: UPSTREAM_UNAVAILABLE.into(),
                     replayed: true,
                     tier,
                     ..Default::default()
-                };
+                });
             }
         }
         let id = ReservationId::generate(now);
@@ -165,14 +168,14 @@ impl RelayQuota {
             if !remembered {
                 metrics::upstream_failure(&tier, "closed");
                 tracing::warn!(subject = %input.subject, %tier, "upstream unreachable and the fail-open table is full: denied");
-                return denied;
+                return Ok(denied);
             }
         }
         if !input.dry_run {
             metrics::upstream_failure(&tier, "open");
         }
         tracing::warn!(subject = %input.subject, %tier, tokens, error = %status.message(), "upstream unreachable: allowed (fail open)");
-        proto::ReserveResponse {
+        Ok(proto::ReserveResponse {
             decision: proto::Decision::Allowed as i32,
             reservation_id: if input.dry_run {
                 String::new()
@@ -181,12 +184,12 @@ impl RelayQuota {
             },
             model: input.model.clone(),
             reserved_tokens: tokens,
-            prompt_tokens: counted.prompt_tokens,
+            prompt_tokens: input.prompt_tokens,
             expires_at: (!input.dry_run).then(|| to_timestamp(expires_us)),
             shadow_denied_by: UPSTREAM_UNAVAILABLE.into(),
             tier,
             ..Default::default()
-        }
+        })
     }
 
     async fn commit_call(
@@ -223,15 +226,12 @@ impl RelayQuota {
             }
         }
         hold.committed = Some(usage);
-        let charged = if usage.usage_unknown {
-            hold.tokens
-        } else {
-            usage.prompt_tokens.saturating_add(usage.completion_tokens)
-        };
+        // Money is not counted for a hold the central ledger never saw.
+        let s = Settlement::of(hold.tokens, &usage, 0);
         Ok(Some(proto::CommitResponse {
-            charged_tokens: charged,
-            released_tokens: hold.tokens.saturating_sub(charged),
-            debt_tokens: charged.saturating_sub(hold.tokens),
+            charged_tokens: s.charged_tokens,
+            released_tokens: s.released_tokens,
+            debt_tokens: s.debt_tokens,
             ..Default::default()
         }))
     }
@@ -305,12 +305,7 @@ impl RelayQuota {
         &self,
         request: Request<proto::GetUsageRequest>,
     ) -> Result<Response<proto::GetUsageResponse>, Status> {
-        let req = request.get_ref();
-        if !req.subject.is_empty() {
-            validate::subject(&req.subject)?;
-        }
-        validate::group(&req.group)?;
-        validate::client_ip(&req.client_ip)?;
+        validate::usage_query(request.get_ref())?;
         let answer = self.client().get_usage(request.into_inner()).await?;
         if answer.get_ref().scope == "subject" {
             self.relay
@@ -323,15 +318,15 @@ impl RelayQuota {
         &self,
         request: Request<proto::CountTokensRequest>,
     ) -> Result<Response<proto::CountTokensResponse>, Status> {
-        let req = request.into_inner();
         let policy = self.relay.policy();
-        let (tokens, encoding) =
-            crate::server::prompt::count_tokens(&self.prompts, &policy, req, self.max_prompt_bytes)
-                .await?;
-        Ok(Response::new(proto::CountTokensResponse {
-            tokens,
-            encoding,
-        }))
+        crate::server::prompt::count_tokens(
+            &self.prompts,
+            &policy,
+            request.into_inner(),
+            self.max_prompt_bytes,
+        )
+        .await
+        .map(Response::new)
     }
 }
 

@@ -15,12 +15,11 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
-use tonic::Status;
 
 pub use admin::{AdminAuth, AdminService};
 pub use quota::QuotaService;
 
-use crate::ledger::Ledger;
+use crate::ledger::{Housekeeping, Ledger};
 use crate::proto;
 use crate::telemetry;
 use crate::tokens::TokenCounter;
@@ -109,7 +108,7 @@ pub async fn serve_backend(
 ) -> Result<(), ServeError> {
     let prompts = prompt::PromptCounter::new(TokenCounter::for_this_machine());
     // Load the tokenizers now, off the reactor, so the first requests do not pay for it.
-    if let Ok(policy) = backend_policy(&backend) {
+    if let Ok(policy) = reload::PolicyHolder::current(&backend) {
         prompts.warm_up(&policy);
     }
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -243,10 +242,21 @@ pub async fn serve_backend(
     result.map_err(ServeError::from)
 }
 
-fn backend_policy(backend: &Backend) -> Result<Arc<crate::policy::Policy>, Status> {
-    match backend {
-        Backend::Ledger(l) => Ok(l.policy()?),
-        Backend::Relay(r) => Ok(r.policy()),
+impl reload::PolicyHolder for Backend {
+    fn current(&self) -> Result<Arc<crate::policy::Policy>, crate::ledger::LedgerError> {
+        match self {
+            Backend::Ledger(l) => l.current(),
+            Backend::Relay(r) => r.current(),
+        }
+    }
+    fn replace(
+        &self,
+        policy: Arc<crate::policy::Policy>,
+    ) -> Result<(), crate::ledger::LedgerError> {
+        match self {
+            Backend::Ledger(l) => l.replace(policy),
+            Backend::Relay(r) => r.replace(policy),
+        }
     }
 }
 
@@ -257,14 +267,15 @@ async fn sweep(ledger: Arc<Ledger>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Ok((open, records, scopes)) = ledger.counts() {
-            telemetry::set(telemetry::OPEN_HOLDS, open);
-            telemetry::set(telemetry::RESERVATIONS, records);
-            telemetry::set(telemetry::SCOPES, scopes);
-        }
         let pass = ledger.housekeeping().await;
-        if let Ok(h) = &pass {
-            telemetry::add(telemetry::HOLDS_EXPIRED, h.expired as u64);
+        if let Ok(Housekeeping {
+            counts: (open, records, scopes),
+            ..
+        }) = &pass
+        {
+            telemetry::set(telemetry::OPEN_HOLDS, *open);
+            telemetry::set(telemetry::RESERVATIONS, *records);
+            telemetry::set(telemetry::SCOPES, *scopes);
         }
         match pass {
             Ok(h) if h.expired > 0 || h.purged > 0 || h.forgotten > 0 => {

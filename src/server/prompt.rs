@@ -5,6 +5,7 @@
 use tonic::Status;
 
 use super::validate::{self, ReserveCall};
+use crate::engine::ReserveInput;
 use crate::policy::Policy;
 use crate::proto;
 use crate::tokens::{CountError, Encoding, Prompt, TokenCounter};
@@ -13,18 +14,6 @@ use crate::tokens::{CountError, Encoding, Prompt, TokenCounter};
 #[derive(Debug, Clone)]
 pub struct PromptCounter {
     counter: TokenCounter,
-}
-
-/// A Reserve's counts: prompt tokens for the model asked for, the output hold, and the prompt
-/// counted for other models (downgrades).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Counted {
-    /// Prompt tokens for the model asked for.
-    pub prompt_tokens: u64,
-    /// Output tokens to hold.
-    pub max_output_tokens: u64,
-    /// The prompt counted for downgrade models whose tokenizers differ.
-    pub prompt_tokens_for: Vec<(String, u64)>,
 }
 
 impl PromptCounter {
@@ -38,42 +27,44 @@ impl PromptCounter {
         self.counter.warm_up(&policy.encodings_in_use());
     }
 
-    /// The counts of a checked Reserve under `policy` (read only when needed: a caller that
-    /// gives both `prompt_tokens` and `max_output_tokens` needs no policy at all).
-    pub async fn reserve_counts(
+    /// The engine's input for a checked Reserve: its prompt counted (for the model asked for,
+    /// and for the policy's downgrade models whose tokenizers differ) and its output hold filled
+    /// in. The policy is read only when needed: a caller that gives both `prompt_tokens` and
+    /// `max_output_tokens` needs none, and a count the caller made is never counted again.
+    pub async fn reserve_input(
         &self,
-        call: &mut ReserveCall,
+        call: ReserveCall,
         policy: impl FnOnce() -> Result<std::sync::Arc<Policy>, Status>,
-    ) -> Result<Counted, Status> {
-        let prompt = std::mem::replace(&mut call.prompt, Prompt::Tokens(0));
-        let counted = match (&prompt, call.max_output_tokens) {
-            (Prompt::Tokens(n), Some(max)) => Counted {
-                prompt_tokens: *n,
-                max_output_tokens: max,
-                prompt_tokens_for: call.input.prompt_tokens_for.clone(),
-            },
-            _ => {
+    ) -> Result<ReserveInput, Status> {
+        let ReserveCall {
+            mut input,
+            prompt,
+            max_output_tokens,
+        } = call;
+        match (prompt, max_output_tokens) {
+            (Prompt::Tokens(n), Some(max)) => {
+                input.prompt_tokens = n;
+                input.max_output_tokens = max;
+            }
+            (prompt, max) => {
                 let policy = policy()?;
-                let model = &call.input.model;
-                let max = call
-                    .max_output_tokens
-                    .unwrap_or_else(|| policy.default_max_output_tokens(model));
-                let given = matches!(prompt, Prompt::Tokens(_));
-                let (n, others) = self.count_for_downgrades(&policy, model, prompt).await?;
-                Counted {
-                    prompt_tokens: n,
-                    max_output_tokens: max,
+                input.max_output_tokens =
+                    max.unwrap_or_else(|| policy.default_max_output_tokens(&input.model));
+                match prompt {
                     // A count the caller made comes with the counts it made for other models.
-                    prompt_tokens_for: if given {
-                        call.input.prompt_tokens_for.clone()
-                    } else {
-                        others
-                    },
+                    Prompt::Tokens(n) => input.prompt_tokens = n,
+                    prompt => {
+                        let (n, others) = self
+                            .count_for_downgrades(&policy, &input.model, prompt)
+                            .await?;
+                        input.prompt_tokens = n;
+                        input.prompt_tokens_for = others;
+                    }
                 }
             }
-        };
-        validate::hold_total(counted.prompt_tokens, counted.max_output_tokens)?;
-        Ok(counted)
+        }
+        validate::hold_total(input.prompt_tokens, input.max_output_tokens)?;
+        Ok(input)
     }
 
     /// The tokens of `prompt` for `model`, and the encoding that counted (none for a count the
@@ -114,7 +105,7 @@ impl PromptCounter {
             })
     }
 
-    /// The tokens of `prompt` for `model`, and for each downgrade model of the policy whose
+    /// The tokens of a text or chat `prompt` for `model`, and for each downgrade model of the policy whose
     /// tokenizer differs (a downgraded hold is counted with the granted model's own
     /// tokenizer). Counted here, before the engine lock, so the lock is never held while
     /// counting. The same text is counted once per distinct encoding.
@@ -125,16 +116,12 @@ impl PromptCounter {
         prompt: Prompt,
     ) -> Result<(u64, Vec<(String, u64)>), Status> {
         let downgrades: Vec<(&str, Encoding)> = policy
-            .downgrade_models()
-            .into_iter()
-            .filter(|m| *m != model)
-            .filter_map(|m| policy.encoding_for(m).map(|e| (m, e)))
+            .downgrades()
+            .iter()
+            .filter(|(m, _)| m != model)
+            .map(|(m, e)| (m.as_str(), *e))
             .collect();
-        let asked = if matches!(prompt, Prompt::Tokens(_)) {
-            None
-        } else {
-            policy.encoding_for(model)
-        };
+        let asked = policy.encoding_for(model);
         let mut extra: Vec<Encoding> = downgrades
             .iter()
             .map(|(_, e)| *e)
@@ -170,31 +157,23 @@ impl PromptCounter {
     }
 }
 
-/// A CountTokens request, checked and counted: the tokens and the encoding's name.
+/// The answer to a CountTokens request, checked and counted.
 pub async fn count_tokens(
     prompts: &PromptCounter,
     policy: &Policy,
     req: proto::CountTokensRequest,
     max_prompt_bytes: usize,
-) -> Result<(u64, String), Status> {
+) -> Result<proto::CountTokensResponse, Status> {
     if req.model.is_empty() {
         return Err(Status::invalid_argument(
             "model: is required (it picks the tokenizer)",
         ));
     }
     validate::model(&req.model)?;
-    let prompt = validate::prompt(None, req.prompt, req.messages, &req.model, max_prompt_bytes)
-        .map_err(|s| {
-            // CountTokens has no prompt_tokens: say what it does take.
-            if s.message().starts_with("prompt: give exactly one") {
-                Status::invalid_argument("prompt: give exactly one of prompt or messages")
-            } else {
-                s
-            }
-        })?;
+    let prompt = validate::prompt(None, req.prompt, req.messages, &req.model, max_prompt_bytes)?;
     let (tokens, encoding) = prompts.count(policy, &req.model, prompt).await?;
-    Ok((
+    Ok(proto::CountTokensResponse {
         tokens,
-        encoding.map(|e| e.name().to_string()).unwrap_or_default(),
-    ))
+        encoding: encoding.map(|e| e.name().to_string()).unwrap_or_default(),
+    })
 }

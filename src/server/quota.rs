@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::prompt::PromptCounter;
 use super::validate::{self, to_duration, to_timestamp};
-use crate::engine::{Decision, LimitStatus, ReserveInput, ScopeKey, UsageQuery};
+use crate::engine::{Decision, LimitStatus, ScopeKey};
 use crate::ledger::Ledger;
 use crate::proto;
 use crate::telemetry as metrics;
@@ -51,19 +51,11 @@ impl QuotaService {
         &self,
         request: Request<proto::ReserveRequest>,
     ) -> Result<Response<proto::ReserveResponse>, Status> {
-        let mut call = validate::reserve(request.into_inner(), self.max_prompt_bytes)?;
-        // The policy is read (a brief lock) only when it is needed: to pick the tokenizer, or
-        // the output hold the caller left out. A caller that counts and sets both skips it.
-        let counted = self
+        let call = validate::reserve(request.into_inner(), self.max_prompt_bytes)?;
+        let input = self
             .prompts
-            .reserve_counts(&mut call, || Ok(self.ledger.policy()?))
+            .reserve_input(call, || Ok(self.ledger.policy()?))
             .await?;
-        let input = ReserveInput {
-            prompt_tokens: counted.prompt_tokens,
-            max_output_tokens: counted.max_output_tokens,
-            prompt_tokens_for: counted.prompt_tokens_for,
-            ..call.input
-        };
         let subject = input.subject.clone();
         let dry_run = input.dry_run;
         let o = self.ledger.reserve(input).await?;
@@ -133,17 +125,14 @@ impl QuotaService {
         request: Request<proto::CountTokensRequest>,
     ) -> Result<Response<proto::CountTokensResponse>, Status> {
         let policy = self.ledger.policy()?;
-        let (tokens, encoding) = super::prompt::count_tokens(
+        super::prompt::count_tokens(
             &self.prompts,
             &policy,
             request.into_inner(),
             self.max_prompt_bytes,
         )
-        .await?;
-        Ok(Response::new(proto::CountTokensResponse {
-            tokens,
-            encoding,
-        }))
+        .await
+        .map(Response::new)
     }
 
     async fn extend_call(
@@ -163,18 +152,7 @@ impl QuotaService {
         &self,
         request: Request<proto::GetUsageRequest>,
     ) -> Result<Response<proto::GetUsageResponse>, Status> {
-        let req = request.into_inner();
-        let subject = if req.subject.is_empty() {
-            None
-        } else {
-            validate::subject(&req.subject)?;
-            Some(req.subject)
-        };
-        let query = UsageQuery {
-            subject,
-            group: validate::group(&req.group)?,
-            client_ip: validate::client_ip(&req.client_ip)?,
-        };
+        let query = validate::usage_query(request.get_ref())?;
         let u = self.ledger.usage(&query).await?;
         Ok(Response::new(proto::GetUsageResponse {
             scope: u.scope.name().to_string(),
@@ -252,11 +230,7 @@ impl proto::quota_server::Quota for QuotaService {
 /// Log and count one Reserve's decision. Never the prompt: only counts and names.
 fn record_reserve(subject: &str, o: &crate::engine::ReserveOutcome, dry_run: bool) {
     let denied_by = o.denied_by.as_deref().unwrap_or("");
-    let decision = match o.decision {
-        Decision::Allowed => "ALLOWED",
-        Decision::Downgraded => "DOWNGRADED",
-        Decision::Denied => "DENIED",
-    };
+    let decision = o.decision.name();
     if o.decision == Decision::Denied {
         tracing::info!(
             %subject,

@@ -116,6 +116,22 @@ fn prompt_tokens_for(
         .collect()
 }
 
+/// A GetUsage request, checked: an empty subject means none (the group's, the IP's or the
+/// fleet's usage).
+pub fn usage_query(req: &proto::GetUsageRequest) -> Result<crate::engine::UsageQuery, Status> {
+    let subject = if req.subject.is_empty() {
+        None
+    } else {
+        subject(&req.subject)?;
+        Some(req.subject.clone())
+    };
+    Ok(crate::engine::UsageQuery {
+        subject,
+        group: group(&req.group)?,
+        client_ip: client_ip(&req.client_ip)?,
+    })
+}
+
 /// A tier name as given to SetSubject.
 pub fn tier(value: &str) -> Result<(), Status> {
     check_text("tier", value, 64, true)
@@ -168,22 +184,32 @@ pub struct ReserveCall {
 }
 
 /// The prompt of a request: exactly one of a count, a text or a chat.
+///
+/// `prompt_tokens` is `None` for a request that has no such field (CountTokens): the error
+/// then names only the fields it has.
 pub fn prompt(
-    prompt_tokens: Option<u64>,
+    prompt_tokens: Option<Option<u64>>,
     text: Option<String>,
     messages: Vec<proto::ChatMessage>,
     model: &str,
     max_prompt_bytes: usize,
 ) -> Result<Prompt, Status> {
-    let given = usize::from(prompt_tokens.is_some())
+    let counted = prompt_tokens.flatten();
+    let given = usize::from(counted.is_some())
         + usize::from(text.is_some())
         + usize::from(!messages.is_empty());
     if given != 1 {
         return Err(invalid(
             "prompt",
-            format!("give exactly one of prompt_tokens, prompt or messages (got {given})"),
+            match prompt_tokens {
+                Some(_) => {
+                    format!("give exactly one of prompt_tokens, prompt or messages (got {given})")
+                }
+                None => "give exactly one of prompt or messages".to_string(),
+            },
         ));
     }
+    let prompt_tokens = counted;
     let prompt = match (prompt_tokens, text) {
         (Some(n), _) => Prompt::Tokens(tokens("prompt_tokens", n)?),
         (None, Some(t)) => Prompt::Text(t),
@@ -264,7 +290,7 @@ pub fn reserve(req: proto::ReserveRequest, max_prompt_bytes: usize) -> Result<Re
     let client_ip = client_ip(&req.client_ip)?;
     let prompt_tokens_for = prompt_tokens_for(&req.prompt_tokens_for, req.prompt_tokens)?;
     let prompt = prompt(
-        req.prompt_tokens,
+        Some(req.prompt_tokens),
         req.prompt,
         req.messages,
         &req.model,

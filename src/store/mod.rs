@@ -199,11 +199,6 @@ impl Store {
         self.db.apply_batch(b)?;
         Ok(())
     }
-
-    /// Bytes the database takes on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
-    }
 }
 
 fn prefixed(kind: u8, rest: &[u8]) -> Vec<u8> {

@@ -118,11 +118,6 @@ impl Writer {
         }
     }
 
-    /// Whether a write has failed (the service then refuses every write until restart).
-    pub fn is_failed(&self) -> bool {
-        self.failed.get().is_some()
-    }
-
     /// Wait for room in the queue. Call before taking the engine lock: while the disk is
     /// behind by [`QUEUE_BOUND`] decisions, callers wait here, off the lock, and the runtime
     /// (health checks included) keeps running.
@@ -234,13 +229,19 @@ fn run(store: Store, rx: Receiver<Job>, durability: Durability, failed: Arc<Once
         for job in &mut group {
             batch.append(&mut job.mutations);
         }
+        // A group with no records (barriers: a replayed answer waiting for earlier ones) on a
+        // store with nothing unflushed has nothing to make durable: every earlier group is
+        // already on disk, so it is answered without a sync.
+        let nothing_new = batch.is_empty() && !dirty;
         let mut result = match failed.get() {
             Some(reason) => Err(StoreError::Failed(reason.clone())),
+            None if batch.is_empty() => Ok(()),
             None => store.apply(&batch),
         };
-        let must_flush = durability == Durability::Strict
-            || group.iter().any(|j| j.done.is_some())
-            || last_flush.elapsed() >= RELAXED_FLUSH_INTERVAL;
+        let must_flush = !nothing_new
+            && (durability == Durability::Strict
+                || group.iter().any(|j| j.done.is_some())
+                || last_flush.elapsed() >= RELAXED_FLUSH_INTERVAL);
         if result.is_ok() {
             if must_flush {
                 result = store.flush();

@@ -36,6 +36,10 @@ pub const T0: u64 = 1_773_144_000_000_000;
 pub const SEC: u64 = 1_000_000;
 /// The admin token every test server is started with.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// The minimal policy of the documentation.
+pub const POLICY_500: &str = "default_tier = \"free\"\n\n[tiers.free]\ntokens_per_day = 500\n";
+/// A reservation id of the right shape that no server ever issued.
+pub const WELL_FORMED_UNKNOWN_ID: &str = "0192a8a4-1c2b-7cc0-8d1e-0123456789ab";
 
 /// A server in this process, on loopback, with a clock the test moves.
 pub struct TestServer {
@@ -219,12 +223,52 @@ pub fn reserve(subject: &str, prompt_tokens: u64, max_output_tokens: u64) -> Res
     }
 }
 
+/// A Reserve of explicit token counts on `model`.
+pub fn on(model: &str, subject: &str, prompt: u64, output: u64) -> ReserveRequest {
+    ReserveRequest {
+        model: model.to_string(),
+        ..reserve(subject, prompt, output)
+    }
+}
+
+/// A Reserve of `prompt` text for `model`, counted on the server (`max_output` None: the
+/// model's default).
+pub fn reserve_text(
+    subject: &str,
+    model: &str,
+    prompt: &str,
+    max_output: Option<u64>,
+) -> ReserveRequest {
+    ReserveRequest {
+        subject: subject.to_string(),
+        model: model.to_string(),
+        prompt: Some(prompt.to_string()),
+        max_output_tokens: max_output,
+        ..Default::default()
+    }
+}
+
+/// A Reserve that must be answered OK (whatever it decides).
+pub async fn rsv(q: &mut Quota, req: ReserveRequest) -> proto::ReserveResponse {
+    q.reserve(req).await.expect("reserve").into_inner()
+}
+
+/// A protobuf Duration in microseconds.
+pub fn dur_us(d: &prost_types::Duration) -> u64 {
+    assert!(d.seconds >= 0 && d.nanos >= 0, "negative duration {d:?}");
+    u64::try_from(d.seconds).unwrap() * SEC + u64::try_from(d.nanos).unwrap() / 1_000
+}
+
+/// `retry_after` of a response, in microseconds.
+pub fn retry_us(r: &proto::ReserveResponse) -> Option<u64> {
+    r.retry_after.as_ref().map(dur_us)
+}
+
 /// The decision of a response, as the enum.
 pub fn decision(r: &proto::ReserveResponse) -> proto::Decision {
     proto::Decision::try_from(r.decision).expect("a known decision")
 }
 
-/// A limit's status by name.
 /// The status of limit `name` of the scope `scope` ("subject", "group", "ip", "global").
 #[track_caller]
 pub fn scoped_limit<'a>(
@@ -238,6 +282,7 @@ pub fn scoped_limit<'a>(
         .unwrap_or_else(|| panic!("no {scope}.{name} in {limits:?}"))
 }
 
+/// A limit's status by name.
 pub fn limit<'a>(limits: &'a [proto::LimitStatus], name: &str) -> &'a proto::LimitStatus {
     limits
         .iter()
@@ -257,13 +302,12 @@ pub struct Process {
 pub const POLL_LIMIT: Duration = Duration::from_secs(10);
 pub const POLL_STEP: Duration = Duration::from_millis(50);
 
-/// A `tollgate serve` to start: the real binary on 127.0.0.1:0 (unless [`Serve::listen`] says
-/// otherwise) over `data_dir`, with extra arguments and environment (RUST_LOG=warn unless set),
-/// its stderr inherited or written to a log file.
+/// A `tollgate serve` to start: the real binary on 127.0.0.1:0 over `data_dir`, with extra
+/// arguments and environment (RUST_LOG=warn unless set), its stderr inherited or written to a
+/// log file.
 #[derive(Debug, Clone)]
 pub struct Serve {
     data_dir: PathBuf,
-    listen: String,
     args: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
     log: Option<PathBuf>,
@@ -273,17 +317,10 @@ impl Serve {
     pub fn new(data_dir: &Path) -> Self {
         Self {
             data_dir: data_dir.to_path_buf(),
-            listen: "127.0.0.1:0".into(),
             args: Vec::new(),
             envs: vec![("RUST_LOG".into(), "warn".into())],
             log: None,
         }
-    }
-
-    /// `--listen ADDR` instead of 127.0.0.1:0.
-    pub fn listen(mut self, addr: impl Into<String>) -> Self {
-        self.listen = addr.into();
-        self
     }
 
     /// More arguments after `serve --listen ... --data-dir ...`.
@@ -335,7 +372,7 @@ impl Serve {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .arg("serve")
             .arg("--listen")
-            .arg(&self.listen)
+            .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)
@@ -540,15 +577,10 @@ pub async fn commit(
     prompt: u64,
     completion: u64,
 ) -> proto::CommitResponse {
-    q.commit(proto::CommitRequest {
-        reservation_id: id.to_string(),
-        prompt_tokens: prompt,
-        completion_tokens: completion,
-        usage_unknown: false,
-    })
-    .await
-    .expect("commit")
-    .into_inner()
+    q.commit(commit_req(id, prompt, completion))
+        .await
+        .expect("commit")
+        .into_inner()
 }
 
 /// A Commit of `prompt_tokens` + `completion_tokens` of usage to reservation `id`.
@@ -565,6 +597,24 @@ pub fn commit_req(id: &str, prompt_tokens: u64, completion_tokens: u64) -> proto
 pub fn refund_req(id: &str) -> proto::RefundRequest {
     proto::RefundRequest {
         reservation_id: id.to_string(),
+    }
+}
+
+/// Refund reservation `id`; the tokens it released.
+pub async fn refund(q: &mut Quota, id: &str) -> u64 {
+    q.refund(refund_req(id))
+        .await
+        .expect("refund")
+        .into_inner()
+        .released_tokens
+}
+
+/// A SetSubject of `subject` to `tier` (no group, no overrides).
+pub fn set_subject_req(subject: &str, tier: &str) -> proto::SetSubjectRequest {
+    proto::SetSubjectRequest {
+        subject: subject.to_string(),
+        tier: tier.to_string(),
+        ..Default::default()
     }
 }
 
