@@ -4,6 +4,7 @@
 //! lock; under the lock, read the clock, decide, and hand the mutations to the writer (so they
 //! reach it in decision order); after the lock, wait until they are durable; then answer.
 
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -12,6 +13,7 @@ use crate::engine::{
     Bounds, CommitOutcome, Engine, EngineError, Mutation, RefundOutcome, ReservationId,
     ReserveInput, ReserveOutcome, Usage, UsageQuery, UsageReport,
 };
+use crate::failstop::FailStop;
 use crate::policy::{Overrides, Policy, PolicyCell};
 use crate::store::{Durability, Store, StoreError, Ticket, Writer};
 
@@ -57,6 +59,11 @@ enum Wait {
 }
 
 impl Wait {
+    /// Whether the answer waits for the disk at all.
+    fn waits(self) -> bool {
+        self != Wait::Nothing
+    }
+
     fn for_error(e: &EngineError) -> Self {
         match e {
             EngineError::NotFound(_)
@@ -78,6 +85,38 @@ pub struct Ledger {
     policy: PolicyCell,
     writer: Writer,
     clock: Arc<dyn Clock>,
+    /// Tripped by a failed write, a panic under the engine lock, or a poisoned lock.
+    failed: FailStop,
+}
+
+/// The engine lock, held. Why a guard of our own: a panic while it is held may leave the
+/// engine half-changed, and the process must then stop (fail-stop), not go on refusing calls
+/// while health says SERVING. Dropped during unwinding, it trips the ledger's [`FailStop`].
+struct EngineGuard<'a> {
+    engine: MutexGuard<'a, Engine>,
+    failed: &'a FailStop,
+}
+
+impl Deref for EngineGuard<'_> {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+impl DerefMut for EngineGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+}
+
+impl Drop for EngineGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.failed
+                .trip("a panic while the engine lock was held; its state may be inconsistent");
+        }
+    }
 }
 
 impl std::fmt::Debug for Ledger {
@@ -96,6 +135,18 @@ impl Ledger {
         bounds: Bounds,
         durability: Durability,
         clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
+        Self::open_with(data_dir, policy, bounds, durability, clock, FailStop::new())
+    }
+
+    /// [`open`](Self::open), tripping `failed` when the ledger can no longer go on.
+    pub fn open_with(
+        data_dir: &Path,
+        policy: Arc<Policy>,
+        bounds: Bounds,
+        durability: Durability,
+        clock: Arc<dyn Clock>,
+        failed: FailStop,
     ) -> Result<Self, StoreError> {
         let store = Store::open(data_dir)?;
         let snapshot = store.load()?;
@@ -116,34 +167,60 @@ impl Ledger {
         Ok(Self {
             engine: Mutex::new(engine),
             policy: cell,
-            writer: Writer::start(store, durability),
+            writer: Writer::start(store, durability, failed.clone()),
             clock,
+            failed,
         })
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, Engine>, LedgerError> {
-        self.engine.lock().map_err(|_| LedgerError::Poisoned)
+    /// The switch this ledger trips when it can no longer go on (see [`FailStop`]).
+    pub fn fail_stop(&self) -> &FailStop {
+        &self.failed
+    }
+
+    fn lock(&self) -> Result<EngineGuard<'_>, LedgerError> {
+        match self.engine.lock() {
+            Ok(engine) => Ok(EngineGuard {
+                engine,
+                failed: &self.failed,
+            }),
+            Err(_) => {
+                self.failed
+                    .trip("the engine lock is poisoned by an earlier panic");
+                Err(LedgerError::Poisoned)
+            }
+        }
     }
 
     /// Take a queue slot (waiting, if the disk is behind, before the lock), then under the lock
-    /// expire due holds, run `decide` with the current time, and queue every mutation made.
+    /// expire due holds, run `decide` with the current time, and queue every mutation made,
+    /// marked as awaited when `wait` says the answer will wait for the disk.
     ///
     /// Due holds are expired first, on their own: that changes memory even when the engine then
     /// refuses the call, and those records reach the disk either way, or a restart would hold
     /// (and later charge) the expired tokens a second time.
+    ///
+    /// A decision that changes nothing durable (a denial, a read) gives its slot back as the
+    /// lock is released: it never keeps a place in the queue that an admitted call needs.
+    /// Nothing is logged or counted under the lock: the expiries are returned.
     async fn decide<T>(
         &self,
         decide: impl FnOnce(&mut Engine, u64, &mut Vec<Mutation>) -> Result<T, EngineError>,
-    ) -> Result<(Result<T, EngineError>, Ticket), LedgerError> {
+        wait: impl FnOnce(&Result<T, EngineError>) -> Wait,
+    ) -> Result<(Result<T, EngineError>, Ticket, Wait), LedgerError> {
         let slot = self.writer.slot().await?;
-        let mut engine = self.lock()?;
-        let now = self.clock.now_micros();
-        let mut mutations = Vec::new();
-        let expired = engine.expire_due(now, &mut mutations);
+        let (result, ticket, wait, expired) = {
+            let mut engine = self.lock()?;
+            let now = self.clock.now_micros();
+            let mut mutations = Vec::new();
+            let expired = engine.expire_due(now, &mut mutations);
+            let result = decide(&mut engine, now, &mut mutations);
+            let wait = wait(&result);
+            let ticket = self.writer.submit(slot, mutations, wait.waits())?;
+            (result, ticket, wait, expired)
+        };
         crate::telemetry::add(crate::telemetry::HOLDS_EXPIRED, expired as u64);
-        let result = decide(&mut engine, now, &mut mutations);
-        let ticket = self.writer.submit(slot, mutations)?;
-        Ok((result, ticket))
+        Ok((result, ticket, wait))
     }
 
     /// Wait as `wait` says, then give the answer.
@@ -166,17 +243,13 @@ impl Ledger {
         Ok(result?)
     }
 
-    /// The answer to a call on an existing hold (Commit, Refund, Extend): a success may repeat
-    /// an earlier one, so it waits like a replay; an error waits as [`Wait::for_error`] says.
-    async fn answer_settlement<T>(
-        &self,
-        result: Result<T, EngineError>,
-        ticket: Ticket,
-    ) -> Result<T, LedgerError> {
-        let wait = result
+    /// How long the answer to a call on an existing hold (Commit, Refund, Extend) waits: a
+    /// success may repeat an earlier one, so it waits like a replay; an error as
+    /// [`Wait::for_error`] says.
+    fn settlement_wait<T>(result: &Result<T, EngineError>) -> Wait {
+        result
             .as_ref()
-            .map_or_else(Wait::for_error, |_| Wait::Earlier);
-        self.answer(result, ticket, wait).await
+            .map_or_else(Wait::for_error, |_| Wait::Earlier)
     }
 
     /// The current time by the ledger's clock.
@@ -187,16 +260,18 @@ impl Ledger {
     /// Reserve: decide, hold, and answer once durable.
     pub async fn reserve(&self, mut input: ReserveInput) -> Result<ReserveOutcome, LedgerError> {
         input.id = ReservationId::generate(self.clock.now_micros());
-        let (result, ticket) = self
-            .decide(|e, now, out| e.reserve(input, now, out))
+        let (result, ticket, wait) = self
+            .decide(
+                |e, now, out| e.reserve(input, now, out),
+                |result| match result {
+                    Ok(o) if o.replayed => Wait::Earlier,
+                    Ok(o) if o.reservation_id.is_some() => Wait::Own,
+                    // A denial or dry run acknowledges nothing: it need not wait for the disk.
+                    Ok(_) => Wait::Nothing,
+                    Err(e) => Wait::for_error(e),
+                },
+            )
             .await?;
-        let wait = match &result {
-            Ok(o) if o.replayed => Wait::Earlier,
-            Ok(o) if o.reservation_id.is_some() => Wait::Own,
-            // A denial or dry run acknowledges nothing: it need not wait for the disk.
-            Ok(_) => Wait::Nothing,
-            Err(e) => Wait::for_error(e),
-        };
         self.answer(result, ticket, wait).await
     }
 
@@ -207,32 +282,42 @@ impl Ledger {
         id: ReservationId,
         usage: Usage,
     ) -> Result<CommitOutcome, LedgerError> {
-        let (result, ticket) = self
-            .decide(|e, now, out| e.commit(id, usage, now, out))
+        let (result, ticket, wait) = self
+            .decide(
+                |e, now, out| e.commit(id, usage, now, out),
+                Self::settlement_wait,
+            )
             .await?;
-        self.answer_settlement(result, ticket).await
+        self.answer(result, ticket, wait).await
     }
 
     /// Refund: give the hold back, and answer once durable (a retry: once the first Refund is
     /// durable).
     pub async fn refund(&self, id: ReservationId) -> Result<RefundOutcome, LedgerError> {
-        let (result, ticket) = self.decide(|e, now, out| e.refund(id, now, out)).await?;
-        self.answer_settlement(result, ticket).await
+        let (result, ticket, wait) = self
+            .decide(|e, now, out| e.refund(id, now, out), Self::settlement_wait)
+            .await?;
+        self.answer(result, ticket, wait).await
     }
 
     /// Extend: push a hold's expiry out, and answer once durable.
     pub async fn extend(&self, id: ReservationId, hold_us: u64) -> Result<u64, LedgerError> {
-        let (result, ticket) = self
-            .decide(|e, now, out| e.extend(id, hold_us, now, out))
+        let (result, ticket, wait) = self
+            .decide(
+                |e, now, out| e.extend(id, hold_us, now, out),
+                Self::settlement_wait,
+            )
             .await?;
-        self.answer_settlement(result, ticket).await
+        self.answer(result, ticket, wait).await
     }
 
     /// A scope's usage, from memory. Holds past their deadline are expired first, so the
     /// answer is current; that expiry is persisted but not awaited (replaying it after a crash
     /// gives the same result, since the deadlines are durable).
     pub async fn usage(&self, query: &UsageQuery) -> Result<UsageReport, LedgerError> {
-        let (result, _ticket) = self.decide(|e, now, _| Ok(e.usage(query, now))).await?;
+        let (result, _ticket, _) = self
+            .decide(|e, now, _| Ok(e.usage(query, now)), |_| Wait::Nothing)
+            .await?;
         Ok(result?)
     }
 
@@ -244,10 +329,13 @@ impl Ledger {
         group: Option<String>,
         overrides: Overrides,
     ) -> Result<(), LedgerError> {
-        let (result, ticket) = self
-            .decide(|e, _, out| e.set_subject(subject, tier, group, overrides, out))
+        let (result, ticket, wait) = self
+            .decide(
+                |e, _, out| e.set_subject(subject, tier, group, overrides, out),
+                |_| Wait::Own,
+            )
             .await?;
-        self.answer(result, ticket, Wait::Own).await
+        self.answer(result, ticket, wait).await
     }
 
     /// The policy in force (a snapshot: a reload swaps the whole policy). Read without the
@@ -275,33 +363,39 @@ impl Ledger {
 
     /// Forget a subject's usage, durably.
     pub async fn reset_usage(&self, subject: &str) -> Result<(), LedgerError> {
-        let (result, ticket) = self
-            .decide(|e, _, out| {
-                e.reset_usage(subject, out);
-                Ok(())
-            })
+        let (result, ticket, wait) = self
+            .decide(
+                |e, _, out| {
+                    e.reset_usage(subject, out);
+                    Ok(())
+                },
+                |_| Wait::Own,
+            )
             .await?;
-        self.answer(result, ticket, Wait::Own).await
+        self.answer(result, ticket, wait).await
     }
 
     /// One housekeeping pass: expire due holds, purge settled records past the retention, and
     /// forget subjects at rest, each at most `max_per_pass`. Persisted, not awaited.
     pub async fn housekeeping(&self) -> Result<Housekeeping, LedgerError> {
-        let (result, _ticket) = self
-            .decide(|e, now, out| {
-                // A second expiry pass (the first ran before this closure) drains a backlog,
-                // e.g. after a restart, twice as fast.
-                let expired = e.expire_due(now, out);
-                crate::telemetry::add(crate::telemetry::HOLDS_EXPIRED, expired as u64);
-                Ok(Housekeeping {
-                    expired,
-                    purged: e.purge_settled(now, out),
-                    forgotten: e.forget_scopes_at_rest(now, out),
-                    counts: (e.open_holds(), e.reservation_count(), e.scope_count()),
-                })
-            })
+        let (result, _ticket, _) = self
+            .decide(
+                |e, now, out| {
+                    // A second expiry pass (the first ran before this closure) drains a
+                    // backlog, e.g. after a restart, twice as fast.
+                    Ok(Housekeeping {
+                        expired: e.expire_due(now, out),
+                        purged: e.purge_settled(now, out),
+                        forgotten: e.forget_scopes_at_rest(now, out),
+                        counts: (e.open_holds(), e.reservation_count(), e.scope_count()),
+                    })
+                },
+                |_| Wait::Nothing,
+            )
             .await?;
-        Ok(result?)
+        let pass = result?;
+        crate::telemetry::add(crate::telemetry::HOLDS_EXPIRED, pass.expired as u64);
+        Ok(pass)
     }
 
     /// Wait until everything decided so far is on disk.
@@ -314,5 +408,46 @@ impl Ledger {
     pub fn counts(&self) -> Result<(usize, usize, usize), LedgerError> {
         let e = self.lock()?;
         Ok((e.open_holds(), e.reservation_count(), e.scope_count()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::engine::UsageQuery;
+
+    #[tokio::test]
+    async fn a_panic_under_the_engine_lock_trips_the_fail_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(
+            Ledger::open(
+                dir.path(),
+                Arc::new(Policy::embedded_default()),
+                Bounds::default(),
+                Durability::Strict,
+                Arc::new(ManualClock::new(1_000_000)),
+            )
+            .unwrap(),
+        );
+        assert_eq!(ledger.fail_stop().reason(), None);
+        let panicking = ledger.clone();
+        let joined = tokio::spawn(async move {
+            panicking
+                .decide(
+                    |_, _, _| -> Result<(), EngineError> { panic!("an invariant broke") },
+                    |_| Wait::Nothing,
+                )
+                .await
+        })
+        .await;
+        assert!(joined.unwrap_err().is_panic());
+        assert!(ledger
+            .fail_stop()
+            .reason()
+            .is_some_and(|r| r.contains("panic")));
+        // Every later call is refused, never served from a half-changed engine.
+        let refused = ledger.usage(&UsageQuery::default()).await.unwrap_err();
+        assert!(refused.to_string().contains("panic"), "{refused}");
     }
 }

@@ -16,6 +16,8 @@
 //! - [`store`]: sled under the data directory, and the group-commit writer that makes mutation
 //!   records durable.
 //! - [`ledger`]: the engine behind its lock plus the writer: what the server calls.
+//! - [`failstop`]: the one switch that a failed write or a panic under the engine lock trips,
+//!   so health turns NOT_SERVING and the process exits non-zero instead of limping on.
 //! - [`server`]: thin tonic adapters (Quota, Admin), validation, health, reflection.
 //! - [`relay`]: relay mode for sidecars: count locally, decide upstream, fail open or closed
 //!   per tier when the upstream is gone.
@@ -27,6 +29,7 @@
 
 pub mod clock;
 pub mod engine;
+pub mod failstop;
 pub mod ledger;
 pub mod policy;
 pub mod relay;

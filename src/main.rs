@@ -140,6 +140,10 @@ struct ServeArgs {
     upstream_timeout: f64,
 }
 
+/// The exit status after a fail-stop (a failed write or sync, a panic under the engine lock):
+/// distinct from 1 (could not start) so that an operator can tell the two apart.
+const FAIL_STOP_EXIT: u8 = 3;
+
 /// A number of seconds above zero and at most a day.
 fn positive_seconds(s: &str) -> Result<f64, String> {
     let v: f64 = s
@@ -371,7 +375,10 @@ fn serve(args: ServeArgs) -> ExitCode {
                 tracing::info!("stopped");
                 ExitCode::SUCCESS
             }
+            // Logged already, as the one line that says why.
+            Err(tollgate::server::ServeError::FailStop(_)) => ExitCode::from(FAIL_STOP_EXIT),
             Err(e) => {
+                tracing::error!(error = %e, "stopped");
                 eprintln!("tollgate: {e}");
                 ExitCode::FAILURE
             }

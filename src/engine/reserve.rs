@@ -312,13 +312,6 @@ impl Engine {
             }
             self.put_scope(key, *state, out);
         }
-        if let Some(would) = &shadow_denied_by {
-            tracing::info!(
-                subject = %input.subject,
-                would_deny = %would,
-                "shadow mode: allowed a Reserve that would have been denied"
-            );
-        }
 
         let expires_us = now_us.saturating_add(hold_us);
         let reservation = Reservation {

@@ -10,6 +10,7 @@ use crate::engine::{ReservationId, Settlement, Usage};
 use crate::proto::admin_client::AdminClient;
 use crate::proto::quota_client::QuotaClient;
 use crate::server::prompt::PromptCounter;
+use crate::server::sampled_log::UPSTREAM_FALLBACKS;
 use crate::server::validate::{self, to_duration, to_timestamp};
 use crate::telemetry as metrics;
 use crate::{policy, proto};
@@ -113,7 +114,9 @@ impl RelayQuota {
             if !input.dry_run {
                 metrics::upstream_failure(&tier, "closed");
             }
-            tracing::warn!(subject = %input.subject, %tier, error = %status.message(), "upstream unreachable: denied (fail closed)");
+            if UPSTREAM_FALLBACKS.sample("closed") {
+                tracing::warn!(subject = %input.subject, %tier, error = %status.message(), "upstream unreachable: denied (fail closed)");
+            }
             return Ok(denied);
         }
         let max_hold_us = limits.max_hold_seconds * MICROS_PER_SECOND;
@@ -167,14 +170,18 @@ impl RelayQuota {
             );
             if !remembered {
                 metrics::upstream_failure(&tier, "closed");
-                tracing::warn!(subject = %input.subject, %tier, "upstream unreachable and the fail-open table is full: denied");
+                if UPSTREAM_FALLBACKS.sample("open_table_full") {
+                    tracing::warn!(subject = %input.subject, %tier, "upstream unreachable and the fail-open table is full: denied");
+                }
                 return Ok(denied);
             }
         }
         if !input.dry_run {
             metrics::upstream_failure(&tier, "open");
         }
-        tracing::warn!(subject = %input.subject, %tier, tokens, error = %status.message(), "upstream unreachable: allowed (fail open)");
+        if UPSTREAM_FALLBACKS.sample("open") {
+            tracing::warn!(subject = %input.subject, %tier, tokens, error = %status.message(), "upstream unreachable: allowed (fail open)");
+        }
         Ok(proto::ReserveResponse {
             decision: proto::Decision::Allowed as i32,
             reservation_id: if input.dry_run {

@@ -5,6 +5,7 @@ mod admin;
 pub mod prompt;
 mod quota;
 pub mod reload;
+pub mod sampled_log;
 mod status;
 pub mod validate;
 
@@ -78,6 +79,13 @@ pub enum ServeError {
     /// Reflection could not be built from the descriptors.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The ledger could not go on (a failed write or sync, a panic under the engine lock): the
+    /// server drained and stopped. What is durable is what a restart loads.
+    #[error("stopped after a fatal fault: {0}")]
+    FailStop(String),
+    /// The final flush at shutdown failed: decisions made in the last instants may be lost.
+    #[error("final flush failed: {0}")]
+    FinalFlush(crate::ledger::LedgerError),
 }
 
 /// The gRPC service names whose health is reported (besides "", the whole server).
@@ -172,12 +180,45 @@ pub async fn serve_backend(
         ),
     };
 
-    // Shutdown begins once: it flips health, tells the health-only server to stop, and starts
-    // the clock on in-flight calls.
+    // The counts of sampled log lines are logged when their window ends, even if the flood
+    // that filled it has stopped.
+    let summaries = tokio::spawn(async {
+        let mut tick = tokio::time::interval(sampled_log::INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            sampled_log::flush_all(false);
+        }
+    });
+
+    // Shutdown begins once, on the signal or on a fail-stop: it flips health, tells the
+    // health-only server to stop, and starts the clock on in-flight calls.
     let (began_tx, began_rx) = tokio::sync::watch::channel(false);
     let mut health_for_shutdown = health.clone();
+    let fail_stop = match &backend {
+        Backend::Ledger(ledger) => Some(ledger.fail_stop().clone()),
+        Backend::Relay(_) => None,
+    };
+    let fault: Arc<std::sync::OnceLock<String>> = Arc::default();
+    let fault_seen = fault.clone();
     let begin = async move {
-        shutdown.await;
+        let tripped = async {
+            match &fail_stop {
+                Some(f) => f.tripped().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = shutdown => {}
+            reason = tripped => {
+                // The one line that says why the process is about to exit non-zero.
+                tracing::error!(
+                    %reason,
+                    "fail-stop: health NOT_SERVING; draining, then exiting non-zero (a restart loads what is durable)"
+                );
+                let _ = fault_seen.set(reason);
+            }
+        }
         // Health watchers (client-side load balancers, Envoy) see NOT_SERVING; then their
         // streams end, since a watch never finishes by itself and would hold the drain for the
         // whole timeout. Probes that connect anew are refused: the listeners close now.
@@ -229,14 +270,21 @@ pub async fn serve_backend(
     if let Some(sweeper) = sweeper {
         sweeper.abort();
     }
+    summaries.abort();
+    sampled_log::flush_all(true);
     if let Some(h) = health_server {
         h.abort();
+    }
+    if let Some(reason) = fault.get() {
+        // The writer refuses everything after the fault: there is nothing more to flush.
+        result?;
+        return Err(ServeError::FailStop(reason.clone()));
     }
     if let Backend::Ledger(ledger) = &backend {
         // Everything decided, answered or not, reaches the disk before the process exits.
         match ledger.flush().await {
             Ok(()) => tracing::info!("store flushed"),
-            Err(e) => tracing::error!(error = %e, "final flush failed"),
+            Err(e) => return Err(ServeError::FinalFlush(e)),
         }
     }
     result.map_err(ServeError::from)
@@ -288,7 +336,10 @@ async fn sweep(ledger: Arc<Ledger>) {
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::error!(error = %e, "housekeeping failed");
+                // Expiry and purging are part of the ledger's promises: without them holds
+                // would never expire. Stop the process (a fault that already tripped keeps its
+                // first reason).
+                ledger.fail_stop().trip(format!("housekeeping failed: {e}"));
                 return;
             }
         }

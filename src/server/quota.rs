@@ -227,19 +227,23 @@ impl proto::quota_server::Quota for QuotaService {
     }
 }
 
-/// Log and count one Reserve's decision. Never the prompt: only counts and names.
+/// Log and count one Reserve's decision. Never the prompt: only counts and names. Denials and
+/// shadow-mode allowances are sampled (see [`sampled_log`](super::sampled_log)): a flood of
+/// them must not flood the logs; the metrics count every one.
 fn record_reserve(subject: &str, o: &crate::engine::ReserveOutcome, dry_run: bool) {
     let denied_by = o.denied_by.as_deref().unwrap_or("");
     let decision = o.decision.name();
     if o.decision == Decision::Denied {
-        tracing::info!(
-            %subject,
-            tier = %o.tier,
-            denied_by,
-            prompt_tokens = o.prompt_tokens,
-            dry_run,
-            "reserve denied"
-        );
+        if super::sampled_log::DENIALS.sample(denied_by) {
+            tracing::info!(
+                %subject,
+                tier = %o.tier,
+                denied_by,
+                prompt_tokens = o.prompt_tokens,
+                dry_run,
+                "reserve denied"
+            );
+        }
     } else {
         tracing::debug!(
             %subject,
@@ -251,6 +255,20 @@ fn record_reserve(subject: &str, o: &crate::engine::ReserveOutcome, dry_run: boo
             dry_run,
             "reserve decided"
         );
+    }
+    if let Some(would) = o
+        .shadow_denied_by
+        .as_deref()
+        .filter(|_| !dry_run && !o.replayed)
+    {
+        if super::sampled_log::SHADOW_ALLOWED.sample(would) {
+            tracing::info!(
+                %subject,
+                tier = %o.tier,
+                would_deny = %would,
+                "shadow mode: allowed a Reserve that would have been denied"
+            );
+        }
     }
     if dry_run || o.replayed {
         return;

@@ -1,7 +1,7 @@
 //! Group commit: one writer thread owns the disk; requests hand it their mutations and wait.
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -9,6 +9,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::{Store, StoreError};
 use crate::engine::Mutation;
+use crate::failstop::FailStop;
 
 /// When a mutating call is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -23,7 +24,8 @@ pub enum Durability {
     Relaxed,
 }
 
-/// How often the writer flushes in relaxed mode.
+/// How often the writer flushes records nobody waits for: every record in relaxed mode; in
+/// strict mode, those of denials' counters and of expiry, which acknowledge nothing.
 pub const RELAXED_FLUSH_INTERVAL: Duration = Duration::from_millis(10);
 /// Decisions queued for the writer at most; a full queue makes new requests wait for a slot
 /// (backpressure, off the engine lock) instead of memory growing while the disk lags.
@@ -74,7 +76,7 @@ impl Ticket {
 pub struct Writer {
     tx: Option<mpsc::Sender<Job>>,
     slots: Arc<Semaphore>,
-    failed: Arc<OnceLock<String>>,
+    failed: FailStop,
     durability: Durability,
     thread: Option<JoinHandle<()>>,
 }
@@ -88,14 +90,13 @@ impl std::fmt::Debug for Writer {
 }
 
 impl Writer {
-    /// Start the writer thread over `store`.
-    pub fn start(store: Store, durability: Durability) -> Self {
+    /// Start the writer thread over `store`. A failed write or sync trips `failed`.
+    pub fn start(store: Store, durability: Durability, failed: FailStop) -> Self {
         let (tx, rx) = mpsc::channel();
-        let failed = Arc::new(OnceLock::new());
         let thread_failed = failed.clone();
         let thread = std::thread::Builder::new()
             .name("tollgate-writer".into())
-            .spawn(move || run(store, rx, durability, thread_failed))
+            .spawn(move || run(store, rx, thread_failed))
             .expect("spawn the writer thread");
         Self {
             tx: Some(tx),
@@ -112,8 +113,8 @@ impl Writer {
     }
 
     fn check_healthy(&self) -> Result<(), StoreError> {
-        match self.failed.get() {
-            Some(reason) => Err(StoreError::Failed(reason.clone())),
+        match self.failed.reason() {
+            Some(reason) => Err(StoreError::Failed(reason.to_string())),
             None => Ok(()),
         }
     }
@@ -133,22 +134,32 @@ impl Writer {
 
     /// Hand over one decision's mutations, holding `slot`. Never blocks.
     ///
+    /// `awaited`: whether the caller will wait for them to be durable before it answers (an
+    /// admitted Reserve, a Commit). Records nobody waits for (a denial's counters, expiry found
+    /// on the way) never force a sync of their own: they ride with the next awaited group or
+    /// the timer, so a flood of denials costs the disk nothing extra.
+    ///
     /// Must be called while the engine lock is held: records then reach the writer in decision
     /// order, so a later decision's record of a subject never lands before an earlier one's, and
     /// a request that observed another's effects is flushed with or after it. Safe to answer the
     /// observer only after its own ticket: nothing is acknowledged before it is durable.
-    pub fn submit(&self, slot: Slot, mutations: Vec<Mutation>) -> Result<Ticket, StoreError> {
+    pub fn submit(
+        &self,
+        slot: Slot,
+        mutations: Vec<Mutation>,
+        awaited: bool,
+    ) -> Result<Ticket, StoreError> {
         if mutations.is_empty() {
             return Ok(Ticket::Ready);
         }
         self.check_healthy()?;
         let tx = self.tx.as_ref().ok_or(StoreError::WriterGone)?;
         let (done, ticket) = match self.durability {
-            Durability::Strict => {
+            Durability::Strict if awaited => {
                 let (s, r) = oneshot::channel();
                 (Some(s), Ticket::Pending(r))
             }
-            Durability::Relaxed => (None, Ticket::Ready),
+            Durability::Strict | Durability::Relaxed => (None, Ticket::Ready),
         };
         tx.send(Job {
             mutations,
@@ -184,39 +195,40 @@ impl Drop for Writer {
     }
 }
 
-fn run(store: Store, rx: Receiver<Job>, durability: Durability, failed: Arc<OnceLock<String>>) {
+fn run(store: Store, rx: Receiver<Job>, failed: FailStop) {
     let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
     let mut batch: Vec<Mutation> = Vec::new();
-    let mut dirty = false;
-    let mut last_flush = Instant::now();
+    // Records applied to sled but not yet synced, and since when.
+    let mut dirty_since: Option<Instant> = None;
     // After a failed write, memory is ahead of disk: the writer fails every later request too
-    // (fail-stop) rather than acknowledge state that a restart would not bring back. The flag
-    // is shared, so `submit` refuses new work in relaxed mode too.
+    // rather than acknowledge state that a restart would not bring back, and trips the
+    // fail-stop so the server stops (the shared switch also makes `submit` refuse new work).
     let fail = |e: &StoreError| {
-        if failed.set(e.to_string()).is_ok() {
-            tracing::error!(error = %e, "store write failed; every later write is refused until restart");
-        }
+        failed.trip(format!("store write failed: {e}"));
     };
     loop {
-        let first = match durability {
-            Durability::Strict => match rx.recv() {
+        // Wait for work; with unsynced records, only until they are due for their sync.
+        let first = match dirty_since {
+            None => match rx.recv() {
                 Ok(job) => job,
                 Err(_) => break,
             },
-            Durability::Relaxed => match rx.recv_timeout(RELAXED_FLUSH_INTERVAL) {
-                Ok(job) => job,
-                Err(RecvTimeoutError::Timeout) => {
-                    if dirty {
-                        if let Err(e) = store.flush() {
-                            fail(&e);
+            Some(since) => {
+                let due = RELAXED_FLUSH_INTERVAL.saturating_sub(since.elapsed());
+                match rx.recv_timeout(due) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout) => {
+                        if failed.reason().is_none() {
+                            if let Err(e) = store.flush() {
+                                fail(&e);
+                            }
                         }
-                        dirty = false;
-                        last_flush = Instant::now();
+                        dirty_since = None;
+                        continue;
                     }
-                    continue;
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
-                Err(RecvTimeoutError::Disconnected) => break,
-            },
+            }
         };
         group.push(first);
         while group.len() < MAX_GROUP {
@@ -229,27 +241,23 @@ fn run(store: Store, rx: Receiver<Job>, durability: Durability, failed: Arc<Once
         for job in &mut group {
             batch.append(&mut job.mutations);
         }
-        // A group with no records (barriers: a replayed answer waiting for earlier ones) on a
-        // store with nothing unflushed has nothing to make durable: every earlier group is
-        // already on disk, so it is answered without a sync.
-        let nothing_new = batch.is_empty() && !dirty;
-        let mut result = match failed.get() {
-            Some(reason) => Err(StoreError::Failed(reason.clone())),
+        let mut result = match failed.reason() {
+            Some(reason) => Err(StoreError::Failed(reason.to_string())),
             None if batch.is_empty() => Ok(()),
             None => store.apply(&batch),
         };
-        let must_flush = !nothing_new
-            && (durability == Durability::Strict
-                || group.iter().any(|j| j.done.is_some())
-                || last_flush.elapsed() >= RELAXED_FLUSH_INTERVAL);
-        if result.is_ok() {
-            if must_flush {
-                result = store.flush();
-                dirty = false;
-                last_flush = Instant::now();
-            } else {
-                dirty = true;
-            }
+        if result.is_ok() && !batch.is_empty() {
+            dirty_since.get_or_insert_with(Instant::now);
+        }
+        // Sync when someone waits (a strict answer, a barrier) and something is unsynced, or
+        // when the oldest unsynced record is due. A barrier on a store with nothing unsynced
+        // is answered at once: every earlier group is already on disk.
+        let waited = group.iter().any(|j| j.done.is_some());
+        let must_flush =
+            dirty_since.is_some_and(|since| waited || since.elapsed() >= RELAXED_FLUSH_INTERVAL);
+        if result.is_ok() && must_flush {
+            result = store.flush();
+            dirty_since = None;
         }
         if let Err(e) = &result {
             fail(e);
@@ -261,7 +269,9 @@ fn run(store: Store, rx: Receiver<Job>, durability: Durability, failed: Arc<Once
             }
         }
     }
-    if let Err(e) = store.flush() {
-        tracing::error!(error = %e, "final flush failed");
+    if failed.reason().is_none() {
+        if let Err(e) = store.flush() {
+            tracing::error!(error = %e, "final flush failed");
+        }
     }
 }

@@ -311,6 +311,7 @@ pub struct Serve {
     args: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
     log: Option<PathBuf>,
+    file_size_limit_kib: Option<u64>,
 }
 
 impl Serve {
@@ -320,7 +321,15 @@ impl Serve {
             args: Vec::new(),
             envs: vec![("RUST_LOG".into(), "warn".into())],
             log: None,
+            file_size_limit_kib: None,
         }
+    }
+
+    /// Start it under `ulimit -f` (RLIMIT_FSIZE) with SIGXFSZ ignored: a write that would grow
+    /// a file past `kib` KiB fails with EFBIG, as on a full disk, without killing the process.
+    pub fn file_size_limit_kib(mut self, kib: u64) -> Self {
+        self.file_size_limit_kib = Some(kib);
+        self
     }
 
     /// More arguments after `serve --listen ... --data-dir ...`.
@@ -369,7 +378,21 @@ impl Serve {
             Some(path) => Stdio::from(std::fs::File::create(path).expect("create the log")),
             None => Stdio::inherit(),
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        let binary = env!("CARGO_BIN_EXE_tollgate");
+        let mut command = match self.file_size_limit_kib {
+            // An ignored signal stays ignored across exec, and the limit is inherited.
+            Some(kib) => {
+                let mut c = Command::new("bash"); // ulimit -f counts KiB in bash (512 B in dash)
+                c.arg("-c")
+                    .arg(format!(
+                        "ulimit -f {kib} && trap '' XFSZ && exec \"$0\" \"$@\""
+                    ))
+                    .arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
