@@ -75,9 +75,13 @@ pub fn utc_day(now_micros: u64) -> u32 {
     u32::try_from(now_micros / MICROS_PER_DAY).unwrap_or(u32::MAX)
 }
 
-/// Microseconds from `now_micros` until the next UTC midnight.
-pub fn until_next_utc_day(now_micros: u64) -> u64 {
-    MICROS_PER_DAY - now_micros % MICROS_PER_DAY
+/// Microseconds from `now_micros` until UTC day `day` ends (day numbers as [`utc_day`] gives
+/// them; `day` may be later than now's, after the clock stepped back; an earlier one has
+/// ended: 0).
+pub fn until_end_of_utc_day(day: u32, now_micros: u64) -> u64 {
+    (u64::from(day) + 1)
+        .saturating_mul(MICROS_PER_DAY)
+        .saturating_sub(now_micros)
 }
 
 /// (year, month 1-12) of a day number since the epoch, by the proleptic Gregorian calendar
@@ -111,16 +115,16 @@ pub fn utc_month(now_micros: u64) -> u32 {
     u32::try_from((year - 1970) * 12 + i64::from(month) - 1).unwrap_or(0)
 }
 
-/// Microseconds from `now_micros` until the first instant of the next UTC month.
-pub fn until_next_utc_month(now_micros: u64) -> u64 {
-    let (year, month) = civil_month(utc_day(now_micros));
-    let (ny, nm) = if month == 12 {
-        (year + 1, 1)
-    } else {
-        (year, month + 1)
-    };
-    let next = u64::try_from(days_from_civil(ny, nm)).unwrap_or(0) * MICROS_PER_DAY;
-    next.saturating_sub(now_micros)
+/// Microseconds from `now_micros` until UTC month `month` ends (months as [`utc_month`] gives
+/// them; `month` may be later than now's, after the clock stepped back; an earlier one has
+/// ended: 0).
+pub fn until_end_of_utc_month(month: u32, now_micros: u64) -> u64 {
+    let next = i64::from(month) + 1;
+    let first = days_from_civil(1970 + next / 12, u32::try_from(next % 12).unwrap_or(0) + 1);
+    let next_us = u64::try_from(first)
+        .unwrap_or(0)
+        .saturating_mul(MICROS_PER_DAY);
+    next_us.saturating_sub(now_micros)
 }
 
 #[cfg(test)]
@@ -138,11 +142,29 @@ mod tests {
         assert_eq!(utc_month(19_754 * DAY), 649);
         assert_eq!(utc_month(19_783 * DAY - 1), 649);
         assert_eq!(utc_month(19_783 * DAY), 650);
-        assert_eq!(until_next_utc_month(19_782 * DAY), DAY);
+        assert_eq!(until_end_of_utc_month(649, 19_782 * DAY), DAY);
         // 2026-12-31T12:00 to 2027-01-01: half a day.
         let dec31 = 20_818 * DAY;
         assert_eq!(utc_month(dec31), (2026 - 1970) * 12 + 11);
-        assert_eq!(until_next_utc_month(dec31 + DAY / 2), DAY / 2);
+        assert_eq!(
+            until_end_of_utc_month(utc_month(dec31), dec31 + DAY / 2),
+            DAY / 2
+        );
+        // The end of a later month and day than now's (after the clock stepped back).
+        let nov = utc_month(dec31) - 1;
+        assert_eq!(until_end_of_utc_month(nov + 1, dec31), DAY);
+        assert_eq!(until_end_of_utc_month(nov, dec31), 0);
+        assert_eq!(until_end_of_utc_day(utc_day(dec31) + 1, dec31), 2 * DAY);
+    }
+
+    #[test]
+    fn a_month_ends_at_the_first_instant_of_the_next() {
+        for day in (0..146_097u64 * 2).step_by(5) {
+            let t = day * DAY + day % 7 * 3_600_000_000;
+            let m = utc_month(t);
+            let end = t + until_end_of_utc_month(m, t);
+            assert_eq!((utc_month(end - 1), utc_month(end)), (m, m + 1), "{t}");
+        }
     }
 
     #[test]

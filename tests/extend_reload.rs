@@ -857,6 +857,7 @@ requests_per_minute = 1000
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines[0], format!("{}: OK", path.display()), "{stdout}");
     for want in [
+        "commits: at most 2000000 tokens (prompt + completion) each, or the hold if larger",
         "tier basic (default)",
         "  holds: 60 s by default, at most 3600 s a request, 86400 s in all",
         "tier gold",
@@ -914,6 +915,12 @@ fn check_policy_refuses_a_bad_file_with_file_line_and_reason() {
             "default_tier = \"basic\"\n\n[tiers.basic]\nmax_hold_seconds = 60\nmax_hold_lifetime_seconds = 0\n",
             5,
             "max_hold_lifetime_seconds must be from 1 to 604800",
+        ),
+        (
+            "commit-bound.toml",
+            "default_tier = \"basic\"\nmax_commit_tokens = 100000001\n\n[tiers.basic]\n",
+            2,
+            "max_commit_tokens must be from 1 to 100000000",
         ),
     ];
     for (name, text, line, reason) in cases {

@@ -159,7 +159,9 @@ fn figures(u: &GetUsageResponse) -> [u64; 10] {
 /// A free user (the example's default tier) asking for an expert model is told no for good:
 /// denied by "model", with no retry_after and nothing held, and the denial's saving is the
 /// worst case of what was asked at gpt-4o's prices. The same request on a listed small model
-/// is allowed and holds its exact worst-case cost.
+/// is allowed and holds its exact worst-case cost. A subject never admitted nor assigned has
+/// no scope of its own for a denial to count in (denials must not fill the table): the fleet
+/// counts those; once admitted, its own figures count its denials too.
 #[tokio::test]
 async fn a_free_user_is_denied_an_expert_model_and_allowed_a_small_one() {
     let policy = readme_policy_example();
@@ -174,7 +176,9 @@ async fn a_free_user_is_denied_an_expert_model_and_allowed_a_small_one() {
     assert_eq!(u.tier, "free");
     assert_eq!((u.held_tokens, u.open_holds, u.requests), (0, 0, 0));
     assert_eq!((u.held_micro_usd, u.spent_micro_usd), (0, 0));
-    assert_eq!((u.denials, u.downgrades, u.saved_micro_usd), (1, 0, asked));
+    assert_eq!((u.denials, u.downgrades, u.saved_micro_usd), (0, 0, 0));
+    let f = fleet(&mut q).await;
+    assert_eq!((f.denials, f.downgrades, f.saved_micro_usd), (1, 0, asked));
     assert_eq!(subject_limit(&u.limits, "tokens_per_day"), (10_000, 10_000));
 
     // Another model outside the list, unpriced this time: the same answer, and it saved
@@ -192,7 +196,13 @@ async fn a_free_user_is_denied_an_expert_model_and_allowed_a_small_one() {
         (u.held_tokens, u.open_holds, u.held_micro_usd),
         (1_500, 1, held)
     );
-    assert_eq!((u.denials, u.saved_micro_usd), (2, asked));
+    assert_eq!((u.denials, u.saved_micro_usd), (0, 0));
+    let f = fleet(&mut q).await;
+    assert_eq!((f.denials, f.saved_micro_usd), (2, asked));
+    let denied = rsv(&mut q, on("gpt-4o", "ann", 1_000, 500)).await;
+    assert_denied(&denied, "model", None, asked);
+    let u = usage(&mut q, "ann").await;
+    assert_eq!((u.denials, u.saved_micro_usd), (1, asked));
     let c = commit(&mut q, &r.reservation_id, 1_000, 200).await;
     assert_eq!(c.charged_micro_usd, cost(GPT_4O_MINI, 1_000, 200));
     server.stop().await;
@@ -816,9 +826,10 @@ async fn savings_add_up_per_subject_group_and_fleet() {
     assert_allowed(&r, "gpt-4o", 100, 250);
     let e1_saved = big;
 
-    // Per subject: (saved, denials, downgrades).
+    // Per subject: (saved, denials, downgrades). f1 was neither admitted nor assigned when it
+    // was denied: that denial is in acme's and the fleet's figures, not its own.
     for (subject, saved, denials, downgrades) in [
-        ("f1", f1_saved, 1, 0),
+        ("f1", 0, 0, 0),
         ("p1", p1_saved, 0, 2),
         ("p2", p2_saved, 1, 1),
         ("e1", e1_saved, 2, 0),
@@ -927,7 +938,8 @@ async fn money_and_savings_survive_a_restart_and_replays_add_nothing() {
     assert_eq!(before[0][2], asked - granted, "r1 saved");
     assert_eq!(before[0][7], granted, "r1 holds the downgrade's worst case");
     assert_eq!(before[1][0], 3_733, "r2 spent");
-    assert_eq!(before[2][2], 15_000, "r3 saved");
+    // r3 was never admitted nor assigned: its denial is in the fleet's figures only.
+    assert_eq!(before[2][2], 0, "r3 saved");
     assert_eq!(fleet_before[0], 3_733);
     assert_eq!(fleet_before[2], asked - granted + 15_000);
     assert_eq!((fleet_before[4], fleet_before[5]), (1, 1));

@@ -46,15 +46,35 @@ impl Engine {
     /// Visit the next `max_per_pass` scopes in round-robin order and forget those whose state
     /// is the same as a fresh scope's. Returns how many were forgotten.
     pub fn forget_scopes_at_rest(&mut self, now_us: u64, out: &mut Vec<Mutation>) -> usize {
+        let looks = self.bounds.max_per_pass;
+        self.forget_round_robin(looks, usize::MAX, out, |e, key, state| {
+            state.is_at_rest(now_us, || e.scope_limits(key))
+        })
+    }
+
+    /// Visit at most `looks` scopes in the round-robin order of `rest_queue` (each visited goes
+    /// to the back), and forget those `forget` picks, with a delete record each, until `wanted`
+    /// are forgotten. Returns how many were. The one walk the sweeper and eviction share, so a
+    /// scope is visited in turn whoever visits it, and the queue keeps every scope once.
+    pub(super) fn forget_round_robin(
+        &mut self,
+        looks: usize,
+        wanted: usize,
+        out: &mut Vec<Mutation>,
+        forget: impl Fn(&Self, &ScopeKey, &ScopeState) -> bool,
+    ) -> usize {
         let mut forgotten = 0;
-        for _ in 0..self.bounds.max_per_pass.min(self.rest_queue.len()) {
+        for _ in 0..looks.min(self.rest_queue.len()) {
+            if forgotten == wanted {
+                break;
+            }
             let Some(key) = self.rest_queue.pop_front() else {
                 break;
             };
             let Some(state) = self.scopes.get(&key) else {
                 continue;
             };
-            if state.is_at_rest(now_us, || self.scope_limits(&key)) {
+            if forget(self, &key, state) {
                 self.scopes.remove(&key);
                 out.push(Mutation::Scope { key, state: None });
                 forgotten += 1;

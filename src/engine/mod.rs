@@ -11,6 +11,7 @@
 
 mod bucket;
 mod error;
+mod evict;
 mod housekeeping;
 mod period;
 mod reservation;
@@ -93,8 +94,11 @@ pub struct Bounds {
     /// Open holds of one subject, whatever its tier says (a tier without `max_concurrent` must
     /// still not let one subject fill the table).
     pub max_holds_per_subject: u32,
-    /// Scopes (subjects, groups, client IPs) with live state. Scopes at rest are forgotten by
-    /// the sweeper; while the table is full, Reserves that need a new scope are refused.
+    /// Scopes (subjects, groups, client IPs) with live state. Only admitted calls fill it (a
+    /// denial creates no subject's or client IP's scope). Scopes at rest are forgotten by the
+    /// sweeper; a call that needs a new scope while the table is full first evicts scopes no
+    /// limit needs any more (a bounded number looked at per call), and is refused only if
+    /// that frees no room.
     pub max_scopes: usize,
     /// Settled reservations kept for retries and late Commits. Past this, the oldest go first,
     /// even if younger than the retention (with their idempotency keys).
@@ -343,5 +347,7 @@ impl Engine {
     }
 }
 
+#[cfg(test)]
+mod hostile_tests;
 #[cfg(test)]
 mod tests;

@@ -249,7 +249,7 @@ impl Engine {
             let refusal = denied.expect("a Reserve not granted was refused");
             if !input.dry_run {
                 // What the denial saved: the whole worst-case cost of what was asked.
-                self.record_saving(&mut scopes, now_us, asked.usd, false, out);
+                self.record_denial(&mut scopes, &input.subject, now_us, asked.usd, out);
             }
             return Ok(ReserveOutcome {
                 decision: Decision::Denied,
@@ -297,7 +297,7 @@ impl Engine {
                 saved_usd,
             });
         }
-        self.check_room(&scopes)?;
+        self.check_room(&scopes, now_us, out)?;
 
         // Admitted: charge every limit of every scope together.
         for (key, limits, state) in &mut scopes.0 {
@@ -359,30 +359,57 @@ impl Engine {
         Ok(outcome)
     }
 
-    /// Count a denial and what it saved in every scope of the Reserve. A scope that has no
-    /// state yet is created only while the table has room: a flood of denied Reserves with new
-    /// subjects must not fill the table and lock out real users (the group and fleet figures
-    /// still count them).
-    fn record_saving(
+    /// Count a denial and what it saved in the scopes of the Reserve that can take it without
+    /// piling up state: every scope that already has state, and, while the table has room, the
+    /// fleet, a subject an operator assigned (SetSubject), and a group that the policy names
+    /// (`[groups."name"]`) or an operator assigned to the subject. A denial never creates any
+    /// other subject's scope, a client IP's, or a group the caller made up: those names are the
+    /// caller's to invent, and a flood of denied Reserves, each with a new subject and IP, must
+    /// leave nothing behind that could fill the table and lock admitted users out (the fleet,
+    /// and the group where it is bounded, still count every one).
+    fn record_denial(
         &mut self,
         scopes: &mut Scopes,
+        subject: &str,
         now_us: u64,
         saved_usd: u64,
-        downgraded: bool,
         out: &mut Vec<Mutation>,
     ) {
         for (key, _, state) in &mut scopes.0 {
-            let known = self.scopes.contains_key(key);
-            if !known && self.scopes.len() >= self.bounds.max_scopes {
+            let counts_here = self.scopes.contains_key(key)
+                || (self.scopes.len() < self.bounds.max_scopes
+                    && self.denial_may_create(key, subject));
+            if !counts_here {
                 continue;
             }
-            state.record_saving(now_us, saved_usd, downgraded);
+            state.record_saving(now_us, saved_usd, false);
             self.put_scope(key, *state, out);
         }
     }
 
-    /// Bounds on memory that an admitted hold must fit within.
-    fn check_room(&self, scopes: &Scopes) -> Result<(), EngineError> {
+    /// Whether a denial may create `key`'s scope: only scopes whose number the policy or the
+    /// operators bound, never one a caller can name at will.
+    fn denial_may_create(&self, key: &ScopeKey, subject: &str) -> bool {
+        match key {
+            ScopeKey::Global => true,
+            ScopeKey::Subject(_) => self.assignments.contains_key(subject),
+            ScopeKey::Group(g) => {
+                self.policy.scopes().groups.contains_key(&**g)
+                    || self.assigned_group(subject) == Some(&**g)
+            }
+            ScopeKey::Ip(_) => false,
+        }
+    }
+
+    /// Bounds on memory that an admitted hold must fit within. A scope table at its bound first
+    /// evicts scopes no limit needs any more (see [`Engine::room_for`]): a real user is refused
+    /// only when what fills the table still counts against some limit.
+    fn check_room(
+        &mut self,
+        scopes: &Scopes,
+        now_us: u64,
+        out: &mut Vec<Mutation>,
+    ) -> Result<(), EngineError> {
         if self.open_holds() >= self.bounds.max_open_holds {
             return Err(EngineError::Exhausted {
                 what: "open holds",
@@ -395,20 +422,12 @@ impl Engine {
                 bound: u64::from(self.bounds.max_holds_per_subject),
             });
         }
-        // No scan here: forgetting scopes at rest is the sweeper's job, a bounded amount per
-        // pass, so a flood of new subjects cannot make a request hold the lock for long.
         let new = scopes
             .0
             .iter()
             .filter(|(k, _, _)| !self.scopes.contains_key(k))
             .count();
-        if new > 0 && self.scopes.len() + new > self.bounds.max_scopes {
-            return Err(EngineError::Exhausted {
-                what: "scopes with live state",
-                bound: self.bounds.max_scopes as u64,
-            });
-        }
-        Ok(())
+        self.room_for(new, scopes, now_us, out)
     }
 
     /// The first answer again, if this is a retry of a Reserve with the same key.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::{PeriodCounter, RequestWindow, TokenBucket};
-use crate::clock::{until_next_utc_day, until_next_utc_month, utc_day, utc_month};
+use crate::clock::{until_end_of_utc_day, until_end_of_utc_month, utc_day, utc_month};
 use crate::policy::Limits;
 
 /// What a limit counts for.
@@ -254,6 +254,15 @@ impl PeriodQuota {
     }
 }
 
+/// Which calendar a period counter counts in.
+#[derive(Debug, Clone, Copy)]
+enum Calendar {
+    /// The UTC day.
+    Day,
+    /// The UTC calendar month.
+    Month,
+}
+
 /// Which of a scope's quotas a check or status covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum QuotaSet {
@@ -288,7 +297,10 @@ impl ScopeState {
         set: QuotaSet,
     ) -> impl DoubleEndedIterator<Item = PeriodQuota> {
         let (day, month) = (utc_day(now_us), utc_month(now_us));
-        let (to_day, to_month) = (until_next_utc_day(now_us), until_next_utc_month(now_us));
+        // A counter left in a later period by a clock that stepped back counts until that
+        // period ends, not now's.
+        let to_day = |c: &PeriodCounter| until_end_of_utc_day(c.period_at(day), now_us);
+        let to_month = |c: &PeriodCounter| until_end_of_utc_month(c.period_at(month), now_us);
         let quota = |(name, money): (&'static str, bool),
                      limit: Option<u64>,
                      charged: u64,
@@ -310,28 +322,28 @@ impl ScopeState {
                     limits.tokens_per_day,
                     self.day_tokens.get(day),
                     self.quota_held(),
-                    to_day,
+                    to_day(&self.day_tokens),
                 ),
                 quota(
                     ("tokens_per_month", false),
                     limits.tokens_per_month,
                     self.month_tokens.get(month),
                     self.quota_held(),
-                    to_month,
+                    to_month(&self.month_tokens),
                 ),
                 quota(
                     ("usd_per_day", true),
                     limits.usd_per_day,
                     self.day_usd.get(day),
                     self.held_usd,
-                    to_day,
+                    to_day(&self.day_usd),
                 ),
                 quota(
                     ("usd_per_month", true),
                     limits.usd_per_month,
                     self.month_usd.get(month),
                     self.held_usd,
-                    to_month,
+                    to_month(&self.month_usd),
                 ),
             ],
             QuotaSet::Downgrade => [
@@ -340,7 +352,7 @@ impl ScopeState {
                     limits.downgrade.as_ref().and_then(|d| d.tokens_per_day),
                     self.downgrade_day_tokens.get(day),
                     self.downgrade_held_tokens,
-                    to_day,
+                    to_day(&self.downgrade_day_tokens),
                 ),
                 None,
                 None,
@@ -514,26 +526,37 @@ impl ScopeState {
     /// Charge usage that became known at `at_us` (a Commit now): `tokens` to the day and month
     /// token counters (or the downgrade budget), `usd` to the money counters.
     pub fn charge(&mut self, at_us: u64, tokens: u64, usd: u64, on_downgrade_budget: bool) {
-        self.charge_with(PeriodCounter::add, at_us, tokens, usd, on_downgrade_budget);
+        let add = |c: &mut PeriodCounter, period, _: Calendar, amount| c.add(period, amount);
+        self.charge_with(add, at_us, tokens, usd, on_downgrade_budget);
     }
 
-    /// Charge a hold that expired at `deadline_us`, to the deadline's periods only: a period
-    /// this scope has already left behind is over, and is not charged (a late Commit's
-    /// [`uncharge`](Self::uncharge) skips it by the same rule, so the two agree).
+    /// Charge a hold that expired at `deadline_us`, found at `now_us`, to the deadline's
+    /// periods only: a period this scope has already left behind is over, and is not charged
+    /// (a late Commit's [`uncharge`](Self::uncharge) skips it by the same rule, so the two
+    /// agree). See [`PeriodCounter::add_unless_over`] for a clock that stepped back.
     pub fn charge_expired(
         &mut self,
         deadline_us: u64,
+        now_us: u64,
         tokens: u64,
         usd: u64,
         on_downgrade_budget: bool,
     ) {
-        let add = PeriodCounter::add_unless_over;
+        let (today, this_month) = (utc_day(now_us), utc_month(now_us));
+        let add = |c: &mut PeriodCounter, period, calendar, amount| {
+            let now_period = match calendar {
+                Calendar::Day => today,
+                Calendar::Month => this_month,
+            };
+            c.add_unless_over(period, now_period, amount);
+        };
         self.charge_with(add, deadline_us, tokens, usd, on_downgrade_budget);
     }
 
+    /// Apply `add` to every counter `tokens` and `usd` are charged to at `at_us`.
     fn charge_with(
         &mut self,
-        add: fn(&mut PeriodCounter, u32, u64),
+        add: impl Fn(&mut PeriodCounter, u32, Calendar, u64),
         at_us: u64,
         tokens: u64,
         usd: u64,
@@ -541,13 +564,13 @@ impl ScopeState {
     ) {
         let (day, month) = (utc_day(at_us), utc_month(at_us));
         if on_downgrade_budget {
-            add(&mut self.downgrade_day_tokens, day, tokens);
+            add(&mut self.downgrade_day_tokens, day, Calendar::Day, tokens);
         } else {
-            add(&mut self.day_tokens, day, tokens);
-            add(&mut self.month_tokens, month, tokens);
+            add(&mut self.day_tokens, day, Calendar::Day, tokens);
+            add(&mut self.month_tokens, month, Calendar::Month, tokens);
         }
-        add(&mut self.day_usd, day, usd);
-        add(&mut self.month_usd, month, usd);
+        add(&mut self.day_usd, day, Calendar::Day, usd);
+        add(&mut self.month_usd, month, Calendar::Month, usd);
     }
 
     /// Give back usage charged at `charged_us`, to the periods that are still current at
@@ -613,11 +636,44 @@ impl ScopeState {
             && self.window.until_empty(now_us) == 0
             && today.iter().all(|c| c.get(day) == 0)
             && this_month.iter().all(|c| c.get(month) == 0);
-        counters_at_rest
-            && self.bucket.is_none_or(|b| {
-                limits()
-                    .bucket()
-                    .is_none_or(|config| b.wait_for(config, now_us, config.capacity) == Some(0))
-            })
+        counters_at_rest && self.bucket_at_rest(now_us, limits)
+    }
+
+    /// Whether the bucket is full, or unlimited by `limits` (asked for only if a bucket is
+    /// kept).
+    fn bucket_at_rest(&self, now_us: u64, limits: impl FnOnce() -> Arc<Limits>) -> bool {
+        self.bucket.is_none_or(|b| {
+            limits()
+                .bucket()
+                .is_none_or(|config| b.wait_for(config, now_us, config.capacity) == Some(0))
+        })
+    }
+
+    /// Whether forgetting this state would change no decision under `limits` at `now_us`:
+    /// nothing is held, the minute window is empty, the bucket is full, and no period quota
+    /// that `limits` sets has anything charged in its current period. What forgetting it loses
+    /// are figures only GetUsage reports (requests, denials, downgrades, savings, and use or
+    /// spending in a period no quota of this scope counts). Looser than
+    /// [`is_at_rest`](Self::is_at_rest), which loses nothing: for evicting under pressure. The
+    /// window is asked to be empty whatever the limits, since it costs a minute at most.
+    pub fn is_evictable(&self, now_us: u64, limits: impl FnOnce() -> Arc<Limits>) -> bool {
+        if self.open_holds != 0
+            || self.held_tokens != 0
+            || self.held_usd != 0
+            || self.window.until_empty(now_us) != 0
+        {
+            return false;
+        }
+        let limits = limits();
+        let (day, month) = (utc_day(now_us), utc_month(now_us));
+        let unread =
+            |limit: Option<u64>, c: &PeriodCounter, period| limit.is_none() || c.get(period) == 0;
+        let downgrade_per_day = limits.downgrade.as_ref().and_then(|d| d.tokens_per_day);
+        unread(limits.tokens_per_day, &self.day_tokens, day)
+            && unread(limits.tokens_per_month, &self.month_tokens, month)
+            && unread(limits.usd_per_day, &self.day_usd, day)
+            && unread(limits.usd_per_month, &self.month_usd, month)
+            && unread(downgrade_per_day, &self.downgrade_day_tokens, day)
+            && self.bucket_at_rest(now_us, || limits)
     }
 }

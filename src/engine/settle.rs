@@ -58,6 +58,7 @@ impl Engine {
         now_us: u64,
         out: &mut Vec<Mutation>,
     ) -> Result<CommitOutcome, EngineError> {
+        self.check_commit_size(id, &usage)?;
         self.expire_if_overdue(id, now_us, out);
         let r = self.existing(id, now_us)?;
         let held = r.held_tokens();
@@ -104,7 +105,7 @@ impl Engine {
         let settlement = Settlement::of(held, &usage, actual_usd);
         let actual = settlement.charged_tokens;
         let r = r.clone();
-        let scopes = self.for_each_scope(&r, out, |key, limits, state| {
+        let scopes = self.changed_scopes(&r, |key, limits, state| {
             let hold = r.hold_on(key.kind());
             match expired_at {
                 None => {
@@ -127,6 +128,11 @@ impl Engine {
             }
             state.settle_bucket(limits, now_us, held, actual);
         });
+        // A late Commit that brings debt to a forgotten scope needs room for it, like a
+        // Reserve: evicted for, or refused (the Commit changes nothing; a retry may find room).
+        let new = self.scopes_to_create(&scopes, now_us);
+        self.room_for(new, &scopes, now_us, out)?;
+        self.write_scopes(&scopes, now_us, out);
         match expired_at {
             None => {
                 self.deadlines.remove(&(r.expires_us, id));
@@ -141,30 +147,81 @@ impl Engine {
             settlement,
             at_us: now_us,
         };
-        self.mark_settled(now_us, id, out);
-        let limits = scopes.statuses(now_us);
-        self.put_reservation(r, out);
+        self.put_settled(r, now_us, out);
         Ok(CommitOutcome {
             settlement,
-            limits,
+            limits: scopes.statuses(now_us),
             replayed: false,
         })
     }
 
-    /// Apply `change` to the state of every scope of `r`, persist each, and return them as
-    /// changed (for the statuses of the answer).
-    fn for_each_scope(
-        &mut self,
+    /// Refuse usage no real call can have: more tokens than the policy's `max_commit_tokens`,
+    /// unless the hold itself was larger (a Commit within its hold takes nothing that was not
+    /// admitted). Checked before anything changes, even an overdue hold's expiry. A retry of a
+    /// Commit already made is left to the replay rules: it charges nothing.
+    ///
+    /// The prompt is not compared with the prompt held: a provider's count differs from the
+    /// caller's for good reasons (a tokenizer that is only approximate, system prompts or tool
+    /// definitions the provider adds, images), and usage is truth; the bound on the whole is
+    /// what keeps one report from putting the fleet into debt.
+    fn check_commit_size(&self, id: ReservationId, usage: &Usage) -> Result<(), EngineError> {
+        let total = usage.prompt_tokens.saturating_add(usage.completion_tokens);
+        let max = self.policy.max_commit_tokens();
+        if usage.usage_unknown || total <= max {
+            return Ok(());
+        }
+        let held = match self.reservations.get(&id) {
+            Some(r) if matches!(r.state, HoldState::Committed { .. }) => return Ok(()),
+            Some(r) if total <= r.held_tokens() => return Ok(()),
+            Some(r) => r.held_tokens(),
+            None => 0,
+        };
+        Err(EngineError::InvalidArgument {
+            field: "completion_tokens",
+            rule: format!(
+                "prompt_tokens + completion_tokens ({} + {} = {total}) must be at most the policy's max_commit_tokens ({max}), or the hold ({held}) if larger: no real call reports more",
+                usage.prompt_tokens, usage.completion_tokens
+            ),
+        })
+    }
+
+    /// The scopes of `r`, each with `change` applied to a copy of its state (nothing written
+    /// yet: see [`write_scopes`](Self::write_scopes)).
+    fn changed_scopes(
+        &self,
         r: &Reservation,
-        out: &mut Vec<Mutation>,
         mut change: impl FnMut(&ScopeKey, &Limits, &mut ScopeState),
     ) -> Scopes {
         let mut scopes = self.scopes_of(r.scopes());
         for (key, limits, state) in &mut scopes.0 {
             change(key, limits, state);
-            self.put_scope(key, *state, out);
         }
         scopes
+    }
+
+    /// Scopes of `scopes` that have no state yet and would be created by
+    /// [`write_scopes`](Self::write_scopes). Only a late Commit's can: an open hold keeps
+    /// every scope it counts in, but an expired one does not, and the sweeper may have
+    /// forgotten them since.
+    fn scopes_to_create(&self, scopes: &Scopes, now_us: u64) -> usize {
+        scopes
+            .0
+            .iter()
+            .filter(|(key, limits, state)| {
+                !self.scopes.contains_key(key) && !state.is_at_rest(now_us, || limits.clone())
+            })
+            .count()
+    }
+
+    /// Persist changed scopes; a scope with no state yet whose new state is still a fresh
+    /// one's is not created (there is nothing to remember, and it would take a place in the
+    /// table).
+    fn write_scopes(&mut self, scopes: &Scopes, now_us: u64, out: &mut Vec<Mutation>) {
+        for (key, limits, state) in &scopes.0 {
+            if self.scopes.contains_key(key) || !state.is_at_rest(now_us, || limits.clone()) {
+                self.put_scope(key, *state, out);
+            }
+        }
     }
 
     /// Give a whole hold back: the call never happened. A retry returns the same answer.
@@ -203,15 +260,15 @@ impl Engine {
             }
         }
         let r = r.clone();
-        self.for_each_scope(&r, out, |key, limits, state| {
+        let scopes = self.changed_scopes(&r, |key, limits, state| {
             state.release(r.hold_on(key.kind()));
             state.settle_bucket(limits, now_us, held, 0);
         });
+        self.write_scopes(&scopes, now_us, out);
         self.deadlines.remove(&(r.expires_us, id));
         let mut r = r;
         r.state = HoldState::Refunded { at_us: now_us };
-        self.mark_settled(now_us, id, out);
-        self.put_reservation(r, out);
+        self.put_settled(r, now_us, out);
         Ok(RefundOutcome {
             released_tokens: held,
             replayed: false,
@@ -276,14 +333,14 @@ impl Engine {
             if deadline > now_us {
                 break;
             }
-            self.expire_hold(id, out);
+            self.expire_hold(id, now_us, out);
             expired += 1;
         }
         expired
     }
 
-    /// Expire one open hold at its deadline.
-    fn expire_hold(&mut self, id: ReservationId, out: &mut Vec<Mutation>) {
+    /// Expire one open hold at its deadline (found due at `now_us`).
+    fn expire_hold(&mut self, id: ReservationId, now_us: u64, out: &mut Vec<Mutation>) {
         let mut r = self.reservations[&id].clone();
         debug_assert_eq!(r.state, HoldState::Held);
         let deadline = r.expires_us;
@@ -294,19 +351,28 @@ impl Engine {
         // all to a period the scope has already left behind (that period is over, and a late
         // Commit's reconciliation skips it by the same rule). The bucket keeps the full hold:
         // it was all used.
-        self.for_each_scope(&r, out, |key, _, state| {
+        let scopes = self.changed_scopes(&r, |key, _, state| {
             let hold = r.hold_on(key.kind());
             state.release(hold);
-            state.charge_expired(deadline, held, hold.usd, hold.on_downgrade_budget);
+            state.charge_expired(deadline, now_us, held, hold.usd, hold.on_downgrade_budget);
         });
+        self.write_scopes(&scopes, now_us, out);
         r.state = HoldState::Expired { at_us: deadline };
-        self.mark_settled(deadline, id, out);
-        self.put_reservation(r, out);
+        self.put_settled(r, deadline, out);
     }
 
-    /// Index a reservation as settled at `at_us`, and keep the settled set within its bound by
-    /// purging the oldest (so the bound holds even between sweeper passes).
-    fn mark_settled(&mut self, at_us: u64, id: ReservationId, out: &mut Vec<Mutation>) {
+    /// Write a settled record, index it as settled at `at_us`, and keep the settled set within
+    /// its bound by purging the oldest (so the bound holds even between sweeper passes).
+    ///
+    /// In this order, so that whatever the purge takes it takes whole, record, index entry and
+    /// idempotency key together: the oldest may be the record just settled (expired at a
+    /// deadline older than every other settled record's time, or settled after the clock
+    /// stepped back), and purging it before it was written would leave it written back and in
+    /// no index.
+    fn put_settled(&mut self, r: Reservation, at_us: u64, out: &mut Vec<Mutation>) {
+        debug_assert_eq!(r.state.finished_at(), Some(at_us));
+        let id = r.id;
+        self.put_reservation(r, out);
         self.settled.insert((at_us, id));
         if self.settled.len() > self.bounds.max_settled {
             self.purge_oldest_settled(out);
@@ -318,7 +384,7 @@ impl Engine {
     fn expire_if_overdue(&mut self, id: ReservationId, now_us: u64, out: &mut Vec<Mutation>) {
         if let Some(r) = self.reservations.get(&id) {
             if r.state == HoldState::Held && r.expires_us <= now_us {
-                self.expire_hold(id, out);
+                self.expire_hold(id, now_us, out);
             }
         }
     }

@@ -23,7 +23,7 @@ impl Rng {
     }
 }
 
-const POLICY: &str = r#"
+pub(super) const POLICY: &str = r#"
 default_tier = "free"
 
 [tiers.free]
@@ -64,18 +64,18 @@ encoding = "o200k_base"
 "#;
 
 /// 2026-03-10T23:50:00Z: ten minutes before midnight, so runs cross a UTC day.
-const START: u64 = 1_773_186_600_000_000;
+pub(super) const START: u64 = 1_773_186_600_000_000;
 
 /// The persisted image: what the mutations say, key by key.
 #[derive(Default)]
-struct Disk {
+pub(super) struct Disk {
     scopes: BTreeMap<ScopeKey, ScopeState>,
     reservations: BTreeMap<ReservationId, Reservation>,
     assignments: BTreeMap<String, crate::policy::SubjectConfig>,
 }
 
 impl Disk {
-    fn apply(&mut self, muts: Vec<Mutation>) {
+    pub(super) fn apply(&mut self, muts: Vec<Mutation>) {
         for m in muts {
             match m {
                 Mutation::Scope { key, state } => match state {
@@ -106,8 +106,8 @@ impl Disk {
         }
     }
 
-    fn restore(&self, policy: Arc<Policy>) -> Engine {
-        let mut e = Engine::new(policy, Bounds::default());
+    pub(super) fn restore(&self, policy: Arc<Policy>, bounds: Bounds) -> Engine {
+        let mut e = Engine::new(policy, bounds);
         let problems = e.restore(
             self.scopes.clone().into_iter().collect(),
             self.reservations.values().cloned().collect(),
@@ -118,7 +118,7 @@ impl Disk {
     }
 }
 
-fn check_invariants(e: &Engine, step: usize) {
+pub(super) fn check_invariants(e: &Engine, step: usize) {
     // Per scope: (held tokens, of which on the downgrade budget, held µUSD, open holds).
     let mut held: HashMap<ScopeKey, (u64, u64, u64, u32)> = HashMap::new();
     let mut open = 0;
@@ -142,13 +142,43 @@ fn check_invariants(e: &Engine, step: usize) {
             let at = r.state.finished_at().unwrap();
             assert!(
                 e.settled.contains(&(at, r.id)),
-                "step {step}: settled index"
+                "step {step}: settled index of {}",
+                r.id
             );
         }
         if let Some(k) = &r.idempotency_key {
             // A key points at its newest reservation (older ones may be past retention).
-            assert!(e.idempotency[&(r.subject.clone(), k.clone())] >= r.id);
+            assert!(
+                e.idempotency
+                    .get(&(r.subject.clone(), k.clone()))
+                    .is_some_and(|id| *id >= r.id),
+                "step {step}: idempotency key {k:?} of {}",
+                r.id
+            );
         }
+    }
+    // Every index entry names a record in the state it is indexed for.
+    for (at, id) in &e.settled {
+        let r = e.reservations.get(id);
+        assert_eq!(
+            r.and_then(|r| r.state.finished_at()),
+            Some(*at),
+            "step {step}: settled entry {id}"
+        );
+    }
+    for (deadline, id) in &e.deadlines {
+        let r = e.reservations.get(id);
+        assert!(
+            r.is_some_and(|r| r.state == HoldState::Held && r.expires_us == *deadline),
+            "step {step}: deadline entry {id}"
+        );
+    }
+    for ((subject, key), id) in &e.idempotency {
+        let r = e.reservations.get(id);
+        assert!(
+            r.is_some_and(|r| r.subject == *subject && r.idempotency_key.as_ref() == Some(key)),
+            "step {step}: idempotency key {key:?} of {subject:?} names {id}, not a record with it"
+        );
     }
     assert_eq!(e.open_holds(), open, "step {step}: open hold count");
     assert_eq!(e.deadlines.len(), open, "step {step}: deadline index");
@@ -157,7 +187,19 @@ fn check_invariants(e: &Engine, step: usize) {
         e.reservations.len(),
         "step {step}: every record is open or settled"
     );
-    assert!(e.idempotency.len() <= e.reservations.len());
+    // The sweeper's queue holds every scope exactly once.
+    let mut queued: Vec<_> = e.rest_queue.iter().cloned().collect();
+    queued.sort();
+    let mut keys: Vec<_> = e.scopes.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(queued, keys, "step {step}: rest queue");
+    let b = &e.bounds;
+    assert!(open <= b.max_open_holds, "step {step}: open holds");
+    assert!(
+        e.settled.len() <= b.max_settled,
+        "step {step}: settled records"
+    );
+    assert!(e.scopes.len() <= b.max_scopes, "step {step}: scopes");
     for (key, state) in &e.scopes {
         let truth = held.get(key).copied().unwrap_or_default();
         assert_eq!(
@@ -170,6 +212,12 @@ fn check_invariants(e: &Engine, step: usize) {
             truth,
             "step {step}: holds of {key:?}"
         );
+        if matches!(key, ScopeKey::Subject(_)) {
+            assert!(
+                state.open_holds <= b.max_holds_per_subject,
+                "step {step}: holds of {key:?}"
+            );
+        }
     }
     for key in held.keys() {
         assert!(
@@ -204,190 +252,308 @@ fn usage_of_all(e: &Engine, now: u64) -> Vec<UsageReport> {
         .collect()
 }
 
+/// Every figure of a usage report that a period counter keeps.
+fn period_figures(u: &UsageReport) -> [u64; 11] {
+    [
+        u.used_tokens,
+        u.used_tokens_month,
+        u.downgraded_tokens,
+        u.requests,
+        u.shadow_denials,
+        u.denials,
+        u.downgrades,
+        u.spent_usd,
+        u.spent_usd_month,
+        u.saved_usd,
+        u.saved_usd_month,
+    ]
+}
+
 /// A subject's usage alone.
-fn of(subject: &str) -> UsageQuery {
+pub(super) fn of(subject: &str) -> UsageQuery {
     UsageQuery {
         subject: Some(subject.to_string()),
         ..UsageQuery::default()
     }
 }
 
-#[test]
-fn random_operations_keep_every_invariant_and_replay_from_mutations() {
-    for seed in [1u64, 7, 42, 1234, 99_991] {
-        let policy = Arc::new(Policy::from_toml(POLICY, "model.toml").unwrap());
-        let mut e = Engine::new(policy.clone(), Bounds::default());
-        let mut disk = Disk::default();
-        let mut rng = Rng(seed);
-        let mut now = START;
-        let subjects = ["ann", "ben", "cat", "dan"];
-        let mut ids: Vec<ReservationId> = Vec::new();
-        let mut over_hold_commits = 0;
-        let mut downgrades = 0;
-        for step in 0..4_000 {
-            match rng.below(100) {
-                0..=44 => {
-                    let subject = subjects[rng.below(4) as usize];
-                    let key = (rng.below(4) == 0).then(|| format!("k{}", rng.below(20)));
-                    let prompt_tokens = rng.below(800);
-                    let input = ReserveInput {
-                        subject: subject.to_string(),
-                        model: ["m", "m", "small", "other"][rng.below(4) as usize].into(),
-                        prompt_tokens,
-                        prompt_tokens_for: vec![("small".into(), prompt_tokens / 2)],
-                        max_output_tokens: rng.below(800),
-                        idempotency_key: key,
-                        hold_us: None,
-                        dry_run: rng.below(10) == 0,
-                        group: [None, Some("g1".into()), Some("g2".into())][rng.below(3) as usize]
-                            .clone(),
-                        client_ip: [None, Some([10, 0, 0, 1].into()), Some([10, 0, 0, 2].into())]
-                            [rng.below(3) as usize],
-                        id: ReservationId::generate(now + step as u64),
-                    };
-                    let dry_run = input.dry_run;
-                    let mut muts = Vec::new();
-                    match e.reserve(input, now, &mut muts) {
-                        Ok(o) => {
-                            if let Some(id) = o.reservation_id {
-                                ids.push(id);
-                            }
-                            if o.replayed || dry_run {
-                                assert!(muts.is_empty(), "a replay or dry run changes nothing");
-                            }
-                            if o.decision == Decision::Denied {
-                                assert!(
-                                    muts.iter().all(|m| matches!(m, Mutation::Scope { .. })),
-                                    "a denial changes only scope counters"
-                                );
-                            }
-                            if o.decision == Decision::Downgraded {
-                                downgrades += 1;
-                            }
+/// How a model run moves the clock and bounds the engine.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    bounds: Bounds,
+    /// Whether the clock sometimes steps back (an NTP correction), across midnight too.
+    steps_back: bool,
+}
+
+/// What a run did, for the assertions that it exercised what it was meant to.
+#[derive(Debug, Default)]
+struct Seen {
+    admitted: usize,
+    downgrades: usize,
+    exhausted: usize,
+    /// Scopes evicted to make room.
+    evicted: usize,
+    steps_back: usize,
+}
+
+/// Thousands of random operations from `seed`, with every invariant checked after each, and
+/// the mutation records replayed into a fresh engine that must agree with the original.
+fn run_model(seed: u64, run: Run) -> Seen {
+    let policy = Arc::new(Policy::from_toml(POLICY, "model.toml").unwrap());
+    let mut e = Engine::new(policy.clone(), run.bounds);
+    let mut disk = Disk::default();
+    let mut rng = Rng(seed);
+    let mut now = START;
+    let subjects = ["ann", "ben", "cat", "dan"];
+    let mut ids: Vec<ReservationId> = Vec::new();
+    let mut over_hold_commits = 0;
+    let mut seen = Seen::default();
+    for step in 0..4_000 {
+        match rng.below(100) {
+            0..=44 => {
+                let subject = subjects[rng.below(4) as usize];
+                let key = (rng.below(4) == 0).then(|| format!("k{}", rng.below(20)));
+                let prompt_tokens = rng.below(800);
+                let input = ReserveInput {
+                    subject: subject.to_string(),
+                    model: ["m", "m", "small", "other"][rng.below(4) as usize].into(),
+                    prompt_tokens,
+                    prompt_tokens_for: vec![("small".into(), prompt_tokens / 2)],
+                    max_output_tokens: rng.below(800),
+                    idempotency_key: key,
+                    hold_us: None,
+                    dry_run: rng.below(10) == 0,
+                    group: [None, Some("g1".into()), Some("g2".into())][rng.below(3) as usize]
+                        .clone(),
+                    client_ip: [None, Some([10, 0, 0, 1].into()), Some([10, 0, 0, 2].into())]
+                        [rng.below(3) as usize],
+                    id: ReservationId::generate(now + step as u64),
+                };
+                let dry_run = input.dry_run;
+                let mut muts = Vec::new();
+                let result = e.reserve(input, now, &mut muts);
+                seen.evicted += muts
+                    .iter()
+                    .filter(|m| matches!(m, Mutation::Scope { state: None, .. }))
+                    .count();
+                match result {
+                    Ok(o) => {
+                        if let Some(id) = o.reservation_id {
+                            ids.push(id);
+                            seen.admitted += 1;
                         }
-                        Err(EngineError::IdempotencyConflict { .. }) => {
-                            assert!(muts.is_empty(), "a refused Reserve changes nothing");
+                        if o.replayed || dry_run {
+                            assert!(muts.is_empty(), "a replay or dry run changes nothing");
                         }
-                        Err(other) => panic!("seed {seed} step {step}: {other}"),
+                        if o.decision == Decision::Denied {
+                            assert!(
+                                muts.iter().all(|m| matches!(m, Mutation::Scope { .. })),
+                                "a denial changes only scope counters"
+                            );
+                        }
+                        if o.decision == Decision::Downgraded {
+                            seen.downgrades += 1;
+                        }
                     }
-                    disk.apply(muts);
-                }
-                45..=69 if !ids.is_empty() => {
-                    let id = ids[rng.below(ids.len() as u64) as usize];
-                    let usage = Usage {
-                        prompt_tokens: rng.below(900),
-                        completion_tokens: rng.below(900),
-                        usage_unknown: rng.below(10) == 0,
-                    };
-                    let usage = if usage.usage_unknown {
-                        Usage {
-                            prompt_tokens: 0,
-                            completion_tokens: 0,
-                            ..usage
-                        }
-                    } else {
-                        usage
-                    };
-                    // Mutations are kept even when the call fails: an overdue hold may have been
-                    // expired on the spot before the refusal.
-                    let mut muts = Vec::new();
-                    match e.commit(id, usage, now, &mut muts) {
-                        Ok(o) => {
-                            if o.settlement.debt_tokens > 0 {
-                                over_hold_commits += 1;
-                            }
-                        }
-                        Err(EngineError::IllegalTransition { .. } | EngineError::NotFound(_)) => {}
-                        Err(other) => panic!("seed {seed} step {step}: {other}"),
+                    Err(EngineError::IdempotencyConflict { .. }) => {
+                        assert!(muts.is_empty(), "a refused Reserve changes nothing");
                     }
-                    disk.apply(muts);
-                }
-                70..=84 if !ids.is_empty() => {
-                    let id = ids[rng.below(ids.len() as u64) as usize];
-                    let mut muts = Vec::new();
-                    match e.refund(id, now, &mut muts) {
-                        Ok(_)
-                        | Err(EngineError::IllegalTransition { .. } | EngineError::NotFound(_)) => {
-                        }
-                        Err(other) => panic!("seed {seed} step {step}: {other}"),
+                    Err(EngineError::Exhausted { .. }) => {
+                        seen.exhausted += 1;
+                        assert!(
+                            muts.iter()
+                                .all(|m| matches!(m, Mutation::Scope { state: None, .. })),
+                            "a Reserve refused for room evicts, and changes nothing else"
+                        );
                     }
-                    disk.apply(muts);
+                    Err(other) => panic!("seed {seed} step {step}: {other}"),
                 }
-                85..=86 => {
-                    // Only cat and dan change tier, so ann and ben stay under the day quota.
-                    let subject = subjects[2 + rng.below(2) as usize];
-                    let tier = if rng.below(2) == 0 { "free" } else { "open" };
-                    let mut muts = Vec::new();
-                    // Sometimes with an override that tightens the day quota.
-                    let overrides = crate::policy::Overrides {
-                        tokens_per_day: (rng.below(2) == 0).then_some(5_000),
-                        ..Default::default()
-                    };
-                    let group = (rng.below(2) == 0).then(|| "g1".to_string());
-                    e.set_subject(subject, tier, group, overrides, &mut muts)
-                        .unwrap();
-                    disk.apply(muts);
+                disk.apply(muts);
+            }
+            45..=69 if !ids.is_empty() => {
+                let id = ids[rng.below(ids.len() as u64) as usize];
+                let usage = Usage {
+                    prompt_tokens: rng.below(900),
+                    completion_tokens: rng.below(900),
+                    usage_unknown: rng.below(10) == 0,
+                };
+                let usage = if usage.usage_unknown {
+                    Usage {
+                        prompt_tokens: 0,
+                        completion_tokens: 0,
+                        ..usage
+                    }
+                } else {
+                    usage
+                };
+                // Mutations are kept even when the call fails: an overdue hold may have been
+                // expired on the spot before the refusal.
+                let mut muts = Vec::new();
+                match e.commit(id, usage, now, &mut muts) {
+                    Ok(o) => {
+                        if o.settlement.debt_tokens > 0 {
+                            over_hold_commits += 1;
+                        }
+                    }
+                    Err(EngineError::IllegalTransition { .. } | EngineError::NotFound(_)) => {}
+                    // A late Commit's debt for a forgotten scope, with the table full.
+                    Err(EngineError::Exhausted { .. }) => seen.exhausted += 1,
+                    Err(other) => panic!("seed {seed} step {step}: {other}"),
                 }
-                87 => {
+                disk.apply(muts);
+            }
+            70..=84 if !ids.is_empty() => {
+                let id = ids[rng.below(ids.len() as u64) as usize];
+                let mut muts = Vec::new();
+                match e.refund(id, now, &mut muts) {
+                    Ok(_)
+                    | Err(EngineError::IllegalTransition { .. } | EngineError::NotFound(_)) => {}
+                    Err(other) => panic!("seed {seed} step {step}: {other}"),
+                }
+                disk.apply(muts);
+            }
+            85..=86 => {
+                // Only cat and dan change tier, so ann and ben stay under the day quota.
+                let subject = subjects[2 + rng.below(2) as usize];
+                let tier = if rng.below(2) == 0 { "free" } else { "open" };
+                let mut muts = Vec::new();
+                // Sometimes with an override that tightens the day quota.
+                let overrides = crate::policy::Overrides {
+                    tokens_per_day: (rng.below(2) == 0).then_some(5_000),
+                    ..Default::default()
+                };
+                let group = (rng.below(2) == 0).then(|| "g1".to_string());
+                e.set_subject(subject, tier, group, overrides, &mut muts)
+                    .unwrap();
+                disk.apply(muts);
+            }
+            87 => {
+                let mut out = Vec::new();
+                e.purge_settled(now, &mut out);
+                e.forget_scopes_at_rest(now, &mut out);
+                disk.apply(out);
+            }
+            _ => {
+                // Move time: mostly seconds, sometimes minutes, rarely hours; and, if the run
+                // says so, sometimes back (seconds, minutes, or hours: across midnight too).
+                let back = run.steps_back && rng.below(8) == 0;
+                let by = match rng.below(20) {
+                    0 => rng.below(3) * 3_600 * MICROS_PER_SECOND,
+                    1..=4 => rng.below(3) * MICROS_PER_MINUTE,
+                    _ => rng.below(5 * MICROS_PER_SECOND),
+                };
+                if back {
+                    let before = usage_of_all(&e, now);
+                    now -= by;
+                    seen.steps_back += 1;
+                    // What a period counts is never forgotten because the clock stepped back:
+                    // a count left in a later period reads as the current one.
+                    for (was, is) in before.iter().zip(usage_of_all(&e, now)) {
+                        assert!(
+                            period_figures(&is)
+                                .iter()
+                                .zip(period_figures(was))
+                                .all(|(is, was)| *is >= was),
+                            "seed {seed} step {step}: {was:?} became {is:?}"
+                        );
+                    }
+                } else {
+                    now += by;
+                }
+                // Half the time expiry is left to later, as when a bounded pass has not
+                // reached a hold yet: Commit and Refund must expire overdue holds themselves.
+                if rng.below(2) == 0 {
                     let mut out = Vec::new();
-                    e.purge_settled(now, &mut out);
-                    e.forget_scopes_at_rest(now, &mut out);
+                    e.expire_due(now, &mut out);
                     disk.apply(out);
                 }
-                _ => {
-                    // Move time: mostly seconds, sometimes minutes, rarely hours.
-                    now += match rng.below(20) {
-                        0 => rng.below(3) * 3_600 * MICROS_PER_SECOND,
-                        1..=4 => rng.below(3) * MICROS_PER_MINUTE,
-                        _ => rng.below(5 * MICROS_PER_SECOND),
-                    };
-                    // Half the time expiry is left to later, as when a bounded pass has not
-                    // reached a hold yet: Commit and Refund must expire overdue holds themselves.
-                    if rng.below(2) == 0 {
-                        let mut out = Vec::new();
-                        e.expire_due(now, &mut out);
-                        disk.apply(out);
-                    }
-                }
-            }
-            check_invariants(&e, step);
-            // Without debt, the day quota is never exceeded by charged + held tokens.
-            if over_hold_commits == 0 {
-                for s in ["ann", "ben"] {
-                    let u = e.usage(&of(s), now);
-                    let spent = u.used_tokens + u.held_tokens;
-                    assert!(
-                        spent <= 20_000,
-                        "seed {seed} step {step}: {s} spent {spent}"
-                    );
-                }
-            }
-            if step % 500 == 499 {
-                let replayed = disk.restore(policy.clone());
-                assert_eq!(
-                    usage_of_all(&replayed, now),
-                    usage_of_all(&e, now),
-                    "seed {seed} step {step}"
-                );
-                assert_eq!(
-                    replayed.reservations, e.reservations,
-                    "seed {seed} step {step}"
-                );
-                assert_eq!(replayed.scopes, e.scopes, "seed {seed} step {step}");
             }
         }
-        let replayed = disk.restore(policy.clone());
-        assert_eq!(
-            usage_of_all(&replayed, now),
-            usage_of_all(&e, now),
-            "seed {seed}"
-        );
+        check_invariants(&e, step);
+        // Without debt, the day quota is never exceeded by charged + held tokens.
+        if over_hold_commits == 0 {
+            for s in ["ann", "ben"] {
+                let u = e.usage(&of(s), now);
+                let spent = u.used_tokens + u.held_tokens;
+                assert!(
+                    spent <= 20_000,
+                    "seed {seed} step {step}: {s} spent {spent}"
+                );
+            }
+        }
+        if step % 500 == 499 {
+            let replayed = disk.restore(policy.clone(), run.bounds);
+            assert_eq!(
+                usage_of_all(&replayed, now),
+                usage_of_all(&e, now),
+                "seed {seed} step {step}"
+            );
+            assert_eq!(
+                replayed.reservations, e.reservations,
+                "seed {seed} step {step}"
+            );
+            assert_eq!(replayed.scopes, e.scopes, "seed {seed} step {step}");
+            assert_eq!(
+                replayed.idempotency, e.idempotency,
+                "seed {seed} step {step}"
+            );
+        }
+    }
+    let replayed = disk.restore(policy.clone(), run.bounds);
+    assert_eq!(
+        usage_of_all(&replayed, now),
+        usage_of_all(&e, now),
+        "seed {seed}"
+    );
+    seen
+}
+
+const SEEDS: [u64; 5] = [1, 7, 42, 1234, 99_991];
+
+#[test]
+fn random_operations_keep_every_invariant_and_replay_from_mutations() {
+    let run = Run {
+        bounds: Bounds::default(),
+        steps_back: false,
+    };
+    for seed in SEEDS {
+        let seen = run_model(seed, run);
         assert!(
-            ids.len() > 100,
+            seen.admitted > 100,
             "seed {seed}: the run admitted holds ({})",
-            ids.len()
+            seen.admitted
         );
-        assert!(downgrades > 0, "seed {seed}: the run downgraded some");
+        assert!(seen.downgrades > 0, "seed {seed}: the run downgraded some");
+        assert_eq!(seen.exhausted, 0, "seed {seed}: no bound is reached");
+    }
+}
+
+/// The same with every bound small enough to be reached all the time (settled records purged
+/// early, scopes evicted, holds refused), and a clock that steps back as well as forward.
+#[test]
+fn random_operations_within_small_bounds_and_a_clock_stepping_back_keep_every_invariant() {
+    let run = Run {
+        bounds: Bounds {
+            max_open_holds: 6,
+            max_holds_per_subject: 2,
+            // The fleet, 4 subjects, 2 groups and 2 IPs would need 9.
+            max_scopes: 7,
+            max_settled: 5,
+            retention_us: Bounds::default().retention_us,
+            max_per_pass: 2,
+        },
+        steps_back: true,
+    };
+    for seed in SEEDS {
+        let seen = run_model(seed, run);
+        assert!(
+            seen.admitted > 50,
+            "seed {seed}: the run admitted holds ({})",
+            seen.admitted
+        );
+        assert!(seen.exhausted > 0, "seed {seed}: the bounds were reached");
+        assert!(seen.evicted > 0, "seed {seed}: scopes were evicted");
+        assert!(seen.steps_back > 0, "seed {seed}: the clock stepped back");
     }
 }
 
@@ -532,7 +698,7 @@ fn retention_is_exact_and_a_reused_key_survives_the_old_records_purge() {
     assert!(again.replayed);
 }
 
-fn one_token(subject: &str, id: u128) -> ReserveInput {
+pub(super) fn one_token(subject: &str, id: u128) -> ReserveInput {
     ReserveInput {
         subject: subject.into(),
         model: "m".into(),

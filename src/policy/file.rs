@@ -11,7 +11,7 @@ use toml::Spanned;
 use super::money::{micro_usd, Price, MAX_PRICE_USD_PER_MILLION};
 use super::scopes::{ScopeLimits, IPV6_SCOPE_PREFIX, MAX_CIDR_ENTRIES, MAX_GROUP_ENTRIES};
 use super::{
-    Downgrade, Limits, ModelConfig, Policy, Tier, DEFAULT_HOLD_SECONDS,
+    Downgrade, Limits, ModelConfig, Policy, Tier, DEFAULT_HOLD_SECONDS, DEFAULT_MAX_COMMIT_TOKENS,
     DEFAULT_MAX_HOLD_LIFETIME_SECONDS, DEFAULT_MAX_HOLD_SECONDS, HOLD_SECONDS_CEILING,
     LIMIT_CEILING, MAX_MODEL_NAME_BYTES, MAX_TOKENS_PER_REQUEST,
 };
@@ -63,6 +63,7 @@ impl PolicyError {
 struct PolicyFile {
     #[serde(default)]
     enforce: Option<bool>,
+    max_commit_tokens: Option<Spanned<u64>>,
     default_tier: Spanned<String>,
     tiers: Spanned<BTreeMap<String, Spanned<TierFile>>>,
     #[serde(default)]
@@ -304,12 +305,23 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         );
     }
     let scopes = scope_limits(&src, file.groups, file.ip, file.global)?;
+    let max_commit_tokens = match file.max_commit_tokens {
+        Some(v) if !(1..=MAX_TOKENS_PER_REQUEST).contains(v.get_ref()) => {
+            return Err(src.error(
+                v.span(),
+                format!("max_commit_tokens must be from 1 to {MAX_TOKENS_PER_REQUEST} (what one request may report)"),
+            ))
+        }
+        Some(v) => v.into_inner(),
+        None => DEFAULT_MAX_COMMIT_TOKENS,
+    };
     let policy = Policy::new(
         file.enforce.unwrap_or(true),
         file.default_tier.into_inner(),
         tiers,
         models,
         scopes,
+        max_commit_tokens,
     );
     // The same lookup a Reserve makes: an exact entry, a dated snapshot of one, or the
     // built-in table.

@@ -38,6 +38,12 @@ pub const MAX_MODEL_NAME_BYTES: usize = 128;
 pub const MAX_TOKENS_PER_REQUEST: u64 = 100_000_000;
 /// The largest value any limit may have: 10^15 keeps every sum in the engine far from overflow.
 pub const LIMIT_CEILING: u64 = 1_000_000_000_000_000;
+/// Most tokens (prompt + completion) one Commit may report beyond its hold when the policy
+/// does not say (`max_commit_tokens`): 2 million, the largest context window the major hosted
+/// APIs serve today (Gemini's), and one call's prompt and completion together fit in its
+/// model's context window. A report above it is no real call (a bug, or a forged report), and
+/// charging it would put every shared scope (group, IP, fleet) into debt for a long time.
+pub const DEFAULT_MAX_COMMIT_TOKENS: u64 = 2_000_000;
 
 /// The limits of one tier. `None` means unlimited.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,6 +314,8 @@ pub struct Policy {
     tiers: BTreeMap<String, Tier>,
     models: BTreeMap<String, ModelConfig>,
     scopes: ScopeLimits,
+    /// Most tokens a Commit may report beyond its hold (see [`Policy::max_commit_tokens`]).
+    max_commit_tokens: u64,
     /// Every model a tier downgrades to, once, with its encoding: worked out at load, since
     /// each Reserve with a prompt to count needs it.
     downgrades: Vec<(String, Encoding)>,
@@ -339,6 +347,7 @@ impl Policy {
         tiers: BTreeMap<String, Tier>,
         models: BTreeMap<String, ModelConfig>,
         scopes: ScopeLimits,
+        max_commit_tokens: u64,
     ) -> Self {
         debug_assert!(tiers.contains_key(&default_tier));
         let mut policy = Self {
@@ -347,6 +356,7 @@ impl Policy {
             tiers,
             models,
             scopes,
+            max_commit_tokens,
             downgrades: Vec::new(),
         };
         let mut downgrades: Vec<(String, Encoding)> = policy
@@ -364,6 +374,18 @@ impl Policy {
     /// The limits of groups, client IPs and the whole fleet.
     pub fn scopes(&self) -> &ScopeLimits {
         &self.scopes
+    }
+
+    /// Most tokens (prompt + completion) a Commit may report: more than this is refused, unless
+    /// the hold itself was larger (a Commit within its hold takes nothing that was not admitted).
+    ///
+    /// Why a bound on what a Commit reports at all, when usage is truth: the overage of a
+    /// Commit above its hold is charged to every scope the hold counts in, the fleet's among
+    /// them, so one report no real call can have (10^8 tokens) would put `[global]`'s bucket
+    /// into debt for the whole fleet for as long as it takes to refill. One fleet-wide number,
+    /// not one per tier: what no call can use is a property of the models, not of who pays.
+    pub fn max_commit_tokens(&self) -> u64 {
+        self.max_commit_tokens
     }
 
     /// `model`'s price, if the policy gives one.
@@ -411,6 +433,11 @@ impl Policy {
     pub fn summary(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "commits: at most {} tokens (prompt + completion) each, or the hold if larger",
+            self.max_commit_tokens
+        );
         for t in self.tiers.values() {
             let l = &t.limits;
             let default = if t.name == self.default_tier {
@@ -675,6 +702,41 @@ mod tests {
             e.contains("[global]: hold_seconds applies to tiers only"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn max_commit_tokens_defaults_above_context_windows_and_is_bounded() {
+        assert_eq!(
+            Policy::embedded_default().max_commit_tokens(),
+            DEFAULT_MAX_COMMIT_TOKENS
+        );
+        let p = Policy::from_toml(
+            "max_commit_tokens = 5000\ndefault_tier = \"t\"\n[tiers.t]\n",
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(p.max_commit_tokens(), 5_000);
+        assert!(
+            p.summary()
+                .contains("commits: at most 5000 tokens (prompt + completion) each"),
+            "{}",
+            p.summary()
+        );
+        for bad in ["0", "100000001"] {
+            let e = error_of(&format!(
+                "default_tier = \"t\"\nmax_commit_tokens = {bad}\n[tiers.t]\n"
+            ));
+            assert!(e.starts_with("p.toml:2:"), "{e}");
+            assert!(
+                e.contains("max_commit_tokens must be from 1 to 100000000"),
+                "{e}"
+            );
+        }
+        let e = error_of("default_tier = \"t\"\nmax_commit_tokens = -1\n[tiers.t]\n");
+        assert!(e.starts_with("p.toml:2:"), "{e}");
+        // A fleet-wide bound: not a tier's key.
+        let e = error_of("default_tier = \"t\"\n[tiers.t]\nmax_commit_tokens = 5\n");
+        assert!(e.starts_with("p.toml:3:"), "{e}");
     }
 
     #[test]

@@ -189,13 +189,18 @@ impl TestServer {
 
     /// Stop, then start again over the same data directory and clock.
     pub async fn restart(self, policy_toml: &str) -> Self {
+        self.restart_with(policy_toml, Bounds::default()).await
+    }
+
+    /// Stop, then start again over the same data directory and clock, with `bounds`.
+    pub async fn restart_with(self, policy_toml: &str, bounds: Bounds) -> Self {
         let dir = self.dir.clone();
         let clock = self.clock.clone();
         let ledger = self.ledger.clone();
         self.stop().await;
         // The ledger (and the sled handle it owns) must be gone before the directory is reopened.
         drop(wait_unique(ledger).await);
-        Self::start_in(policy_toml, dir, clock, Bounds::default()).await
+        Self::start_in(policy_toml, dir, clock, bounds).await
     }
 }
 
