@@ -41,6 +41,8 @@ pub struct Housekeeping {
     pub purged: usize,
     /// Scopes at rest forgotten.
     pub forgotten: usize,
+    /// Scopes whose denial counters were handed to the store.
+    pub denial_counters_saved: usize,
     /// After the pass: open holds, reservation records, scopes in memory.
     pub counts: (usize, usize, usize),
 }
@@ -387,6 +389,7 @@ impl Ledger {
                         expired: e.expire_due(now, out),
                         purged: e.purge_settled(now, out),
                         forgotten: e.forget_scopes_at_rest(now, out),
+                        denial_counters_saved: e.save_denial_counters(out),
                         counts: (e.open_holds(), e.reservation_count(), e.scope_count()),
                     })
                 },

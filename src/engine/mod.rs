@@ -21,7 +21,7 @@ mod settle;
 mod usage;
 mod window;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 pub use bucket::{BucketLimit, TokenBucket};
@@ -149,6 +149,13 @@ pub struct Engine {
     settled: BTreeSet<(u64, ReservationId)>,
     /// (subject, key) -> the reservation the key first made.
     idempotency: HashMap<(String, String), ReservationId>,
+    /// Scopes whose latest change was a denial's counters (denials, savings), not yet handed
+    /// to the store. Why not at once: a denial acknowledges nothing, so nobody waits for its
+    /// record, and a flood of denials must not cost a record (and a queue slot) each. The
+    /// sweeper persists these in bounded batches ([`Engine::save_denial_counters`]); a later
+    /// decision that writes the scope writes them with it. A crash loses at most the last
+    /// pass's denial counters, never an acknowledged decision.
+    unsaved: HashSet<ScopeKey>,
 }
 
 impl Engine {
@@ -164,6 +171,7 @@ impl Engine {
             deadlines: BTreeSet::new(),
             settled: BTreeSet::new(),
             idempotency: HashMap::new(),
+            unsaved: HashSet::new(),
         }
     }
 
@@ -228,6 +236,24 @@ impl Engine {
     }
 
     fn put_scope(&mut self, key: &ScopeKey, state: ScopeState, out: &mut Vec<Mutation>) {
+        self.set_scope(key, state);
+        if !self.unsaved.is_empty() {
+            // This record carries the denial counters too.
+            self.unsaved.remove(key);
+        }
+        out.push(Mutation::Scope {
+            key: key.clone(),
+            state: Some(state),
+        });
+    }
+
+    /// Change a scope's state in memory only, for a denial's counters: see `unsaved`.
+    fn put_scope_unsaved(&mut self, key: &ScopeKey, state: ScopeState) {
+        self.set_scope(key, state);
+        self.unsaved.insert(key.clone());
+    }
+
+    fn set_scope(&mut self, key: &ScopeKey, state: ScopeState) {
         match self.scopes.get_mut(key) {
             Some(slot) => *slot = state,
             None => {
@@ -235,10 +261,30 @@ impl Engine {
                 self.rest_queue.push_back(key.clone());
             }
         }
-        out.push(Mutation::Scope {
-            key: key.clone(),
-            state: Some(state),
-        });
+    }
+
+    /// Hand the store the scopes only denials changed since their last record (at most
+    /// `max_per_pass`). Returns how many. A scope forgotten since needs nothing: its removal
+    /// was recorded.
+    pub fn save_denial_counters(&mut self, out: &mut Vec<Mutation>) -> usize {
+        let keys: Vec<ScopeKey> = self
+            .unsaved
+            .iter()
+            .take(self.bounds.max_per_pass)
+            .cloned()
+            .collect();
+        let mut saved = 0;
+        for key in keys {
+            self.unsaved.remove(&key);
+            if let Some(state) = self.scopes.get(&key) {
+                out.push(Mutation::Scope {
+                    key,
+                    state: Some(*state),
+                });
+                saved += 1;
+            }
+        }
+        saved
     }
 
     /// The group a subject is assigned to by SetSubject, if any.

@@ -249,7 +249,7 @@ impl Engine {
             let refusal = denied.expect("a Reserve not granted was refused");
             if !input.dry_run {
                 // What the denial saved: the whole worst-case cost of what was asked.
-                self.record_denial(&mut scopes, &input.subject, now_us, asked.usd, out);
+                self.record_denial(&mut scopes, &input.subject, now_us, asked.usd);
             }
             return Ok(ReserveOutcome {
                 decision: Decision::Denied,
@@ -367,14 +367,9 @@ impl Engine {
     /// caller's to invent, and a flood of denied Reserves, each with a new subject and IP, must
     /// leave nothing behind that could fill the table and lock admitted users out (the fleet,
     /// and the group where it is bounded, still count every one).
-    fn record_denial(
-        &mut self,
-        scopes: &mut Scopes,
-        subject: &str,
-        now_us: u64,
-        saved_usd: u64,
-        out: &mut Vec<Mutation>,
-    ) {
+    ///
+    /// Pushes no record: the sweeper persists denial counters in batches (see `unsaved`).
+    fn record_denial(&mut self, scopes: &mut Scopes, subject: &str, now_us: u64, saved_usd: u64) {
         for (key, _, state) in &mut scopes.0 {
             let counts_here = self.scopes.contains_key(key)
                 || (self.scopes.len() < self.bounds.max_scopes
@@ -383,7 +378,7 @@ impl Engine {
                 continue;
             }
             state.record_saving(now_us, saved_usd, false);
-            self.put_scope(key, *state, out);
+            self.put_scope_unsaved(key, *state);
         }
     }
 
