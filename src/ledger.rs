@@ -401,8 +401,20 @@ impl Ledger {
         Ok(pass)
     }
 
-    /// Wait until everything decided so far is on disk.
+    /// Wait until everything decided so far is on disk, denials' counters included (a clean
+    /// stop loses nothing).
     pub async fn flush(&self) -> Result<(), LedgerError> {
+        loop {
+            let (saved, _ticket, _) = self
+                .decide(
+                    |e, _, out| Ok(e.save_denial_counters(out)),
+                    |_| Wait::Nothing,
+                )
+                .await?;
+            if saved? == 0 {
+                break;
+            }
+        }
         self.writer.barrier()?.durable().await?;
         Ok(())
     }
