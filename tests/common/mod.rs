@@ -311,6 +311,7 @@ pub struct Serve {
     args: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
     log: Option<PathBuf>,
+    open_files: Option<u64>,
 }
 
 impl Serve {
@@ -320,7 +321,14 @@ impl Serve {
             args: Vec::new(),
             envs: vec![("RUST_LOG".into(), "warn".into())],
             log: None,
+            open_files: None,
         }
+    }
+
+    /// Start it with both limits on open files (soft and hard) at `n`, so it cannot raise them.
+    pub fn open_files_limit(mut self, n: u64) -> Self {
+        self.open_files = Some(n);
+        self
     }
 
     /// More arguments after `serve --listen ... --data-dir ...`.
@@ -369,7 +377,15 @@ impl Serve {
             Some(path) => Stdio::from(std::fs::File::create(path).expect("create the log")),
             None => Stdio::inherit(),
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        if let Some(n) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+            unsafe {
+                command.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, n, n));
+            }
+        }
+        let mut child = command
             .arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
