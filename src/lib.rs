@@ -42,6 +42,7 @@ pub mod tokens;
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod proto {
     tonic::include_proto!("tollgate.v1");
+    include!(concat!(env!("OUT_DIR"), "/clients/tollgate.v1.rs"));
 
     /// The encoded descriptors of `tollgate.v1`, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

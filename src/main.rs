@@ -11,8 +11,9 @@ use tollgate::engine::Bounds;
 use tollgate::ledger::Ledger;
 use tollgate::policy::Policy;
 use tollgate::relay::Relay;
+use tollgate::server::transport::DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT;
 use tollgate::server::validate::DEFAULT_MAX_PROMPT_BYTES;
-use tollgate::server::{Backend, ServeOptions};
+use tollgate::server::{Backend, ServeOptions, TransportOptions};
 use tollgate::store::Durability;
 use tollgate::tokens::{count_chat, count_text, ChatMessage};
 
@@ -138,6 +139,24 @@ struct ServeArgs {
     /// Relay mode: the deadline of each call to the upstream, in seconds.
     #[arg(long, env = "TOLLGATE_UPSTREAM_TIMEOUT", default_value_t = 2.0, value_parser = positive_seconds)]
     upstream_timeout: f64,
+    /// Connections open at once on --listen. At the bound a new connection closes the one idle
+    /// the longest; when every one has a call in flight, the new one is refused. Default: the
+    /// open-files limit (raised to its hard limit at start) less 128, at most 10,000.
+    #[arg(long, env = "TOLLGATE_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
+    /// A connection with no call in flight for this many seconds is closed (HTTP/2 GOAWAY);
+    /// its client reconnects for its next call.
+    #[arg(long, env = "TOLLGATE_IDLE_TIMEOUT", default_value_t = 300.0, value_parser = positive_seconds)]
+    idle_timeout: f64,
+    /// Seconds a request may take to arrive whole, and a new connection to send its HTTP/2
+    /// preface; a later request is answered DEADLINE_EXCEEDED, a silent connection closed.
+    /// Processing (counting a prompt, the disk) is not counted.
+    #[arg(long, env = "TOLLGATE_REQUEST_ARRIVAL_TIMEOUT", default_value_t = 10.0, value_parser = positive_seconds)]
+    request_arrival_timeout: f64,
+    /// Bytes of requests being received at once, all connections together (one connection:
+    /// at most 16 MiB); a request whose bytes do not fit is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TOLLGATE_MAX_REQUEST_BYTES_IN_FLIGHT", default_value_t = DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT)]
+    max_request_bytes_in_flight: usize,
 }
 
 /// The exit status after a fail-stop (a failed write or sync, a panic under the engine lock):
@@ -358,6 +377,14 @@ fn serve(args: ServeArgs) -> ExitCode {
             admin_token: args.admin_token,
             max_prompt_bytes: args.max_prompt_bytes,
             shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
+            transport: TransportOptions {
+                max_connections: args
+                    .max_connections
+                    .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+                request_arrival_timeout: Duration::from_secs_f64(args.request_arrival_timeout),
+                idle_timeout: Duration::from_secs_f64(args.idle_timeout),
+                max_request_bytes_in_flight: args.max_request_bytes_in_flight,
+            },
         };
         let result = tollgate::server::serve_backend(
             backend,

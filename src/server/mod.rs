@@ -2,11 +2,14 @@
 //! so grpcurl and Kubernetes probes work without proto files.
 
 mod admin;
+pub mod codec;
+pub mod content_type;
 pub mod prompt;
 mod quota;
 pub mod reload;
 pub mod sampled_log;
 mod status;
+pub mod transport;
 pub mod validate;
 
 use std::future::Future;
@@ -15,10 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::Routes;
 
 pub use admin::{AdminAuth, AdminService};
 pub use quota::QuotaService;
+pub use transport::{Transport, TransportOptions};
 
 use crate::ledger::{Housekeeping, Ledger};
 use crate::proto;
@@ -27,9 +31,6 @@ use crate::tokens::TokenCounter;
 
 /// How often the sweeper expires holds and purges settled records.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Calls in flight at once on one connection.
-pub const CONCURRENCY_PER_CONNECTION: usize = 1_024;
 
 /// Room in a request message beyond the prompt bound: the other fields, and the framing of
 /// up to `validate::MAX_MESSAGES` chat messages (a few bytes each).
@@ -48,6 +49,8 @@ pub struct ServeOptions {
     pub max_prompt_bytes: usize,
     /// After shutdown begins, how long in-flight calls may take to finish.
     pub shutdown_timeout: Duration,
+    /// Connections and requests on the port: bounds and timeouts.
+    pub transport: TransportOptions,
 }
 
 impl Default for ServeOptions {
@@ -56,6 +59,7 @@ impl Default for ServeOptions {
             admin_token: None,
             max_prompt_bytes: validate::DEFAULT_MAX_PROMPT_BYTES,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            transport: TransportOptions::default(),
         }
     }
 }
@@ -73,9 +77,6 @@ pub enum Backend {
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The transport failed.
-    #[error("grpc transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
     /// Reflection could not be built from the descriptors.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -104,9 +105,13 @@ pub async fn serve(
 /// Serve `backend` on `listener` (and grpc.health.v1 alone on `health_listener`, so a server
 /// bound to 127.0.0.1 can still be probed on the pod's address) until `shutdown` completes.
 ///
+/// Both ports are served by [`Transport`], which bounds connections and what their requests
+/// hold (`options.transport`).
+///
 /// Shutdown: health turns NOT_SERVING at once, no new connection is accepted and HTTP/2
 /// GOAWAY refuses new calls on open ones, calls in flight finish (for at most
-/// `options.shutdown_timeout`), then the ledger is flushed.
+/// `options.shutdown_timeout`; connections without calls do not hold the drain), then the
+/// ledger is flushed.
 pub async fn serve_backend(
     backend: Backend,
     listener: TcpListener,
@@ -139,16 +144,12 @@ pub async fn serve_backend(
     let max_message = options
         .max_prompt_bytes
         .saturating_add(MESSAGE_OVERHEAD_BYTES);
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        // Bound the work one connection can put in flight; callers beyond it queue in HTTP/2.
-        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
-        .add_service(health_service.clone())
+    let routes = Routes::new(health_service.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    let (router, sweeper) = match &backend {
+    let (routes, sweeper) = match &backend {
         Backend::Ledger(ledger) => (
-            router
+            routes
                 .add_service(
                     proto::quota_server::QuotaServer::new(QuotaService::new(
                         ledger.clone(),
@@ -164,7 +165,7 @@ pub async fn serve_backend(
             Some(tokio::spawn(sweep(ledger.clone()))),
         ),
         Backend::Relay(relay) => (
-            router
+            routes
                 .add_service(
                     proto::quota_server::QuotaServer::new(crate::relay::RelayQuota::new(
                         relay.clone(),
@@ -233,40 +234,23 @@ pub async fn serve_backend(
         tracing::info!("shutting down: refusing new calls, finishing in-flight ones");
         let _ = began_tx.send(true);
     };
+    let timeout = options.shutdown_timeout;
     let health_server = health_listener.map(|l| {
         let mut began = began_rx.clone();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(health_service)
-                .serve_with_incoming_shutdown(
-                    TcpIncoming::from(l).with_nodelay(Some(true)),
-                    async move {
-                        let _ = began.wait_for(|b| *b).await;
-                    },
-                ),
-        )
+        let transport = Transport::for_health(&options.transport);
+        tokio::spawn(async move {
+            let began = async move {
+                let _ = began.wait_for(|b| *b).await;
+            };
+            transport
+                .serve(l, Routes::new(health_service), began, timeout)
+                .await;
+        })
     });
-    // The builder's `tcp_nodelay` is ignored for an incoming stream of our own, so the accepted
-    // sockets are set here; without it Nagle holds back the last frames of an answer until the
-    // client's delayed ACK (~40 ms a call).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = router.serve_with_incoming_shutdown(incoming, begin);
-    tokio::pin!(server);
-    let mut began = began_rx;
-    let timeout = options.shutdown_timeout;
-    let result = tokio::select! {
-        r = &mut server => r,
-        () = async move {
-            let _ = began.wait_for(|b| *b).await;
-            tokio::time::sleep(timeout).await;
-        } => {
-            tracing::warn!(
-                timeout_s = timeout.as_secs_f64(),
-                "shutdown timeout: calls still in flight are cut"
-            );
-            Ok(())
-        }
-    };
+    // Serves until shutdown begins, then drains: at most `timeout` for the calls in flight.
+    Transport::new(&options.transport, max_message)
+        .serve(listener, routes, begin, timeout)
+        .await;
     if let Some(sweeper) = sweeper {
         sweeper.abort();
     }
@@ -277,7 +261,6 @@ pub async fn serve_backend(
     }
     if let Some(reason) = fault.get() {
         // The writer refuses everything after the fault: there is nothing more to flush.
-        result?;
         return Err(ServeError::FailStop(reason.clone()));
     }
     if let Backend::Ledger(ledger) = &backend {
@@ -287,7 +270,7 @@ pub async fn serve_backend(
             Err(e) => return Err(ServeError::FinalFlush(e)),
         }
     }
-    result.map_err(ServeError::from)
+    Ok(())
 }
 
 impl reload::PolicyHolder for Backend {

@@ -317,6 +317,7 @@ pub struct Serve {
     envs: Vec<(OsString, OsString)>,
     log: Option<PathBuf>,
     file_size_limit_kib: Option<u64>,
+    open_files: Option<u64>,
 }
 
 impl Serve {
@@ -327,6 +328,7 @@ impl Serve {
             envs: vec![("RUST_LOG".into(), "warn".into())],
             log: None,
             file_size_limit_kib: None,
+            open_files: None,
         }
     }
 
@@ -334,6 +336,12 @@ impl Serve {
     /// a file past `kib` KiB fails with EFBIG, as on a full disk, without killing the process.
     pub fn file_size_limit_kib(mut self, kib: u64) -> Self {
         self.file_size_limit_kib = Some(kib);
+        self
+    }
+
+    /// Start it with both limits on open files (soft and hard) at `n`, so it cannot raise them.
+    pub fn open_files_limit(mut self, n: u64) -> Self {
+        self.open_files = Some(n);
         self
     }
 
@@ -397,6 +405,13 @@ impl Serve {
             }
             None => Command::new(binary),
         };
+        if let Some(n) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+            unsafe {
+                command.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, n, n));
+            }
+        }
         let mut child = command
             .arg("serve")
             .arg("--listen")
