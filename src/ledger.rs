@@ -13,7 +13,7 @@ use crate::engine::{
     ReserveInput, ReserveOutcome, Usage, UsageQuery, UsageReport,
 };
 use crate::policy::{Overrides, Policy, PolicyCell};
-use crate::store::{Durability, Store, StoreError, Ticket, Writer};
+use crate::store::{Durability, Recovery, Store, StoreError, Ticket, Writer};
 
 /// Why a ledger call failed.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +89,8 @@ impl std::fmt::Debug for Ledger {
 }
 
 impl Ledger {
-    /// Open the data directory, load everything in it, and start the writer.
+    /// Open the data directory, load everything in it, and start the writer. A store that has
+    /// lost acknowledged records is refused ([`StoreError::DataLoss`]).
     pub fn open(
         data_dir: &Path,
         policy: Arc<Policy>,
@@ -97,7 +98,19 @@ impl Ledger {
         durability: Durability,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StoreError> {
-        let store = Store::open(data_dir)?;
+        let store = Store::open(data_dir, Recovery::Refuse)?;
+        Self::open_store(store, policy, bounds, durability, clock)
+    }
+
+    /// Load everything in an opened store (checking it as it was opened to), and start the
+    /// writer.
+    pub fn open_store(
+        store: Store,
+        policy: Arc<Policy>,
+        bounds: Bounds,
+        durability: Durability,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
         let snapshot = store.load()?;
         let cell = PolicyCell::new(policy.clone());
         let mut engine = Engine::new(policy, bounds);
@@ -110,7 +123,7 @@ impl Ledger {
             scopes,
             reservations,
             open_holds = engine.open_holds(),
-            dir = %data_dir.display(),
+            dir = %store.dir().display(),
             "ledger loaded"
         );
         Ok(Self {
@@ -314,5 +327,10 @@ impl Ledger {
     pub fn counts(&self) -> Result<(usize, usize, usize), LedgerError> {
         let e = self.lock()?;
         Ok((e.open_holds(), e.reservation_count(), e.scope_count()))
+    }
+
+    /// The store (for a consistent export while serving: [`Store::consistent_reader`]).
+    pub fn store(&self) -> &Store {
+        self.writer.store()
     }
 }

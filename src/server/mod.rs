@@ -2,6 +2,7 @@
 //! so grpcurl and Kubernetes probes work without proto files.
 
 mod admin;
+mod export;
 pub mod prompt;
 mod quota;
 pub mod reload;

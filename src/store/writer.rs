@@ -72,6 +72,8 @@ impl Ticket {
 /// order) and must never block there, so the queue's bound is enforced by a semaphore that a
 /// request waits on asynchronously before it takes the lock; `submit` itself never waits.
 pub struct Writer {
+    /// The store the thread writes, for consistent reads beside it.
+    store: Store,
     tx: Option<mpsc::Sender<Job>>,
     slots: Arc<Semaphore>,
     failed: Arc<OnceLock<String>>,
@@ -88,22 +90,29 @@ impl std::fmt::Debug for Writer {
 }
 
 impl Writer {
-    /// Start the writer thread over `store`.
+    /// Start the writer thread over `store`, which [`Store::load`] has checked.
     pub fn start(store: Store, durability: Durability) -> Self {
         let (tx, rx) = mpsc::channel();
         let failed = Arc::new(OnceLock::new());
         let thread_failed = failed.clone();
+        let thread_store = store.clone();
         let thread = std::thread::Builder::new()
             .name("tollgate-writer".into())
-            .spawn(move || run(store, rx, durability, thread_failed))
+            .spawn(move || run(thread_store, rx, durability, thread_failed))
             .expect("spawn the writer thread");
         Self {
+            store,
             tx: Some(tx),
             slots: Arc::new(Semaphore::new(QUEUE_BOUND)),
             failed,
             durability,
             thread: Some(thread),
         }
+    }
+
+    /// The store written (for consistent reads: see [`Store::consistent_reader`]).
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The durability in force.
@@ -260,8 +269,12 @@ fn run(store: Store, rx: Receiver<Job>, durability: Durability, failed: Arc<Once
                 let _ = done.send(answer.clone());
             }
         }
+        // After the answers: the watermark's own sync (once a second) delays no answer.
+        if let Err(e) = store.sync_watermark(false) {
+            fail(&e);
+        }
     }
-    if let Err(e) = store.flush() {
+    if let Err(e) = store.flush().and_then(|()| store.sync_watermark(true)) {
         tracing::error!(error = %e, "final flush failed");
     }
 }
