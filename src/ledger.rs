@@ -15,7 +15,7 @@ use crate::engine::{
 };
 use crate::failstop::FailStop;
 use crate::policy::{Overrides, Policy, PolicyCell};
-use crate::store::{Durability, Store, StoreError, Ticket, Writer};
+use crate::store::{Durability, Recovery, Store, StoreError, Ticket, Writer};
 
 /// Why a ledger call failed.
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +130,8 @@ impl std::fmt::Debug for Ledger {
 }
 
 impl Ledger {
-    /// Open the data directory, load everything in it, and start the writer.
+    /// Open the data directory, load everything in it, and start the writer. A store that has
+    /// lost acknowledged records is refused ([`StoreError::DataLoss`]).
     pub fn open(
         data_dir: &Path,
         policy: Arc<Policy>,
@@ -138,19 +139,20 @@ impl Ledger {
         durability: Durability,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StoreError> {
-        Self::open_with(data_dir, policy, bounds, durability, clock, FailStop::new())
+        let store = Store::open(data_dir, Recovery::Refuse)?;
+        Self::open_store(store, policy, bounds, durability, clock, FailStop::new())
     }
 
-    /// [`open`](Self::open), tripping `failed` when the ledger can no longer go on.
-    pub fn open_with(
-        data_dir: &Path,
+    /// Load everything in an opened store (checking it as it was opened to), and start the
+    /// writer; `failed` is tripped when the ledger can no longer go on.
+    pub fn open_store(
+        store: Store,
         policy: Arc<Policy>,
         bounds: Bounds,
         durability: Durability,
         clock: Arc<dyn Clock>,
         failed: FailStop,
     ) -> Result<Self, StoreError> {
-        let store = Store::open(data_dir)?;
         let snapshot = store.load()?;
         let cell = PolicyCell::new(policy.clone());
         let mut engine = Engine::new(policy, bounds);
@@ -163,7 +165,7 @@ impl Ledger {
             scopes,
             reservations,
             open_holds = engine.open_holds(),
-            dir = %data_dir.display(),
+            dir = %store.dir().display(),
             "ledger loaded"
         );
         Ok(Self {
@@ -423,6 +425,11 @@ impl Ledger {
     pub fn counts(&self) -> Result<(usize, usize, usize), LedgerError> {
         let e = self.lock()?;
         Ok((e.open_holds(), e.reservation_count(), e.scope_count()))
+    }
+
+    /// The store (for a consistent export while serving: [`Store::consistent_reader`]).
+    pub fn store(&self) -> &Store {
+        self.writer.store()
     }
 }
 

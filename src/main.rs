@@ -14,12 +14,14 @@ use tollgate::relay::Relay;
 use tollgate::server::transport::DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT;
 use tollgate::server::validate::DEFAULT_MAX_PROMPT_BYTES;
 use tollgate::server::{Backend, ServeOptions, TransportOptions};
-use tollgate::store::Durability;
+use tollgate::store::{Durability, Recovery, Store};
 use tollgate::tokens::{count_chat, count_text, ChatMessage};
 
 use std::io::Read;
 use std::time::Duration;
 
+#[path = "cli/backup.rs"]
+mod backup;
 #[path = "cli/usage.rs"]
 mod usage;
 
@@ -56,6 +58,43 @@ enum Command {
     /// Print a subject's usage (or a group's, an IP's or the whole fleet's) from a running
     /// tollgate, as a table: figures for today and this month, and every limit that applies.
     Usage(UsageArgs),
+    /// Back up every record of a ledger as a versioned JSON Lines file: from a stopped
+    /// server's --data-dir, or from a running server (--addr) through its Admin Export call,
+    /// as a consistent snapshot taken while it serves.
+    Export(ExportArgs),
+    /// Restore an export into a data directory that holds no store (or, with --replace, whose
+    /// store is deleted first), checking every line, the counts and the checksum first.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ExportArgs {
+    /// The data directory of a stopped tollgate (a running one holds its directory's lock:
+    /// use --addr).
+    #[arg(long, conflicts_with = "addr", required_unless_present = "addr")]
+    data_dir: Option<PathBuf>,
+    /// A running tollgate, e.g. http://127.0.0.1:50051: exported through its Admin Export call.
+    #[arg(long)]
+    addr: Option<String>,
+    /// The admin token of the running tollgate (with --addr).
+    #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Where to write the export: a file (written as FILE.partial, renamed once complete), or
+    /// "-" for stdout.
+    #[arg(long, default_value = "-")]
+    out: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct ImportArgs {
+    /// The export file to restore.
+    file: PathBuf,
+    /// The data directory to restore into: missing or holding no store.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Delete the store the data directory holds first (refused while a server has it open).
+    #[arg(long)]
+    replace: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -157,6 +196,11 @@ struct ServeArgs {
     /// at most 16 MiB); a request whose bytes do not fit is refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "TOLLGATE_MAX_REQUEST_BYTES_IN_FLIGHT", default_value_t = DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT)]
     max_request_bytes_in_flight: usize,
+    /// Start even if the data directory has lost acknowledged records (sled's data truncated,
+    /// damaged or deleted): log what was found against what was expected, serve what is left,
+    /// and start the watermark afresh from it. Without it such a directory is refused (exit 1).
+    #[arg(long, env = "TOLLGATE_ACCEPT_DATA_LOSS")]
+    accept_data_loss: bool,
 }
 
 /// The exit status after a fail-stop (a failed write or sync, a panic under the engine lock):
@@ -190,6 +234,10 @@ fn main() -> ExitCode {
         Command::CountTokens(args) => count_tokens(args),
         Command::CheckPolicy(args) => check_policy(&args.file),
         Command::Usage(args) => usage::print(args.addr, args.subject, args.group, args.client_ip),
+        Command::Export(args) => {
+            backup::export(args.data_dir, args.addr, args.admin_token, &args.out)
+        }
+        Command::Import(args) => backup::import(&args.file, &args.data_dir, args.replace),
     }
 }
 
@@ -323,13 +371,21 @@ fn serve(args: ServeArgs) -> ExitCode {
                 Backend::Relay(relay)
             }
             None => {
-                let ledger = match Ledger::open(
-                    &args.data_dir,
-                    policy,
-                    Bounds::default(),
-                    args.durability,
-                    Arc::new(SystemClock),
-                ) {
+                let recovery = if args.accept_data_loss {
+                    Recovery::AcceptLoss
+                } else {
+                    Recovery::Refuse
+                };
+                let ledger = match Store::open(&args.data_dir, recovery).and_then(|store| {
+                    Ledger::open_store(
+                        store,
+                        policy,
+                        Bounds::default(),
+                        args.durability,
+                        Arc::new(SystemClock),
+                        tollgate::failstop::FailStop::new(),
+                    )
+                }) {
                     Ok(l) => Arc::new(l),
                     Err(e) => {
                         eprintln!("tollgate: cannot open {}: {e}", args.data_dir.display());

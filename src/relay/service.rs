@@ -450,4 +450,14 @@ impl proto::admin_server::Admin for RelayAdmin {
         )
         .await
     }
+
+    type ExportStream = tonic::Streaming<proto::ExportChunk>;
+
+    /// The central service's export, streamed through.
+    async fn export(
+        &self,
+        request: Request<proto::ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        metrics::timed("Export", self.client().export(with_credentials(request))).await
+    }
 }

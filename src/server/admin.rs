@@ -174,4 +174,16 @@ impl proto::admin_server::Admin for AdminService {
     ) -> Result<Response<proto::ResetUsageResponse>, Status> {
         telemetry::timed("ResetUsage", self.reset_usage_call(request)).await
     }
+
+    type ExportStream = super::export::ExportStream;
+
+    async fn export(
+        &self,
+        _request: Request<proto::ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        telemetry::timed("Export", async {
+            super::export::start(&self.ledger).map(Response::new)
+        })
+        .await
+    }
 }

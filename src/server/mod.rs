@@ -4,6 +4,7 @@
 mod admin;
 pub mod codec;
 pub mod content_type;
+mod export;
 pub mod prompt;
 mod quota;
 pub mod reload;

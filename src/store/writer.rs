@@ -74,6 +74,8 @@ impl Ticket {
 /// order) and must never block there, so the queue's bound is enforced by a semaphore that a
 /// request waits on asynchronously before it takes the lock; `submit` itself never waits.
 pub struct Writer {
+    /// The store the thread writes, for consistent reads beside it.
+    store: Store,
     tx: Option<mpsc::Sender<Job>>,
     slots: Arc<Semaphore>,
     failed: FailStop,
@@ -90,21 +92,29 @@ impl std::fmt::Debug for Writer {
 }
 
 impl Writer {
-    /// Start the writer thread over `store`. A failed write or sync trips `failed`.
+    /// Start the writer thread over `store`, which [`Store::load`] has checked. A failed write
+    /// or sync trips `failed`.
     pub fn start(store: Store, durability: Durability, failed: FailStop) -> Self {
         let (tx, rx) = mpsc::channel();
         let thread_failed = failed.clone();
+        let thread_store = store.clone();
         let thread = std::thread::Builder::new()
             .name("tollgate-writer".into())
-            .spawn(move || run(store, rx, thread_failed))
+            .spawn(move || run(thread_store, rx, thread_failed))
             .expect("spawn the writer thread");
         Self {
+            store,
             tx: Some(tx),
             slots: Arc::new(Semaphore::new(QUEUE_BOUND)),
             failed,
             durability,
             thread: Some(thread),
         }
+    }
+
+    /// The store written (for consistent reads: see [`Store::consistent_reader`]).
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The durability in force.
@@ -268,9 +278,13 @@ fn run(store: Store, rx: Receiver<Job>, failed: FailStop) {
                 let _ = done.send(answer.clone());
             }
         }
+        // After the answers: the watermark's own sync (once a second) delays no answer.
+        if let Err(e) = store.sync_watermark(false) {
+            fail(&e);
+        }
     }
     if failed.reason().is_none() {
-        if let Err(e) = store.flush() {
+        if let Err(e) = store.flush().and_then(|()| store.sync_watermark(true)) {
             tracing::error!(error = %e, "final flush failed");
         }
     }
