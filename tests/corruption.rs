@@ -668,6 +668,15 @@ async fn an_export_cut_short_or_altered_is_refused_by_import() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // An import that did not finish leaves its marker: no server starts on half a store.
+    let marker = f.data.join("import-in-progress");
+    std::fs::write(&marker, "").unwrap();
+    let (status, stderr) = refused(&f, &f.data, &[]);
+    assert!(
+        !status.success() && stderr.contains("did not finish"),
+        "{stderr}"
+    );
+    std::fs::remove_file(&marker).unwrap();
     let server = f.serve(&f.data).start();
     assert_eq!(fleet_open_holds(&server).await, 3);
     stop(server);
