@@ -480,7 +480,8 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     );
     let mut q = server.quota().await;
     rsv(&mut q, reserve("before", 1, 1)).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Well past the idle timeout, so the GOAWAY has reached the channel before its next call.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     // The channel's connection was closed meanwhile; the next call reconnects.
     rsv(&mut q, reserve("after", 1, 1)).await;
 }
