@@ -182,6 +182,9 @@ impl proto::admin_server::Admin for AdminService {
         _request: Request<proto::ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
         telemetry::timed("Export", async {
+            // Everything decided before the call, denials' counters included (the sweeper
+            // persists those in batches), is in the store the export reads.
+            self.ledger.flush().await?;
             super::export::start(&self.ledger).map(Response::new)
         })
         .await
