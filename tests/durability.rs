@@ -46,16 +46,6 @@ hold_seconds = 3600
 max_hold_seconds = 7200
 "#;
 
-/// One tier no load test can exhaust, with hour-long holds.
-const POLICY_LOAD: &str = r#"
-default_tier = "load"
-
-[tiers.load]
-tokens_per_minute = 1000000000000
-requests_per_minute = 1000000000
-tokens_per_day = 1000000000000
-hold_seconds = 3600
-"#;
 
 /// Today's UTC day by the wall clock (the binary's clock).
 fn today() -> u32 {

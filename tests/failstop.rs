@@ -16,15 +16,6 @@ use tonic_health::pb::HealthCheckRequest;
 
 use tollgate::proto::{Decision, GetUsageRequest};
 
-/// Limits nobody reaches, hour-long holds: every Reserve is admitted and stays open.
-const POLICY: &str = r#"
-default_tier = "t"
-
-[tiers.t]
-tokens_per_day = 1000000000000
-hold_seconds = 3600
-"#;
-
 /// The most Reserves sent before the file-size limit must have been met.
 const MAX_RESERVES: usize = 50_000;
 
@@ -42,7 +33,7 @@ async fn next_status(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_write_turns_health_not_serving_and_the_process_exits_non_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let policy = write_file(dir.path(), "policy.toml", POLICY);
+    let policy = write_file(dir.path(), "policy.toml", POLICY_LOAD);
     let data = dir.path().join("data");
     let log = dir.path().join("tollgate.log");
     let mut server = Serve::new(&data)

@@ -638,16 +638,6 @@ async fn metrics_count_exactly_what_a_scripted_workload_did() {
 // ---------------------------------------------------------------------------------------------
 // 2. Graceful shutdown
 
-/// One tier no load test can exhaust, with hour-long holds.
-const POLICY_LOAD: &str = r#"
-default_tier = "load"
-
-[tiers.load]
-tokens_per_minute = 1000000000000
-requests_per_minute = 1000000000
-tokens_per_day = 1000000000000
-hold_seconds = 3600
-"#;
 
 const LOAD_TASKS: usize = 8;
 const LOAD_SUBJECTS: usize = 4;

@@ -39,6 +39,17 @@ pub const ADMIN_TOKEN: &str = "test-admin-token";
 /// The minimal policy of the documentation.
 pub const POLICY_500: &str = "default_tier = \"free\"\n\n[tiers.free]\ntokens_per_day = 500\n";
 /// A reservation id of the right shape that no server ever issued.
+/// One tier no load test can exhaust, with hour-long holds (none expires during a test).
+pub const POLICY_LOAD: &str = r#"
+default_tier = "load"
+
+[tiers.load]
+tokens_per_minute = 1000000000000
+requests_per_minute = 1000000000
+tokens_per_day = 1000000000000
+hold_seconds = 3600
+"#;
+
 pub const WELL_FORMED_UNKNOWN_ID: &str = "0192a8a4-1c2b-7cc0-8d1e-0123456789ab";
 
 /// A server in this process, on loopback, with a clock the test moves.
