@@ -11,7 +11,9 @@
 //!
 //! The server's policy must admit the load (`examples/load-policy.toml` does); denials are
 //! counted and reported, not hidden. Client and server share the machine's cores, so on a small
-//! machine the figures are a floor for the server alone.
+//! machine the figures are a floor for the server alone. That is why the CPU time this client
+//! spends per call is reported (and the server's, given `--server-pid`): on shared cores every
+//! microsecond the client burns is one the server did not get.
 
 use std::time::{Duration, Instant};
 
@@ -49,6 +51,10 @@ struct Args {
     /// Output tokens held per Reserve (Commit reports half of them used).
     #[arg(long, default_value_t = 200)]
     max_output_tokens: u64,
+    /// The server's process id, on this machine: its CPU time over the measured window is
+    /// reported per call too.
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 /// What one caller measured (latencies in microseconds).
@@ -145,6 +151,32 @@ async fn caller(
     stats
 }
 
+/// CPU time (user + system, all threads) a process has used so far, from `/proc/<pid>/stat`:
+/// the same source for this client and for the server, so the two figures compare. Linux only;
+/// `None` elsewhere or for a process that has gone.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count from after it.
+    // Then field 3 (state) is first, so utime (field 14) and stime (15) are the 12th and 13th.
+    let mut rest = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .skip(11);
+    let utime: u64 = rest.next()?.parse().ok()?;
+    let stime: u64 = rest.next()?.parse().ok()?;
+    // SAFETY: sysconf reads a constant of the system and has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
+}
+
+/// CPU microseconds per call between two readings, or "n/a".
+fn per_call(before: Option<f64>, after: Option<f64>, calls: usize) -> String {
+    match (before, after) {
+        (Some(b), Some(a)) if calls > 0 => format!("{:.1} us", (a - b) * 1e6 / calls as f64),
+        _ => "n/a".to_string(),
+    }
+}
+
 /// The `p` quantile (0..=1) of sorted values, nearest rank.
 fn quantile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -192,11 +224,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             n += 1;
         }
     }
+    let server_pid = args.server_pid.map(|p| p.to_string());
+    tokio::time::sleep_until(measure_from.into()).await;
+    let client_cpu = cpu_seconds("self");
+    let server_cpu = server_pid.as_deref().and_then(cpu_seconds);
     let mut stats = Stats::default();
     while let Some(s) = callers.join_next().await {
         stats.merge(s?);
     }
     let seconds = (Instant::now() - measure_from).as_secs_f64();
+    let client_cpu = (client_cpu, cpu_seconds("self"));
+    let server_cpu = (server_cpu, server_pid.as_deref().and_then(cpu_seconds));
+    let calls = stats.reserve_us.len() + stats.commit_us.len();
 
     println!(
         "target {}  {} connections x {} streams = {} callers  measured {:.2} s (after {:.1} s warm-up)",
@@ -220,6 +259,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         (2 * pairs) as f64 / seconds,
         stats.denied,
         stats.errors
+    );
+    println!(
+        "cpu per call: client {}, server {} ({calls} calls measured; /proc resolution 1 tick)",
+        per_call(client_cpu.0, client_cpu.1, calls),
+        match server_pid {
+            Some(_) => per_call(server_cpu.0, server_cpu.1, calls),
+            None => "n/a (no --server-pid)".to_string(),
+        },
     );
     if let Some(e) = stats.first_error {
         println!("first error: {e}");
