@@ -1,0 +1,184 @@
+//! Resident memory per subject and per settled reservation, and the time a ledger takes to
+//! load a million subjects, measured in this process (issue 10's footprint figures).
+//!
+//! ```text
+//! cargo run --release --example footprint -- --subjects 1000000
+//! ```
+//!
+//! Three phases, each measured as the change in resident memory (`VmRSS` of
+//! /proc/self/status) divided by the count:
+//! 1. `subjects`: each of N subjects makes one Reserve and commits it (state with usage today:
+//!    bucket, window, day and month counters), so its scope stays in memory;
+//! 2. the same with the N committed reservations kept for retries (24 h): the difference is
+//!    what a settled reservation costs (with `Bounds::max_settled = 0` they are purged at once);
+//! 3. restart: the same N subjects written to a sled directory through the real ledger, then
+//!    `Ledger::open` timed from a fresh process state (load plus checks).
+//!
+//! Figures include the allocator's overhead, as resident memory does.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Parser;
+
+use tollgate::clock::ManualClock;
+use tollgate::engine::{Bounds, Decision, Engine, ReservationId, ReserveInput, Usage};
+use tollgate::ledger::Ledger;
+use tollgate::policy::Policy;
+use tollgate::store::Durability;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Subjects (and reservations) to make.
+    #[arg(long, default_value_t = 1_000_000)]
+    subjects: u64,
+    /// Skip the restart phase (it writes N subjects to a temporary sled directory).
+    #[arg(long)]
+    no_restart: bool,
+}
+
+const POLICY: &str = r#"
+default_tier = "t"
+
+[tiers.t]
+tokens_per_minute = 1000000000
+requests_per_minute = 1000000
+tokens_per_day = 1000000000
+tokens_per_month = 1000000000
+max_concurrent = 100
+"#;
+
+/// Resident memory of this process, in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn input(subject: String, id: u128) -> ReserveInput {
+    ReserveInput {
+        subject,
+        model: "gpt-4o-mini".into(),
+        prompt_tokens: 100,
+        prompt_tokens_for: Vec::new(),
+        max_output_tokens: 100,
+        idempotency_key: Some(format!("k{id}")),
+        hold_us: None,
+        dry_run: false,
+        group: None,
+        client_ip: None,
+        id: ReservationId(id),
+    }
+}
+
+/// Resident bytes per subject after `n` subjects each Reserve and Commit once, keeping at most
+/// `max_settled` settled reservations. Memory is handed back to the system (malloc_trim)
+/// before and after, so each phase starts from what the process really holds.
+fn fill(policy: &Arc<Policy>, n: u64, now: u64, max_settled: usize) -> f64 {
+    // SAFETY: malloc_trim only returns free memory to the system.
+    unsafe { libc::malloc_trim(0) };
+    let before = rss();
+    let mut engine = Engine::new(
+        policy.clone(),
+        Bounds {
+            max_settled,
+            max_scopes: usize::MAX,
+            ..Bounds::default()
+        },
+    );
+    let mut out = Vec::new();
+    for i in 0..n {
+        let id = u128::from(i) + 1;
+        let r = engine
+            .reserve(input(format!("user-{i:08}"), id), now, &mut out)
+            .expect("reserve");
+        assert_eq!(r.decision, Decision::Allowed);
+        let usage = Usage {
+            prompt_tokens: 100,
+            completion_tokens: 50,
+            usage_unknown: false,
+        };
+        engine
+            .commit(ReservationId(id), usage, now, &mut out)
+            .expect("commit");
+        out.clear();
+    }
+    let per = rss().saturating_sub(before) as f64 / n as f64;
+    drop(engine);
+    per
+}
+
+fn main() {
+    let args = Args::parse();
+    let n = args.subjects;
+    let policy = Arc::new(Policy::from_toml(POLICY, "footprint.toml").expect("policy"));
+    let now = 1_773_144_000_000_000u64;
+
+    let subjects_only = fill(&policy, n, now, 0);
+    let with_settled = fill(&policy, n, now, usize::MAX);
+    println!("{n} subjects, each with one Reserve and its Commit (usage today and this month)");
+    println!("resident bytes per subject with usage: {subjects_only:.0}");
+    println!(
+        "resident bytes per settled reservation kept for retries: {:.0}",
+        with_settled - subjects_only
+    );
+
+    if args.no_restart {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(now));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let ledger = Ledger::open(
+            dir.path(),
+            policy.clone(),
+            Bounds::default(),
+            Durability::Relaxed,
+            clock.clone(),
+        )
+        .expect("open");
+        let started = Instant::now();
+        for i in 0..n {
+            let r = ledger
+                .reserve(input(format!("user-{i:08}"), 0))
+                .await
+                .expect("reserve");
+            let id = r.reservation_id.expect("a hold");
+            ledger
+                .commit(
+                    id,
+                    Usage {
+                        prompt_tokens: 100,
+                        completion_tokens: 50,
+                        usage_unknown: false,
+                    },
+                )
+                .await
+                .expect("commit");
+        }
+        ledger.flush().await.expect("flush");
+        println!(
+            "wrote {n} subjects through the ledger (relaxed) in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    });
+    let started = Instant::now();
+    let ledger = Ledger::open(
+        dir.path(),
+        policy,
+        Bounds::default(),
+        Durability::Relaxed,
+        clock,
+    )
+    .expect("reopen");
+    println!(
+        "restart: Ledger::open with {n} subjects and {n} settled reservations took {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    drop(ledger);
+    drop(runtime);
+}
