@@ -638,7 +638,6 @@ async fn metrics_count_exactly_what_a_scripted_workload_did() {
 // ---------------------------------------------------------------------------------------------
 // 2. Graceful shutdown
 
-
 const LOAD_TASKS: usize = 8;
 const LOAD_SUBJECTS: usize = 4;
 /// SIGTERM comes this long after the load starts.
