@@ -15,6 +15,7 @@ use crate::engine::{
 };
 use crate::failstop::FailStop;
 use crate::policy::{Overrides, Policy, PolicyCell};
+use crate::store::sled::SledStore;
 use crate::store::{Durability, Recovery, Store, StoreError, Ticket, Writer};
 
 /// Why a ledger call failed.
@@ -130,8 +131,8 @@ impl std::fmt::Debug for Ledger {
 }
 
 impl Ledger {
-    /// Open the data directory, load everything in it, and start the writer. A store that has
-    /// lost acknowledged records is refused ([`StoreError::DataLoss`]).
+    /// Open the data directory (sled), load everything in it, and start the writer. A store
+    /// that has lost acknowledged records is refused ([`StoreError::DataLoss`]).
     pub fn open(
         data_dir: &Path,
         policy: Arc<Policy>,
@@ -139,14 +140,21 @@ impl Ledger {
         durability: Durability,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StoreError> {
-        let store = Store::open(data_dir, Recovery::Refuse)?;
-        Self::open_store(store, policy, bounds, durability, clock, FailStop::new())
+        let store = SledStore::open(data_dir, Recovery::Refuse)?;
+        Self::open_store(
+            Arc::new(store),
+            policy,
+            bounds,
+            durability,
+            clock,
+            FailStop::new(),
+        )
     }
 
     /// Load everything in an opened store (checking it as it was opened to), and start the
     /// writer; `failed` is tripped when the ledger can no longer go on.
     pub fn open_store(
-        store: Store,
+        store: Arc<dyn Store>,
         policy: Arc<Policy>,
         bounds: Bounds,
         durability: Durability,
@@ -165,7 +173,7 @@ impl Ledger {
             scopes,
             reservations,
             open_holds = engine.open_holds(),
-            dir = %store.dir().display(),
+            store = %store.location(),
             "ledger loaded"
         );
         Ok(Self {
@@ -427,8 +435,8 @@ impl Ledger {
         Ok((e.open_holds(), e.reservation_count(), e.scope_count()))
     }
 
-    /// The store (for a consistent export while serving: [`Store::consistent_reader`]).
-    pub fn store(&self) -> &Store {
+    /// The store (for a consistent export while serving: [`Store::reader`]).
+    pub fn store(&self) -> &Arc<dyn Store> {
         self.writer.store()
     }
 }

@@ -14,7 +14,8 @@ use tollgate::relay::Relay;
 use tollgate::server::transport::DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT;
 use tollgate::server::validate::DEFAULT_MAX_PROMPT_BYTES;
 use tollgate::server::{Backend, ServeOptions, TransportOptions};
-use tollgate::store::{Durability, Recovery, Store};
+use tollgate::store::sled::SledStore;
+use tollgate::store::{Durability, Recovery};
 use tollgate::tokens::{count_chat, count_text, ChatMessage};
 
 use std::io::Read;
@@ -376,9 +377,9 @@ fn serve(args: ServeArgs) -> ExitCode {
                 } else {
                     Recovery::Refuse
                 };
-                let ledger = match Store::open(&args.data_dir, recovery).and_then(|store| {
+                let ledger = match SledStore::open(&args.data_dir, recovery).and_then(|store| {
                     Ledger::open_store(
-                        store,
+                        Arc::new(store),
                         policy,
                         Bounds::default(),
                         args.durability,

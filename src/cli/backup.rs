@@ -11,7 +11,8 @@ use tollgate::clock::{Clock, SystemClock};
 use tollgate::proto::admin_client::AdminClient;
 use tollgate::proto::ExportRequest;
 use tollgate::store::export::{write_export, ExportSummary, Line};
-use tollgate::store::import::import as import_file;
+use tollgate::store::sled::restore::import as import_file;
+use tollgate::store::sled::SledStore;
 use tollgate::store::Store;
 
 /// Where an export goes: stdout, or a file written under a temporary name and renamed into
@@ -147,7 +148,7 @@ impl From<ExportSummary> for Summary {
 }
 
 fn export_stopped(dir: &Path, out: &mut dyn Write) -> Result<Summary, String> {
-    let store = Store::open_existing(dir).map_err(|e| {
+    let store = SledStore::open_existing(dir).map_err(|e| {
         let text = e.to_string();
         if text.contains("could not acquire lock") {
             format!("{} is in use by a running tollgate: export from it with --addr (its Admin Export call)", dir.display())
@@ -155,12 +156,11 @@ fn export_stopped(dir: &Path, out: &mut dyn Write) -> Result<Summary, String> {
             format!("cannot open {}: {text}", dir.display())
         }
     })?;
-    let mut reader = store.consistent_reader().map_err(|e| e.to_string())?;
-    write_export(&mut reader, out, SystemClock.now_micros(), |found| {
-        store.check(found).map(|_| ())
-    })
-    .map(Summary::from)
-    .map_err(|e| e.to_string())
+    // The reader of a stopped store also runs the start-up check on what it read.
+    let mut reader = store.reader().map_err(|e| e.to_string())?;
+    write_export(reader.as_mut(), out, SystemClock.now_micros())
+        .map(Summary::from)
+        .map_err(|e| e.to_string())
 }
 
 fn export_running(

@@ -1,5 +1,5 @@
-//! The Admin `Export` call: an export written on a blocking thread (sled reads and JSON are
-//! synchronous work) into a bounded channel of chunks that the response streams.
+//! The Admin `Export` call: an export written on a blocking thread (the store's reads and JSON
+//! are synchronous work) into a bounded channel of chunks that the response streams.
 //!
 //! Bounded: at most [`CHANNEL_CHUNKS`] chunks of about [`CHUNK_BYTES`] wait for a slow client;
 //! past that the export waits (and its reader keeps what the writer overwrites meanwhile, up to
@@ -62,8 +62,8 @@ impl Write for ChunkSink {
 fn status(e: &ExportError) -> Status {
     let code = match e {
         ExportError::Store(StoreError::ReadBusy) => Code::Aborted,
-        ExportError::Store(StoreError::ReadOverflow) => Code::ResourceExhausted,
-        ExportError::Store(StoreError::Corrupt { .. }) | ExportError::Inconsistent { .. } => {
+        ExportError::Store(StoreError::ReadOverflow(_)) => Code::ResourceExhausted,
+        ExportError::Store(StoreError::Corrupt { .. } | StoreError::ReadInconsistent { .. }) => {
             Code::DataLoss
         }
         ExportError::Store(_) | ExportError::Io(_) => Code::Unavailable,
@@ -73,10 +73,7 @@ fn status(e: &ExportError) -> Status {
 
 /// Start streaming an export of `ledger`'s store.
 pub fn start(ledger: &Ledger) -> Result<ExportStream, Status> {
-    let mut reader = ledger
-        .store()
-        .consistent_reader()
-        .map_err(|e| status(&e.into()))?;
+    let mut reader = ledger.store().reader().map_err(|e| status(&e.into()))?;
     let now_us = ledger.now_micros();
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
     tokio::task::spawn_blocking(move || {
@@ -84,7 +81,7 @@ pub fn start(ledger: &Ledger) -> Result<ExportStream, Status> {
             tx: tx.clone(),
             buf: Vec::with_capacity(CHUNK_BYTES + 4096),
         };
-        match write_export(&mut reader, sink, now_us, |_| Ok(())) {
+        match write_export(reader.as_mut(), sink, now_us) {
             Ok(summary) => tracing::info!(
                 records = summary.counts.records,
                 batch = ?summary.batch,

@@ -2,10 +2,10 @@
 //! `export_format.rs`, whether the store is stopped (`tollgate export --data-dir`) or serving
 //! (the Admin `Export` call, which `tollgate export --addr` uses).
 //!
-//! The records come from a [`ConsistentReader`], and the export checks itself before its last
-//! line: the records written must add up to the tally of the batch the read began at (and,
-//! for a stopped store, pass the start-up check). An export that fails has no end line, so no
-//! import will take it.
+//! The records come from a backend's [`RecordReader`], which checks itself before it reports
+//! the end: the records it returned must be the store as of its batch (and, for a stopped
+//! store, pass the start-up check). An export that fails has no end line, so no import will
+//! take it.
 
 use std::io::{self, Write};
 
@@ -14,7 +14,7 @@ use xxhash_rust::xxh3::Xxh3;
 pub use super::export_format::{Counts, Header, Line, FORMAT_NAME, VERSION};
 
 use super::export_format::End;
-use super::{ConsistentReader, Record, StoreError, Tally};
+use super::{Record, RecordReader, StoreError};
 
 /// Records read from the store per chunk: one chunk holds the store's lock (so delays the
 /// writer) for a fraction of a millisecond.
@@ -29,14 +29,6 @@ pub enum ExportError {
     /// Writing the file failed.
     #[error("export: writing: {0}")]
     Io(#[from] io::Error),
-    /// The records read do not add up to the tally of the batch the read began at.
-    #[error("export: the records read ({found}) do not add up to the store's tally ({expected}); nothing was exported")]
-    Inconsistent {
-        /// What was read.
-        found: String,
-        /// The tally.
-        expected: String,
-    },
 }
 
 /// What an export wrote.
@@ -71,40 +63,27 @@ fn write_line(out: &mut impl Write, line: &Line) -> io::Result<()> {
     out.write_all(b"\n")
 }
 
-/// Write every record `reader` returns to `out`, as an export made at `now_us`. Before the
-/// end line, `check` is given the tally of what was written (for a stopped store: the
-/// start-up check).
+/// Write every record `reader` returns to `out`, as an export made at `now_us`.
 pub fn write_export(
-    reader: &mut ConsistentReader,
+    reader: &mut dyn RecordReader,
     out: impl Write,
     now_us: u64,
-    check: impl FnOnce(Tally) -> Result<(), StoreError>,
 ) -> Result<ExportSummary, ExportError> {
-    let batch = reader.start().map(|t| t.batch);
+    let batch = reader.batch();
     let mut out = Hashing {
         out,
         hash: Xxh3::new(),
     };
     write_line(&mut out, &Line::Header(Header::new(batch, now_us)))?;
     let mut counts = Counts::default();
-    let mut found = Tally::default();
+    // The reader checks, before it reports the end, that it returned the store as of `batch`.
     while let Some(chunk) = reader.next_chunk(CHUNK_RECORDS)? {
         for (key, value) in chunk {
-            found.add(&key, &value);
             let record = Record::decode(&key, &value)?;
             counts.add(&record);
             write_line(&mut out, &Line::from(record))?;
         }
     }
-    if let Some(start) = reader.start() {
-        if !found.same_records(&start) {
-            return Err(ExportError::Inconsistent {
-                found: format!("{} records, digest {:016x}", found.records, found.digest),
-                expected: start.to_string(),
-            });
-        }
-    }
-    check(found)?;
     let sum = out.hash.digest();
     let mut out = out.out;
     write_line(&mut out, &Line::End(End::new(counts, sum)))?;

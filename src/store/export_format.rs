@@ -61,7 +61,7 @@ pub struct Header {
     pub format: String,
     /// [`VERSION`].
     pub version: u32,
-    /// The store format of the records ([`super::FORMAT_VERSION`]).
+    /// The format of the records ([`super::RECORD_FORMAT`]).
     pub store_format: u32,
     /// The store's batch the export is as of (none: a store written before tallies).
     pub batch: Option<u64>,
@@ -185,7 +185,7 @@ impl Header {
             tag: IgnoredAny,
             format: FORMAT_NAME.into(),
             version: VERSION,
-            store_format: super::FORMAT_VERSION,
+            store_format: super::RECORD_FORMAT,
             batch,
             exported_at_us,
         }
@@ -205,11 +205,11 @@ impl Header {
                 self.version
             ));
         }
-        if self.store_format != super::FORMAT_VERSION {
+        if self.store_format != super::RECORD_FORMAT {
             return Some(format!(
                 "records of store format {} (this build reads store format {})",
                 self.store_format,
-                super::FORMAT_VERSION
+                super::RECORD_FORMAT
             ));
         }
         None

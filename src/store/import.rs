@@ -1,14 +1,13 @@
-//! `tollgate import`: restore an export into a data directory that holds no store.
+//! `tollgate import`: reading an export and restoring it into a [`Store`] that holds nothing.
 //!
-//! Two passes over the file. The first checks all of it and touches nothing: the header, every
-//! record (decoded as a load decodes it: each is encoded into its store bytes and decoded back),
-//! no record twice, and the end line's counts and checksum. Only then is the directory touched:
-//! a marker file says an import is under way (a store is refused while it is there, so a half
-//! import never serves as a smaller ledger), the second pass writes the records in batches,
-//! with the tally, then flushes, writes the watermark, loads the result back as a start does,
-//! and removes the marker.
+//! Two passes over the file. The first ([`check_file`]) checks all of it and touches nothing:
+//! the header, every record (decoded as a load decodes it: each is encoded into its store bytes
+//! and decoded back), no record twice, and the end line's counts and checksum. Only then does
+//! the second ([`restore`]) write the records, in batches. What a backend does around the two
+//! (sled: a marker file while the directory is half written, loading the result back) is in
+//! its folder (`sled/restore.rs`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -16,10 +15,8 @@ use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::{xxh3_128, Xxh3};
 
 use super::export_format::{Counts, End, Line, MAX_LINE_BYTES};
-use super::{watermark, Record, Store, StoreError, SLED_FILE};
+use super::{Batch, Record, Store, StoreError};
 
-/// The marker of an import under way, in the data directory.
-pub const MARKER: &str = "import-in-progress";
 /// Records written per batch.
 const BATCH_RECORDS: usize = 4_096;
 
@@ -43,7 +40,7 @@ pub enum ImportError {
     #[error("import: {0} already holds a tollgate store ({1}); import restores into an empty directory (stop any server on it and pass --replace to delete that store first)")]
     NotEmpty(PathBuf, String),
     /// Writing the store failed.
-    #[error("import: {0} (the directory keeps its {MARKER} marker, so no server starts on a half import; run the import again with --replace)")]
+    #[error("import: {0} (the directory keeps its import-in-progress marker, so no server starts on a half import; run the import again with --replace)")]
     Store(#[from] StoreError),
 }
 
@@ -54,95 +51,27 @@ pub struct ImportSummary {
     pub counts: Counts,
 }
 
-/// Restore the export `file` into `dir` (created if missing). `replace`: delete a store that
-/// `dir` holds first (refused while a server has it open).
-pub fn import(file: &Path, dir: &Path, replace: bool) -> Result<ImportSummary, ImportError> {
-    let counts = read_export(file, |_, _| Ok(()))?;
-    clear(dir, replace)?;
-    let marker = dir.join(MARKER);
-    File::create(&marker)?.sync_all()?;
-    File::open(dir)?.sync_all()?;
+/// Check the export `file` whole, touching nothing: what it holds.
+pub fn check_file(file: &Path) -> Result<Counts, ImportError> {
+    read_export(file, |_, _| Ok(()))
+}
 
-    let store = Store::open_during_import(dir)?;
-    store.load()?;
-    let mut pending = BTreeMap::new();
+/// Write the records of the export `file` (checked by [`check_file`]) into `store`, which
+/// holds nothing and has been loaded, in batches, then flush and close it: what was written.
+pub fn restore(file: &Path, store: &dyn Store) -> Result<Counts, ImportError> {
+    let mut batch = Batch::new();
     let written = read_export(file, |key, value| {
-        pending.insert(key, Some(value));
-        if pending.len() >= BATCH_RECORDS {
-            store.write(std::mem::take(&mut pending))?;
+        batch.push(&key, Some(&value));
+        if batch.len() >= BATCH_RECORDS {
+            store.write(&std::mem::take(&mut batch))?;
+            store.maintain()?;
         }
         Ok(())
     })?;
-    store.write(pending)?;
+    store.write(&batch)?;
     store.flush()?;
-    store.sync_watermark(true)?;
-    drop(store);
-
-    // Load it back as a start would: what serve will see.
-    let store = Store::open_during_import(dir)?;
-    let loaded = store.load()?;
-    let records = loaded.scopes.len() + loaded.reservations.len() + loaded.assignments.len();
-    if written != counts || records as u64 != counts.records {
-        return Err(StoreError::Failed(format!(
-            "{records} records load back, where the file holds {}",
-            counts.records
-        ))
-        .into());
-    }
-    drop(store);
-    std::fs::remove_file(&marker)?;
-    File::open(dir)?.sync_all()?;
-    Ok(ImportSummary { counts })
-}
-
-/// The names of a store's files in its directory: sled's, the watermark, the import marker.
-fn store_file(name: &str) -> bool {
-    super::is_sled_file(name) || name == MARKER || name.starts_with(watermark::FILE_NAME)
-}
-
-/// Make sure `dir` exists and holds no store; with `replace`, delete the one it holds.
-fn clear(dir: &Path, replace: bool) -> Result<(), ImportError> {
-    std::fs::create_dir_all(dir)?;
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name();
-        if let Some(name) = name.to_str().filter(|n| store_file(n)) {
-            found.push(name.to_string());
-        }
-    }
-    if found.is_empty() {
-        return Ok(());
-    }
-    found.sort();
-    if !replace {
-        return Err(ImportError::NotEmpty(dir.to_path_buf(), found.join(", ")));
-    }
-    // sled holds an exclusive lock on its data file while it is open: the same lock, taken
-    // here, proves no server is using the store about to be deleted.
-    let data = dir.join(SLED_FILE);
-    let _lock = match File::open(&data) {
-        Ok(f) => {
-            fs2::FileExt::try_lock_exclusive(&f).map_err(|e| {
-                io::Error::other(format!(
-                    "{} is in use (a server is running on it?): {e}",
-                    data.display()
-                ))
-            })?;
-            Some(f)
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e.into()),
-    };
-    for name in found {
-        let path = dir.join(&name);
-        if path.is_dir() {
-            std::fs::remove_dir_all(&path)?;
-        } else {
-            std::fs::remove_file(&path)?;
-        }
-    }
-    File::open(dir)?.sync_all()?;
-    Ok(())
+    store.close()?;
+    Ok(written)
 }
 
 /// Read and check the export `file`, handing each record's store key and value to `sink`;

@@ -1,7 +1,5 @@
-//! One record: its key and value bytes in sled, and what they mean.
-//!
-//! One sled tree, keys prefixed by kind, so that every decision's records are written by one
-//! atomic batch (sled batches are atomic within a tree, not across trees):
+//! One record: its key and value bytes, and what they mean. Every backend stores these bytes
+//! (sled as its keys and values), the tally digests them, and an export decodes them.
 //!
 //! | key                    | value (postcard)        |
 //! |------------------------|-------------------------|
@@ -11,13 +9,15 @@
 //! | `G`                    | [`ScopeState`] (fleet)  |
 //! | `r` + 16-byte id (BE)  | [`Reservation`]         |
 //! | `a` + subject          | [`SubjectConfig`]       |
-//! | `!format`              | format version (u32 BE) |
-//! | `!tally`               | the store's [`Tally`](super::tally::Tally) |
+//!
+//! Keys starting with `!` are a backend's own, never records (sled's format version, tally
+//! and batch log: see `sled/mod.rs`).
 
+use std::io::Write;
 use std::sync::Arc;
 
 use super::StoreError;
-use crate::engine::{Mutation, Reservation, ScopeKey, ScopeState};
+use crate::engine::{Mutation, Reservation, ReservationId, ScopeKey, ScopeState};
 use crate::policy::SubjectConfig;
 
 /// One decoded record.
@@ -31,9 +31,6 @@ pub enum Record {
     Assignment(String, SubjectConfig),
 }
 
-/// A record's key and value bytes; no value: removed.
-pub type Encoded = (Vec<u8>, Option<Vec<u8>>);
-
 pub(super) fn corrupt(key: &[u8], reason: impl ToString) -> StoreError {
     StoreError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
@@ -41,46 +38,74 @@ pub(super) fn corrupt(key: &[u8], reason: impl ToString) -> StoreError {
     }
 }
 
-fn prefixed(kind: u8, rest: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + rest.len());
-    k.push(kind);
-    k.extend_from_slice(rest);
-    k
+/// Which record a mutation writes: two mutations of the same key write the same record, and
+/// only the last one needs writing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RecordKey {
+    /// A scope's state.
+    Scope(ScopeKey),
+    /// A reservation.
+    Reservation(ReservationId),
+    /// A subject's assignment.
+    Assignment(String),
 }
 
-fn scope_key(key: &ScopeKey) -> Vec<u8> {
-    match key {
-        ScopeKey::Subject(s) => prefixed(b's', s.as_bytes()),
-        ScopeKey::Group(g) => prefixed(b'g', g.as_bytes()),
-        ScopeKey::Ip(ip) => prefixed(b'i', ip.to_string().as_bytes()),
-        ScopeKey::Global => vec![b'G'],
+impl RecordKey {
+    /// The record `m` writes.
+    pub fn of(m: &Mutation) -> Self {
+        match m {
+            Mutation::Scope { key, .. } => RecordKey::Scope(key.clone()),
+            Mutation::Reservation { id, .. } => RecordKey::Reservation(*id),
+            Mutation::Assignment { subject, .. } => RecordKey::Assignment(subject.clone()),
+        }
     }
 }
 
-/// The key and value bytes of a mutation.
-pub fn encode(m: &Mutation) -> Encoded {
-    // postcard cannot fail on these types (no maps with non-string keys, no unsized data); an
-    // error here would be a programming error, caught by the round-trip unit test.
+/// Append the key bytes of the record `m` writes to `out`.
+pub fn encode_key(m: &Mutation, out: &mut Vec<u8>) {
     match m {
-        Mutation::Scope { key, state } => (
-            scope_key(key),
-            state
-                .as_ref()
-                .map(|s| postcard::to_allocvec(s).expect("encode scope")),
-        ),
-        Mutation::Reservation { id, record } => (
-            prefixed(b'r', &id.to_bytes()),
-            record
-                .as_ref()
-                .map(|r| postcard::to_allocvec(r.as_ref()).expect("encode reservation")),
-        ),
-        Mutation::Assignment { subject, config } => (
-            prefixed(b'a', subject.as_bytes()),
-            config
-                .as_ref()
-                .map(|c| postcard::to_allocvec(c).expect("encode subject config")),
-        ),
+        Mutation::Scope { key, .. } => match key {
+            ScopeKey::Subject(s) => prefixed(out, b's', s.as_bytes()),
+            ScopeKey::Group(g) => prefixed(out, b'g', g.as_bytes()),
+            ScopeKey::Ip(ip) => {
+                out.push(b'i');
+                // Writing to a Vec cannot fail.
+                let _ = write!(out, "{ip}");
+            }
+            ScopeKey::Global => out.push(b'G'),
+        },
+        Mutation::Reservation { id, .. } => prefixed(out, b'r', &id.to_bytes()),
+        Mutation::Assignment { subject, .. } => prefixed(out, b'a', subject.as_bytes()),
     }
+}
+
+/// Append the value bytes `m` writes to `out`; false (nothing appended) for a removal.
+pub fn encode_value(m: &Mutation, out: &mut Vec<u8>) -> bool {
+    // postcard cannot fail on these types (no maps with non-string keys, no unsized data); an
+    // error here would be a programming error, caught by the round-trip unit test. Appending to
+    // the caller's buffer (rather than `to_allocvec`) costs no allocation of its own.
+    let taken = std::mem::take(out);
+    let (written, present) = match m {
+        Mutation::Scope { state, .. } => match state {
+            Some(s) => (postcard::to_extend(s, taken), true),
+            None => (Ok(taken), false),
+        },
+        Mutation::Reservation { record, .. } => match record {
+            Some(r) => (postcard::to_extend(r.as_ref(), taken), true),
+            None => (Ok(taken), false),
+        },
+        Mutation::Assignment { config, .. } => match config {
+            Some(c) => (postcard::to_extend(c, taken), true),
+            None => (Ok(taken), false),
+        },
+    };
+    *out = written.expect("postcard encodes every record type");
+    present
+}
+
+fn prefixed(out: &mut Vec<u8>, kind: u8, rest: &[u8]) {
+    out.push(kind);
+    out.extend_from_slice(rest);
 }
 
 impl Record {
@@ -100,11 +125,13 @@ impl Record {
                 config: Some(config),
             },
         };
-        let (key, value) = encode(&m);
-        (key, value.expect("a record has a value"))
+        let (mut key, mut value) = (Vec::new(), Vec::new());
+        encode_key(&m, &mut key);
+        encode_value(&m, &mut value);
+        (key, value)
     }
 
-    /// Decode a record from sled; a key or value that does not decode is [`StoreError::Corrupt`].
+    /// Decode a record from its bytes; a key or value that does not decode is [`StoreError::Corrupt`].
     pub fn decode(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
         let (kind, rest) = key.split_first().ok_or_else(|| corrupt(key, "empty key"))?;
         match kind {

@@ -1,5 +1,5 @@
 //! What a store holds, summed up in three numbers: the last batch written, how many records,
-//! and a digest of them.
+//! and a digest of them. Backend-neutral: it works on records' bytes (`records.rs`).
 //!
 //! The digest is a multiset hash: the wrapping sum of one 64-bit hash per record, over its key
 //! and its value. A record written adds its hash, a record removed subtracts it, an update does
@@ -7,16 +7,13 @@
 //! record anyway, recomputes it for free. A lost, truncated or altered record changes the sum
 //! (unless a 2^-64 chance), whatever the order records are read in.
 //!
-//! The tally is kept twice: inside sled, as the record [`TALLY_KEY`], written in the same
-//! atomic batch as the records it describes (so sled's own contents say what they should be),
-//! and outside sled, in the watermark file, after each flush (so a sled that lost its latest
-//! batches, tally record included, is caught too). See `verify.rs` for how they are compared.
+//! sled keeps its tally twice: inside sled, written in the same atomic batch as the records it
+//! describes (so sled's own contents say what they should be), and outside sled, in the
+//! watermark file, after each flush (so a sled that lost its latest batches, tally included, is
+//! caught too). See `sled/verify.rs` for how they are compared; an export checks itself
+//! against it too.
 
 use xxhash_rust::xxh3::Xxh3;
-
-/// The key of the tally record in sled. Keys starting with `!` are the store's own, never
-/// records: they are left out of the count and the digest.
-pub const TALLY_KEY: &[u8] = b"!tally";
 
 /// The tally of a store.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -33,7 +30,8 @@ pub struct Tally {
 /// Bytes of an encoded tally.
 pub const ENCODED_LEN: usize = 24;
 
-/// Whether `key` is one of the store's own keys rather than a record.
+/// Whether `key` is one of a backend's own keys (starting with `!`) rather than a record: left
+/// out of the count and the digest.
 pub fn is_meta(key: &[u8]) -> bool {
     key.first() == Some(&b'!')
 }

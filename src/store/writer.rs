@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
+use super::batch::Coalesced;
 use super::{Store, StoreError};
 use crate::engine::Mutation;
 use crate::failstop::FailStop;
@@ -75,7 +76,7 @@ impl Ticket {
 /// request waits on asynchronously before it takes the lock; `submit` itself never waits.
 pub struct Writer {
     /// The store the thread writes, for consistent reads beside it.
-    store: Store,
+    store: Arc<dyn Store>,
     tx: Option<mpsc::Sender<Job>>,
     slots: Arc<Semaphore>,
     failed: FailStop,
@@ -94,7 +95,7 @@ impl std::fmt::Debug for Writer {
 impl Writer {
     /// Start the writer thread over `store`, which [`Store::load`] has checked. A failed write
     /// or sync trips `failed`.
-    pub fn start(store: Store, durability: Durability, failed: FailStop) -> Self {
+    pub fn start(store: Arc<dyn Store>, durability: Durability, failed: FailStop) -> Self {
         let (tx, rx) = mpsc::channel();
         let thread_failed = failed.clone();
         let thread_store = store.clone();
@@ -112,8 +113,8 @@ impl Writer {
         }
     }
 
-    /// The store written (for consistent reads: see [`Store::consistent_reader`]).
-    pub fn store(&self) -> &Store {
+    /// The store written (for consistent reads: see [`Store::reader`]).
+    pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 
@@ -205,9 +206,9 @@ impl Drop for Writer {
     }
 }
 
-fn run(store: Store, rx: Receiver<Job>, failed: FailStop) {
+fn run(store: Arc<dyn Store>, rx: Receiver<Job>, failed: FailStop) {
     let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
-    let mut batch: Vec<Mutation> = Vec::new();
+    let mut waiting = Coalesced::default();
     // Records applied to sled but not yet synced, and since when.
     let mut dirty_since: Option<Instant> = None;
     // After a failed write, memory is ahead of disk: the writer fails every later request too
@@ -247,16 +248,17 @@ fn run(store: Store, rx: Receiver<Job>, failed: FailStop) {
                 Err(_) => break,
             }
         }
-        batch.clear();
         for job in &mut group {
-            batch.append(&mut job.mutations);
+            waiting.add(job.mutations.drain(..));
         }
+        let wrote = !waiting.is_empty();
+        let batch = waiting.take();
         let mut result = match failed.reason() {
             Some(reason) => Err(StoreError::Failed(reason.to_string())),
-            None if batch.is_empty() => Ok(()),
-            None => store.apply(&batch),
+            None if !wrote => Ok(()),
+            None => store.write(&batch),
         };
-        if result.is_ok() && !batch.is_empty() {
+        if result.is_ok() && wrote {
             dirty_since.get_or_insert_with(Instant::now);
         }
         // Sync when someone waits (a strict answer, a barrier) and something is unsynced, or
@@ -278,13 +280,15 @@ fn run(store: Store, rx: Receiver<Job>, failed: FailStop) {
                 let _ = done.send(answer.clone());
             }
         }
-        // After the answers: the watermark's own sync (once a second) delays no answer.
-        if let Err(e) = store.sync_watermark(false) {
-            fail(&e);
+        // After the answers: what the backend may defer delays no answer.
+        if failed.reason().is_none() {
+            if let Err(e) = store.maintain() {
+                fail(&e);
+            }
         }
     }
     if failed.reason().is_none() {
-        if let Err(e) = store.flush().and_then(|()| store.sync_watermark(true)) {
+        if let Err(e) = store.flush().and_then(|()| store.close()) {
             tracing::error!(error = %e, "final flush failed");
         }
     }

@@ -15,15 +15,17 @@
 //! Memory: one pre-image per record written ahead of the cursor during the read, each freed
 //! when the cursor passes it, at most [`MAX_PRESERVED`]; past that, the read fails rather than
 //! grow (a store rewritten faster than it is read). The reader also checks itself: the records
-//! it returned must add up to the tally of its starting batch (see `export.rs`).
+//! it returned must add up to the tally of its starting batch, and, for a stopped store (not
+//! loaded by a server), pass the start-up check against the watermark.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use sled::IVec;
 
-use super::tally::{is_meta, Tally, TALLY_KEY};
-use super::{Store, StoreError};
+use super::{decode_tally, verify, SledStore, TALLY_KEY};
+use crate::store::tally::{is_meta, Tally};
+use crate::store::{RecordBytes, RecordReader, StoreError};
 
 /// Pre-images kept for a reader at most.
 pub const MAX_PRESERVED: usize = 1 << 20;
@@ -71,8 +73,10 @@ impl Tap {
 
 /// Reads every record of a store as of one batch, in key order, in chunks.
 pub struct ConsistentReader {
-    store: Store,
+    store: SledStore,
     start: Option<Tally>,
+    /// What was returned so far, summed up.
+    found: Tally,
     done: bool,
 }
 
@@ -85,7 +89,7 @@ impl std::fmt::Debug for ConsistentReader {
     }
 }
 
-impl Store {
+impl SledStore {
     /// Start a consistent read of every record, as of the last batch written. One at a time:
     /// [`StoreError::ReadBusy`] while another runs.
     pub fn consistent_reader(&self) -> Result<ConsistentReader, StoreError> {
@@ -96,7 +100,7 @@ impl Store {
         let start = self
             .db()
             .get(TALLY_KEY)?
-            .map(|v| super::decode_tally(&v))
+            .map(|v| decode_tally(&v))
             .transpose()?;
         state.tap.session = Some(Session {
             cursor: None,
@@ -107,6 +111,7 @@ impl Store {
         Ok(ConsistentReader {
             store: self.clone(),
             start,
+            found: Tally::default(),
             done: false,
         })
     }
@@ -118,9 +123,29 @@ impl ConsistentReader {
         self.start
     }
 
+    /// Every record has been returned: check that they are the store as of the start.
+    fn check(&self) -> Result<(), StoreError> {
+        let state = self.store.state()?;
+        if !state.loaded {
+            // A stopped store: what was read must pass the start-up check.
+            verify::check(&self.store.evidence(self.found, self.start))?;
+            return Ok(());
+        }
+        match self.start {
+            Some(start) if !self.found.same_records(&start) => Err(StoreError::ReadInconsistent {
+                found: format!(
+                    "{} records, digest {:016x}",
+                    self.found.records, self.found.digest
+                ),
+                expected: start.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The next records in key order, at most `max` read from sled (a few more may come from
     /// kept values); `None` when every record has been returned.
-    pub fn next_chunk(&mut self, max: usize) -> Result<Option<Vec<(IVec, IVec)>>, StoreError> {
+    fn chunk(&mut self, max: usize) -> Result<Option<Vec<(IVec, IVec)>>, StoreError> {
         if self.done {
             return Ok(None);
         }
@@ -131,7 +156,7 @@ impl ConsistentReader {
             .as_mut()
             .expect("a reader's session lives as long as the reader");
         if session.overflowed {
-            return Err(StoreError::ReadOverflow);
+            return Err(StoreError::ReadOverflow(MAX_PRESERVED));
         }
         let lower = match &session.cursor {
             Some(c) => Bound::Excluded(c.clone()),
@@ -185,6 +210,30 @@ impl ConsistentReader {
     }
 }
 
+impl RecordReader for ConsistentReader {
+    fn batch(&self) -> Option<u64> {
+        self.start.map(|t| t.batch)
+    }
+
+    fn next_chunk(&mut self, max: usize) -> Result<Option<Vec<RecordBytes>>, StoreError> {
+        match self.chunk(max)? {
+            Some(chunk) => Ok(Some(
+                chunk
+                    .into_iter()
+                    .map(|(k, v)| {
+                        self.found.add(&k, &v);
+                        (k.to_vec(), v.to_vec())
+                    })
+                    .collect(),
+            )),
+            None => {
+                self.check()?;
+                Ok(None)
+            }
+        }
+    }
+}
+
 impl Drop for ConsistentReader {
     fn drop(&mut self) {
         if let Ok(mut state) = self.store.state() {
@@ -198,28 +247,27 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::store::Recovery;
+    use crate::store::{Batch, Recovery};
 
     fn key(i: usize) -> Vec<u8> {
         format!("s{i:05}").into_bytes()
     }
 
-    fn write(store: &Store, records: &[(Vec<u8>, Option<&str>)]) {
-        store
-            .write(
-                records
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.map(|v| v.as_bytes().to_vec())))
-                    .collect(),
-            )
-            .unwrap();
+    fn write(store: &SledStore, records: &[(Vec<u8>, Option<&str>)]) {
+        // Each key once (the last write of it), as the writer's batches are.
+        let last: BTreeMap<_, _> = records.iter().cloned().collect();
+        let mut batch = Batch::new();
+        for (k, v) in &last {
+            batch.push(k, v.map(str::as_bytes));
+        }
+        store.write_batch(&batch).unwrap();
     }
 
     #[test]
     fn a_read_returns_the_records_as_of_its_start_whatever_is_written_meanwhile() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Recovery::Refuse).unwrap();
-        store.load().unwrap();
+        let store = SledStore::open(dir.path(), Recovery::Refuse).unwrap();
+        store.load_checked().unwrap();
         let mut expected = BTreeMap::new();
         for batch in 0..10 {
             let records: Vec<_> = (batch * 100..(batch + 1) * 100)

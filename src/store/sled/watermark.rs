@@ -27,7 +27,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::tally::{Tally, ENCODED_LEN};
+use crate::store::tally::{Tally, ENCODED_LEN};
 
 /// The file's name in the data directory.
 pub const FILE_NAME: &str = "watermark";

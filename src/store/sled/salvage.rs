@@ -11,9 +11,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::records::Record;
-use super::tally::is_meta;
-use super::{is_sled_file, watermark, StoreError};
+use super::{is_sled_file, watermark};
+use crate::store::tally::is_meta;
+use crate::store::{Record, StoreError};
 
 /// Whether every record of `db` can be read and decoded.
 pub fn readable(db: &sled::Db) -> Result<(), StoreError> {

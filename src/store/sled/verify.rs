@@ -12,31 +12,8 @@
 //! whole batches at its end, tally record included: what truncating or deleting its log does).
 //! Sled ahead of the watermark is the crash between flush and mark, and is fine.
 
-use super::tally::Tally;
 use super::watermark::Mark;
-
-/// What to do with a store that fails the check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Recovery {
-    /// Refuse to open it (the default).
-    #[default]
-    Refuse,
-    /// Open it anyway, log what was found against what was expected, and start the watermark
-    /// afresh from what is there (`--accept-data-loss`).
-    AcceptLoss,
-}
-
-/// A store that has lost acknowledged records, or cannot show that it has not.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{what} (found: {found}; expected: {expected})")]
-pub struct DataLoss {
-    /// What is wrong.
-    pub what: String,
-    /// What the store holds.
-    pub found: String,
-    /// What the store should hold.
-    pub expected: String,
-}
+use crate::store::{DataLoss, Tally};
 
 /// What was found at start.
 #[derive(Debug, Clone)]
@@ -47,8 +24,8 @@ pub struct Evidence {
     pub stored: Option<Tally>,
     /// The watermark.
     pub mark: Mark,
-    /// Whether sled's format record says this build's format (which always has a tally).
-    pub current_format: bool,
+    /// Whether sled's format record says a format that always has a tally.
+    pub has_tally: bool,
 }
 
 fn records(t: &Tally) -> String {
@@ -91,7 +68,7 @@ pub fn check(e: &Evidence) -> Result<Tally, DataLoss> {
                 found: records(&e.found),
                 expected: w.to_string(),
             }),
-            _ if e.current_format => Err(DataLoss {
+            _ if e.has_tally => Err(DataLoss {
                 what: "sled has no tally record, which this store format always has: it was lost".into(),
                 found: records(&e.found),
                 expected: "a tally record".into(),
@@ -158,7 +135,7 @@ mod tests {
             },
             stored,
             mark,
-            current_format: stored.is_some(),
+            has_tally: stored.is_some(),
         }
     }
 
@@ -179,7 +156,7 @@ mod tests {
         // A new directory, and a store of the format before tallies.
         ok(evidence(0, None, Mark::Missing));
         ok(Evidence {
-            current_format: false,
+            has_tally: false,
             ..evidence(5, None, Mark::Missing)
         });
 
@@ -202,7 +179,7 @@ mod tests {
             lost(evidence(3, Some(tally(9, 3)), Mark::Unreadable("x".into()))).contains("damaged")
         );
         assert!(lost(Evidence {
-            current_format: true,
+            has_tally: true,
             ..evidence(5, None, Mark::Missing)
         })
         .contains("was lost"));
