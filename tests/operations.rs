@@ -16,8 +16,7 @@ mod common;
 use common::*;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Command, ExitStatus};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,66 +41,6 @@ const REFUSED_WITHIN: Duration = Duration::from_secs(2);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// A port free on 127.0.0.1 a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Start `serve` with `--metrics-listen` on a free port (a few tries, in case another process
-/// takes the port between the pick and the bind). Returns the process and the metrics address.
-fn start_with_metrics(serve: Serve) -> (Process, SocketAddr) {
-    let mut last = String::new();
-    for _ in 0..5 {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let attempt = serve
-            .clone()
-            .args(["--metrics-listen".to_string(), addr.to_string()]);
-        match attempt.try_start() {
-            Ok(p) => return (p, addr),
-            Err(e) => last = e,
-        }
-    }
-    panic!("could not start with --metrics-listen: {last}");
-}
-
-/// `GET /metrics` over plain HTTP/1.1; the body.
-fn scrape(addr: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect to the metrics listener");
-    stream.set_read_timeout(Some(CALL_LIMIT)).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .expect("send the request");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read the response");
-    let raw = String::from_utf8(raw).expect("a UTF-8 response");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let head = head.to_ascii_lowercase();
-    assert!(head.contains("content-type: text/plain"), "{head}");
-    if head.contains("transfer-encoding: chunked") {
-        dechunk(body)
-    } else {
-        body.to_string()
-    }
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").expect("a chunk size");
-        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
-    }
-}
 
 /// One sample of the Prometheus text exposition format.
 #[derive(Debug, Clone, PartialEq)]

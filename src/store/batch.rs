@@ -101,6 +101,27 @@ impl Batch {
     pub fn records(&self) -> Records<'_> {
         Records { rest: &self.bytes }
     }
+
+    /// The encoded records cut into parts of at most `max` bytes (a longer record alone in
+    /// its part), each a batch's bytes of its own: what a backend stores as several values.
+    pub fn parts(&self, max: usize) -> Vec<&[u8]> {
+        let mut parts = Vec::new();
+        let (mut start, mut at) = (0, 0);
+        let mut rest = self.bytes.as_slice();
+        while let Some((_, after)) = next(rest) {
+            let end = self.bytes.len() - after.len();
+            if end - start > max && at > start {
+                parts.push(&self.bytes[start..at]);
+                start = at;
+            }
+            at = end;
+            rest = after;
+        }
+        if at > start {
+            parts.push(&self.bytes[start..at]);
+        }
+        parts
+    }
 }
 
 /// A record's length as stored. Records are bounded far below 4 GiB (a request is at most a
@@ -160,11 +181,6 @@ impl Coalesced {
         }
     }
 
-    /// Whether nothing waits.
-    pub fn is_empty(&self) -> bool {
-        self.last.is_empty()
-    }
-
     /// The batch of everything waiting (each record once), leaving nothing waiting.
     pub fn take(&mut self) -> Batch {
         let mut batch = Batch::new();
@@ -203,7 +219,7 @@ mod tests {
             state: None,
         }]);
         let batch = c.take();
-        assert!(c.is_empty());
+        assert!(c.take().is_empty());
         assert_eq!(batch.len(), 3);
         let mut fleet = None;
         for (key, value) in batch.records() {
@@ -225,6 +241,30 @@ mod tests {
             again.records().collect::<Vec<_>>(),
             batch.records().collect::<Vec<_>>()
         );
+        // Cut into parts at record boundaries, each a batch of its own.
+        for max in [1, 40, 1 << 20] {
+            let parts = batch.parts(max);
+            let mut again = Vec::new();
+            for part in &parts {
+                assert!(part.len() <= max || Batch::from_bytes(part, b"k").unwrap().len() == 1);
+                again.extend(
+                    Batch::from_bytes(part, b"k")
+                        .unwrap()
+                        .records()
+                        .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))),
+                );
+            }
+            let whole: Vec<_> = batch
+                .records()
+                .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
+                .collect();
+            assert_eq!(again, whole, "parts of at most {max} bytes");
+            match max {
+                1 => assert_eq!(parts.len(), 3),
+                40 => assert!(parts.len() > 1),
+                _ => assert_eq!(parts, vec![batch.bytes()]),
+            }
+        }
         let cut = &batch.bytes()[..batch.bytes().len() - 1];
         assert!(matches!(
             Batch::from_bytes(cut, b"k"),

@@ -66,9 +66,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn flush(&self) -> Result<(), StoreError>;
 
     /// Work the backend may defer until the waiting answers are sent (sled: moving its batch
-    /// log into its records, syncing its watermark). Called by the writer after every group
-    /// and when idle; bounded, so it delays the next group by little.
-    fn maintain(&self) -> Result<(), StoreError>;
+    /// log into its records, syncing its watermark). Called by the writer after every group;
+    /// bounded, so it delays the next group by little. Whether more such work waits (the
+    /// writer then comes back for it as soon as it is idle).
+    fn maintain(&self) -> Result<bool, StoreError>;
 
     /// At a clean stop, after the last flush: leave the store quick to load.
     fn close(&self) -> Result<(), StoreError>;

@@ -10,8 +10,8 @@
 //! | `r` + 16-byte id (BE)  | [`Reservation`]         |
 //! | `a` + subject          | [`SubjectConfig`]       |
 //!
-//! Keys starting with `!` are a backend's own, never records (sled's format version, tally
-//! and batch log: see `sled/mod.rs`).
+//! A backend may keep keys of its own beside these (sled: `!format`, `!tally`, and its batch
+//! log under `~`: see `sled/mod.rs`).
 
 use std::io::Write;
 use std::sync::Arc;

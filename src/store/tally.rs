@@ -49,14 +49,24 @@ pub fn record_hash(key: &[u8], value: &[u8]) -> u64 {
 impl Tally {
     /// Count a record in.
     pub fn add(&mut self, key: &[u8], value: &[u8]) {
-        self.records += 1;
-        self.digest = self.digest.wrapping_add(record_hash(key, value));
+        self.add_hash(record_hash(key, value));
     }
 
     /// Count a record out.
     pub fn remove(&mut self, key: &[u8], value: &[u8]) {
+        self.remove_hash(record_hash(key, value));
+    }
+
+    /// Count in a record whose [`record_hash`] is `hash`.
+    pub fn add_hash(&mut self, hash: u64) {
+        self.records += 1;
+        self.digest = self.digest.wrapping_add(hash);
+    }
+
+    /// Count out a record whose [`record_hash`] is `hash`.
+    pub fn remove_hash(&mut self, hash: u64) {
         self.records = self.records.saturating_sub(1);
-        self.digest = self.digest.wrapping_sub(record_hash(key, value));
+        self.digest = self.digest.wrapping_sub(hash);
     }
 
     /// Replace `old` (if any) with `new` (if any) under `key`.

@@ -1,6 +1,17 @@
-//! Group commit: one writer thread owns the disk; requests hand it their mutations and wait.
+//! Group commit: one writer thread owns the store; requests hand it their mutations and (in
+//! strict mode) wait.
+//!
+//! The writer gathers every decision queued, coalesces their records (each record once, its
+//! last value: `batch.rs`), writes them as one batch and syncs, then answers. What it writes
+//! when:
+//! - a strict answer (or a barrier) waits: at once, with everything else waiting;
+//! - nothing waits (relaxed mode; a denial's counters, expiry): once the oldest record has
+//!   waited [`RELAXED_FLUSH_INTERVAL`], as one batch for the whole interval, so relaxed mode
+//!   costs one write and one sync per interval, however many decisions it holds.
+//!
+//! Then the store's own upkeep ([`Store::maintain`]), after the answers.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,25 +30,27 @@ pub enum Durability {
     /// loses nothing. Concurrent requests share one flush (group commit).
     #[default]
     Strict,
-    /// Answered as soon as decided; the writer flushes at least every 10 ms. A crash can lose
-    /// the operations answered in those 10 ms (plus the flush under way), never more, and never
-    /// a partial operation.
+    /// Answered as soon as decided, before anything is written; the writer writes and syncs
+    /// what was decided every 10 ms, as one batch. A crash can lose the operations answered in
+    /// those 10 ms (plus those of the write and sync under way), never more, and never a
+    /// partial operation.
     Relaxed,
 }
 
-/// How often the writer flushes records nobody waits for: every record in relaxed mode; in
-/// strict mode, those of denials' counters and of expiry, which acknowledge nothing.
+/// How long records nobody waits for are kept before they are written and synced: every record
+/// in relaxed mode; in strict mode, those of denials' counters and of expiry, which acknowledge
+/// nothing.
 pub const RELAXED_FLUSH_INTERVAL: Duration = Duration::from_millis(10);
 /// Decisions queued for the writer at most; a full queue makes new requests wait for a slot
 /// (backpressure, off the engine lock) instead of memory growing while the disk lags.
 pub const QUEUE_BOUND: usize = 16_384;
-/// Requests folded into one sled batch at most, so one flush's latency stays bounded.
+/// Requests taken from the queue at a time at most, so one write's latency stays bounded.
 pub const MAX_GROUP: usize = 4_096;
 
 struct Job {
     mutations: Vec<Mutation>,
     done: Option<oneshot::Sender<Result<(), String>>>,
-    /// The queue slot this job holds, given back when the writer has handled it.
+    /// The queue slot this job holds, given back once its records are written.
     _slot: Option<Slot>,
 }
 
@@ -101,7 +114,7 @@ impl Writer {
         let thread_store = store.clone();
         let thread = std::thread::Builder::new()
             .name("tollgate-writer".into())
-            .spawn(move || run(thread_store, rx, thread_failed))
+            .spawn(move || run(thread_store, rx, durability, thread_failed))
             .expect("spawn the writer thread");
         Self {
             store,
@@ -206,90 +219,145 @@ impl Drop for Writer {
     }
 }
 
-fn run(store: Arc<dyn Store>, rx: Receiver<Job>, failed: FailStop) {
-    let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
-    let mut waiting = Coalesced::default();
-    // Records applied to sled but not yet synced, and since when.
-    let mut dirty_since: Option<Instant> = None;
-    // After a failed write, memory is ahead of disk: the writer fails every later request too
-    // rather than acknowledge state that a restart would not bring back, and trips the
-    // fail-stop so the server stops (the shared switch also makes `submit` refuse new work).
-    let fail = |e: &StoreError| {
-        failed.trip(format!("store write failed: {e}"));
+/// What the writer thread holds between its rounds.
+struct Round {
+    /// Records not yet written, each its last value.
+    waiting: Coalesced,
+    /// The queue slots of the decisions not yet written.
+    slots: Vec<Slot>,
+    /// Answered after the next sync.
+    waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    /// Since when records have waited to be written or synced (none: nothing unsynced).
+    unsynced_since: Option<Instant>,
+}
+
+impl Round {
+    fn take(&mut self, job: Job) {
+        if !job.mutations.is_empty() {
+            self.waiting.add(job.mutations);
+            self.unsynced_since.get_or_insert_with(Instant::now);
+        }
+        self.slots.extend(job._slot);
+        self.waiters.extend(job.done);
+    }
+
+    /// Whether the oldest unsynced record is due for its sync.
+    fn due(&self) -> bool {
+        self.unsynced_since
+            .is_some_and(|since| since.elapsed() >= RELAXED_FLUSH_INTERVAL)
+    }
+
+    /// Write what waits, sync, and answer whoever waits. After a failure (`failed` already
+    /// tripped, or tripped here), nothing is written and every waiter is told why.
+    fn write_and_sync(&mut self, store: &dyn Store, failed: &FailStop) {
+        let batch = self.waiting.take();
+        let mut result = match failed.reason() {
+            Some(reason) => Err(StoreError::Failed(reason.to_string())),
+            None if batch.is_empty() => Ok(()),
+            None => store.write(&batch),
+        };
+        // Written (or failed): the decisions leave the queue.
+        self.slots.clear();
+        if result.is_ok() && self.unsynced_since.is_some() {
+            result = store.flush();
+        }
+        self.unsynced_since = None;
+        if let Err(e) = &result {
+            // After a failed write, memory is ahead of disk: the writer fails every later
+            // request too rather than acknowledge state that a restart would not bring back,
+            // and trips the fail-stop so the server stops (the shared switch also makes
+            // `submit` refuse new work).
+            failed.trip(format!("store write failed: {e}"));
+        }
+        let answer = result.map_err(|e| e.to_string());
+        for done in self.waiters.drain(..) {
+            let _ = done.send(answer.clone());
+        }
+    }
+}
+
+fn run(store: Arc<dyn Store>, rx: Receiver<Job>, durability: Durability, failed: FailStop) {
+    let mut round = Round {
+        waiting: Coalesced::default(),
+        slots: Vec::new(),
+        waiters: Vec::new(),
+        unsynced_since: None,
     };
-    loop {
-        // Wait for work; with unsynced records, only until they are due for their sync.
-        let first = match dirty_since {
-            None => match rx.recv() {
-                Ok(job) => job,
-                Err(_) => break,
+    // Whether the store has upkeep left, done whenever nothing else is due.
+    let mut upkeep = false;
+    let mut open = true;
+    while open {
+        // Wait for work: a job, the oldest unsynced record falling due, or (with upkeep left)
+        // nothing at all.
+        let first = match round.unsynced_since {
+            _ if upkeep => match rx.try_recv() {
+                Ok(job) => Some(job),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => {
+                    open = false;
+                    None
+                }
             },
+            None => match rx.recv() {
+                Ok(job) => Some(job),
+                Err(_) => {
+                    open = false;
+                    None
+                }
+            },
+            // Relaxed: nobody waits (but a barrier, which may wait the interval), so the
+            // writer sleeps out the interval instead of waking for every decision queued.
+            Some(since) if durability == Durability::Relaxed => {
+                std::thread::sleep(RELAXED_FLUSH_INTERVAL.saturating_sub(since.elapsed()));
+                None
+            }
             Some(since) => {
-                let due = RELAXED_FLUSH_INTERVAL.saturating_sub(since.elapsed());
-                match rx.recv_timeout(due) {
-                    Ok(job) => job,
-                    Err(RecvTimeoutError::Timeout) => {
-                        if failed.reason().is_none() {
-                            if let Err(e) = store.flush() {
-                                fail(&e);
-                            }
-                        }
-                        dirty_since = None;
-                        continue;
+                match rx.recv_timeout(RELAXED_FLUSH_INTERVAL.saturating_sub(since.elapsed())) {
+                    Ok(job) => Some(job),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        open = false;
+                        None
                     }
-                    Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
         };
-        group.push(first);
-        while group.len() < MAX_GROUP {
+        // Take everything queued, up to a bound.
+        let mut taken = 0;
+        if let Some(job) = first {
+            round.take(job);
+            taken += 1;
+        }
+        while open && taken < MAX_GROUP {
             match rx.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
+                Ok(job) => {
+                    round.take(job);
+                    taken += 1;
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
             }
         }
-        for job in &mut group {
-            waiting.add(job.mutations.drain(..));
+        // Sync when someone waits (a strict answer, a barrier) or the oldest record is due. A
+        // barrier on a store with nothing unsynced is answered at once: every earlier group
+        // is already on disk.
+        if !round.waiters.is_empty() || round.due() || !open {
+            round.write_and_sync(store.as_ref(), &failed);
         }
-        let wrote = !waiting.is_empty();
-        let batch = waiting.take();
-        let mut result = match failed.reason() {
-            Some(reason) => Err(StoreError::Failed(reason.to_string())),
-            None if !wrote => Ok(()),
-            None => store.write(&batch),
-        };
-        if result.is_ok() && wrote {
-            dirty_since.get_or_insert_with(Instant::now);
-        }
-        // Sync when someone waits (a strict answer, a barrier) and something is unsynced, or
-        // when the oldest unsynced record is due. A barrier on a store with nothing unsynced
-        // is answered at once: every earlier group is already on disk.
-        let waited = group.iter().any(|j| j.done.is_some());
-        let must_flush =
-            dirty_since.is_some_and(|since| waited || since.elapsed() >= RELAXED_FLUSH_INTERVAL);
-        if result.is_ok() && must_flush {
-            result = store.flush();
-            dirty_since = None;
-        }
-        if let Err(e) = &result {
-            fail(e);
-        }
-        let answer = result.map_err(|e| e.to_string());
-        for job in group.drain(..) {
-            if let Some(done) = job.done {
-                let _ = done.send(answer.clone());
-            }
-        }
-        // After the answers: what the backend may defer delays no answer.
+        // After the answers: what the store may defer delays no answer.
+        upkeep = false;
         if failed.reason().is_none() {
-            if let Err(e) = store.maintain() {
-                fail(&e);
+            match store.maintain() {
+                Ok(more) => upkeep = more,
+                Err(e) => {
+                    failed.trip(format!("store upkeep failed: {e}"));
+                }
             }
         }
     }
     if failed.reason().is_none() {
-        if let Err(e) = store.flush().and_then(|()| store.close()) {
-            tracing::error!(error = %e, "final flush failed");
+        if let Err(e) = store.close() {
+            tracing::error!(error = %e, "closing the store failed");
         }
     }
 }

@@ -5,8 +5,8 @@
 #![allow(dead_code)]
 
 use std::ffi::{OsStr, OsString};
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::Arc;
@@ -755,4 +755,78 @@ async fn retry<T, E: std::fmt::Display>(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     attempt().unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics of the real binary (`--metrics-listen`)
+
+/// How long a scrape of /metrics may take.
+const SCRAPE_LIMIT: Duration = Duration::from_secs(10);
+
+/// A port free on 127.0.0.1 a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Start `serve` with `--metrics-listen` on a free port (a few tries, in case another process
+/// takes the port between the pick and the bind). Returns the process and the metrics address.
+pub fn start_with_metrics(serve: Serve) -> (Process, SocketAddr) {
+    let mut last = String::new();
+    for _ in 0..5 {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let attempt = serve
+            .clone()
+            .args(["--metrics-listen".to_string(), addr.to_string()]);
+        match attempt.try_start() {
+            Ok(p) => return (p, addr),
+            Err(e) => last = e,
+        }
+    }
+    panic!("could not start with --metrics-listen: {last}");
+}
+
+/// `GET /metrics` over plain HTTP/1.1; the body.
+pub fn scrape(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect to the metrics listener");
+    stream.set_read_timeout(Some(SCRAPE_LIMIT)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .expect("send the request");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read the response");
+    let raw = String::from_utf8(raw).expect("a UTF-8 response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("content-type: text/plain"), "{head}");
+    if head.contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("a chunk size");
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
+/// The value of the unlabelled series `name` in a scrape, if it is there.
+pub fn metric(scrape: &str, name: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }

@@ -1,6 +1,8 @@
 //! The sled backend: records in one sled tree under `--data-dir`, and the checks that a data
 //! directory holds everything that was acknowledged.
 //!
+//! - `log.rs`: the batch log: a batch written as one sled value, its records moved to their
+//!   own keys later, each once.
 //! - `verify.rs`: what a start compares, and why a crash can never fail it.
 //! - `watermark.rs`: the tally of the last durable batch, kept outside sled.
 //! - `reader.rs`: a consistent read of every record while the writer writes.
@@ -8,13 +10,15 @@
 //! - `restore.rs`: `tollgate import` into a data directory.
 //!
 //! One sled tree, so that every batch is one atomic sled batch (sled batches are atomic within
-//! a tree, not across trees). Besides the records (`records.rs`), two keys of its own:
+//! a tree, not across trees). Besides the records (`records.rs`), keys of its own:
 //!
-//! | key       | value                                        |
-//! |-----------|----------------------------------------------|
-//! | `!format` | format version (u32 BE)                      |
-//! | `!tally`  | the store's [`Tally`] (see `tally.rs`)       |
+//! | key                             | value                                      |
+//! |---------------------------------|--------------------------------------------|
+//! | `!format`                       | format version (u32 BE)                    |
+//! | `!tally`                        | the store's [`Tally`] (see `tally.rs`)     |
+//! | `~` + batch (u64 BE) + part (u16 BE) | a log entry: a batch's records (`log.rs`) |
 
+mod log;
 mod reader;
 pub mod restore;
 mod salvage;
@@ -42,7 +46,10 @@ use watermark::{Mark, Watermark};
 /// Records are as in version 4, so a version 4 directory is opened and upgraded in place
 /// (its tally computed at load); version 4 builds refuse a version 5 directory, whose tally
 /// they would not keep.
-pub const FORMAT_VERSION: u32 = 5;
+/// Version 6: the batch log (`~` keys, `log.rs`). Records are as in version 5 (and 4), so
+/// those directories are opened and upgraded in place; older builds refuse a version 6
+/// directory, whose log they would not read.
+pub const FORMAT_VERSION: u32 = 6;
 /// The oldest format this build opens (and upgrades).
 const OLDEST_FORMAT: u32 = 4;
 /// The first format with a tally.
@@ -92,6 +99,8 @@ struct State {
     /// Open once loaded.
     watermark: Option<Watermark>,
     tap: reader::Tap,
+    /// The batch log (see `log.rs`).
+    log: log::Log,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -202,7 +211,18 @@ impl SledStore {
         let mut snap = Snapshot::default();
         let mut found = Tally::default();
         let mut stored = None;
-        for item in self.db().iter() {
+        // The log first (it sorts last, and is bounded): its records override the records'
+        // own keys.
+        let entries = self
+            .db()
+            .scan_prefix([log::PREFIX])
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unreadable)?;
+        let log = log::Log::restore(&entries)?;
+        for (key, value) in &entries {
+            found.add(key, value);
+        }
+        for item in self.db().range(..[log::PREFIX]) {
             let (key, value) = item.map_err(unreadable)?;
             if is_meta(&key) {
                 if key == TALLY_KEY {
@@ -211,9 +231,17 @@ impl SledStore {
                 continue;
             }
             found.add(&key, &value);
-            snap.add(Record::decode(&key, &value)?);
+            if !log.pending().contains_key(&key) {
+                snap.add(Record::decode(&key, &value)?);
+            }
+        }
+        for (key, value) in log.pending() {
+            if let Some(value) = value {
+                snap.add(Record::decode(key, value)?);
+            }
         }
         self.settle(found, stored)?;
+        self.state()?.log = log;
         Ok(snap)
     }
 
@@ -299,30 +327,14 @@ impl SledStore {
         Ok(())
     }
 
-    /// Write `batch` as one atomic sled batch (not flushed), with the tally brought up to
-    /// date in the same batch, and what it replaces kept for a consistent reader that still
-    /// needs it.
+    /// Write `batch` to the log (see `log.rs`), in one atomic sled batch with the tally (not
+    /// flushed).
     fn write_batch(&self, batch: &Batch) -> Result<(), StoreError> {
         let mut state = self.state()?;
         if !state.loaded {
             return Err(StoreError::NotLoaded);
         }
-        let mut tally = state.tally;
-        let mut b = sled::Batch::default();
-        for (key, new) in batch.records() {
-            let old = self.db().get(key)?;
-            tally.replace(key, old.as_deref(), new);
-            state.tap.preserve(key, old.as_ref());
-            match new {
-                Some(v) => b.insert(key, v),
-                None => b.remove(key),
-            }
-        }
-        tally.batch += 1;
-        b.insert(TALLY_KEY, &tally.to_bytes());
-        self.db().apply_batch(b)?;
-        state.tally = tally;
-        Ok(())
+        self.append(&mut state, batch)
     }
 }
 
@@ -343,12 +355,28 @@ impl Store for SledStore {
         self.flush_and_mark()
     }
 
-    fn maintain(&self) -> Result<(), StoreError> {
-        // After the answers: the watermark's own sync (once a second) delays no answer.
-        self.sync_watermark(false)
+    fn maintain(&self) -> Result<bool, StoreError> {
+        let more = {
+            let mut state = self.state()?;
+            if !state.loaded {
+                return Ok(false);
+            }
+            self.checkpoint(&mut state)?
+        };
+        // The watermark's own sync (once a second).
+        self.sync_watermark(false)?;
+        Ok(more)
     }
 
     fn close(&self) -> Result<(), StoreError> {
+        {
+            let mut state = self.state()?;
+            if !state.loaded {
+                return Ok(());
+            }
+            self.checkpoint_all(&mut state)?;
+        }
+        self.flush_and_mark()?;
         self.sync_watermark(true)
     }
 
@@ -394,6 +422,20 @@ mod tests {
     use crate::policy::SubjectConfig;
     use crate::store::batch::Coalesced;
     use crate::store::tally::record_hash;
+
+    /// Open the store in `dir` again, in the same process: sled's I/O threads may hold its
+    /// file (and lock) for a moment after the last handle is dropped, so this retries briefly.
+    pub(super) fn reopen(dir: &Path, recovery: Recovery) -> SledStore {
+        for _ in 0..200 {
+            match SledStore::open(dir, recovery) {
+                Err(e) if e.to_string().contains("could not acquire lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("{} stayed locked for 2 s", dir.display());
+    }
 
     /// Write `mutations` as the writer would: one batch, each record once.
     pub(super) fn apply(store: &SledStore, mutations: Vec<Mutation>) {
@@ -483,10 +525,7 @@ mod tests {
         );
         store.flush().unwrap();
         drop(store);
-        let snap = SledStore::open(dir.path(), Recovery::Refuse)
-            .unwrap()
-            .load()
-            .unwrap();
+        let snap = reopen(dir.path(), Recovery::Refuse).load().unwrap();
         for k in &keys {
             assert_eq!(snap.scopes[k], state, "{k:?}");
         }
@@ -497,7 +536,9 @@ mod tests {
         assert_eq!(snap.assignments["alice"].overrides.tokens_per_day, Some(7));
     }
 
-    fn write_three(dir: &Path) {
+    /// Three assignments (a, b, c), each its own batch; `close`: then moved to their own keys
+    /// (as a clean stop does), else left in the log.
+    fn write_three(dir: &Path, close: bool) {
         let store = SledStore::open(dir, Recovery::Refuse).unwrap();
         store.load().unwrap();
         for subject in ["a", "b", "c"] {
@@ -514,43 +555,51 @@ mod tests {
             );
             store.flush().unwrap();
         }
+        if close {
+            store.close().unwrap();
+        }
     }
 
     #[test]
     fn a_store_that_lost_records_is_refused_until_the_loss_is_accepted() {
+        for in_log in [false, true] {
+            lost_record_refused_then_accepted(in_log);
+        }
+    }
+
+    /// A record lost inside what sled kept: under its own key, or (`in_log`) a log entry.
+    fn lost_record_refused_then_accepted(in_log: bool) {
         let dir = tempfile::tempdir().unwrap();
-        write_three(dir.path());
-        // A record lost inside what sled kept.
+        write_three(dir.path(), !in_log);
         {
             let db = sled::open(dir.path()).unwrap();
-            db.remove(b"ab").unwrap();
+            let lost = if in_log {
+                let entries: Vec<_> = db.scan_prefix([log::PREFIX]).keys().collect();
+                assert_eq!(entries.len(), 3, "one entry per batch");
+                entries[1].clone().unwrap()
+            } else {
+                assert_eq!(db.scan_prefix([log::PREFIX]).count(), 0);
+                sled::IVec::from(b"ab")
+            };
+            db.remove(lost).unwrap().unwrap();
             db.flush().unwrap();
         }
-        let refused = SledStore::open(dir.path(), Recovery::Refuse)
-            .unwrap()
-            .load()
-            .unwrap_err();
+        let refused = reopen(dir.path(), Recovery::Refuse).load().unwrap_err();
         assert!(
             matches!(&refused, StoreError::DataLoss(l) if l.what.contains("lost or altered")),
             "{refused}"
         );
-        let snap = SledStore::open(dir.path(), Recovery::AcceptLoss)
-            .unwrap()
-            .load()
-            .unwrap();
+        let snap = reopen(dir.path(), Recovery::AcceptLoss).load().unwrap();
         assert_eq!(snap.assignments.len(), 2);
         // Accepted once: the store starts afresh from what is left.
-        let snap = SledStore::open(dir.path(), Recovery::Refuse)
-            .unwrap()
-            .load()
-            .unwrap();
+        let snap = reopen(dir.path(), Recovery::Refuse).load().unwrap();
         assert_eq!(snap.assignments.len(), 2);
     }
 
     #[test]
     fn a_store_that_lost_its_latest_batches_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        write_three(dir.path());
+        write_three(dir.path(), true);
         // sled back at an earlier batch, consistent with itself (its tail cut off): only the
         // watermark knows batch 3 was made durable.
         {
@@ -571,10 +620,7 @@ mod tests {
             db.insert(TALLY_KEY, &t.to_bytes()).unwrap();
             db.flush().unwrap();
         }
-        let refused = SledStore::open(dir.path(), Recovery::Refuse)
-            .unwrap()
-            .load()
-            .unwrap_err();
+        let refused = reopen(dir.path(), Recovery::Refuse).load().unwrap_err();
         assert!(
             matches!(&refused, StoreError::DataLoss(l) if l.what.contains("the latest 1 batches are lost")),
             "{refused}"

@@ -11,32 +11,45 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::{is_sled_file, watermark};
+use super::{is_sled_file, log, watermark};
 use crate::store::tally::is_meta;
 use crate::store::{Record, StoreError};
 
-/// Whether every record of `db` can be read and decoded.
+/// Whether every record (and log entry) of `db` can be read and decoded.
 pub fn readable(db: &sled::Db) -> Result<(), StoreError> {
     for item in db.iter() {
         let (key, value) = item?;
-        if !is_meta(&key) {
-            Record::decode(&key, &value)?;
-        }
+        decodes(&key, &value)?;
     }
     Ok(())
 }
 
-/// What could be read of the sled in `from`: per kind of record, forward until the first
-/// error, then backward until the first error (a damaged stretch loses only itself).
+/// Whether a key and value of sled decode: a record, a log entry whose records do, or one of
+/// the store's own keys.
+fn decodes(key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+    if log::is_entry(key) {
+        for (key, value) in log::replay([(key, value)])? {
+            if let Some(value) = value {
+                Record::decode(&key, &value)?;
+            }
+        }
+    } else if !is_meta(key) {
+        Record::decode(key, value)?;
+    }
+    Ok(())
+}
+
+/// What could be read of the sled in `from`: per kind of record (and the log), forward until
+/// the first error, then backward until the first error (a damaged stretch loses only itself).
 fn readable_records(from: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
     let mut found = BTreeMap::new();
     let Ok(db) = sled::Config::new().path(from).open() else {
         return found;
     };
-    for kind in [b's', b'g', b'i', b'G', b'r', b'a'] {
+    for kind in [b's', b'g', b'i', b'G', b'r', b'a', log::PREFIX] {
         let mut keep = |item: sled::Result<(sled::IVec, sled::IVec)>| match item {
             Ok((k, v)) => {
-                if Record::decode(&k, &v).is_ok() {
+                if decodes(&k, &v).is_ok() {
                     found.insert(k.to_vec(), v.to_vec());
                 }
                 true
