@@ -385,11 +385,17 @@ impl Store for SledStore {
     }
 }
 
+/// sled's page cache, at most. Why far below sled's default (1 GiB): the engine holds every
+/// record in memory already, and sled reads its pages only for checkpoints (`log.rs`) and at
+/// start. Measured with 1M subjects: 125 MB less resident (about 10%) for 5% more writer CPU.
+pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Open sled in `dir`. Its own background flush is off: the writer decides when to flush
 /// (group commit).
 fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
     sled::Config::new()
         .path(dir)
+        .cache_capacity(CACHE_BYTES)
         .flush_every_ms(None)
         .mode(sled::Mode::HighThroughput)
         .open()
