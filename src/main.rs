@@ -151,8 +151,8 @@ struct ServeArgs {
     /// Bearer token that Admin calls must carry. Without it, every Admin call is refused.
     #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
-    /// strict: answer a mutating call only once it is on disk. relaxed: answer at once and
-    /// flush every 10 ms (a crash may lose the last 10 ms of answered calls).
+    /// strict: answer a mutating call only once it is on disk. relaxed: answer at once; write
+    /// and sync every 10 ms (a crash may lose the last 10 ms of answered calls).
     #[arg(long, env = "TOLLGATE_DURABILITY", value_enum, default_value_t = Durability::Strict)]
     durability: Durability,
     /// The most bytes of prompt text (or chat text) one request may carry; larger ones are

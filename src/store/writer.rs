@@ -51,7 +51,7 @@ struct Job {
     mutations: Vec<Mutation>,
     done: Option<oneshot::Sender<Result<(), String>>>,
     /// The queue slot this job holds, given back once its records are written.
-    _slot: Option<Slot>,
+    slot: Option<Slot>,
 }
 
 /// A place in the writer's queue, taken before the engine lock (see [`Writer::slot`]).
@@ -188,7 +188,7 @@ impl Writer {
         tx.send(Job {
             mutations,
             done,
-            _slot: Some(slot),
+            slot: Some(slot),
         })
         .map_err(|_| StoreError::WriterGone)?;
         Ok(ticket)
@@ -202,7 +202,7 @@ impl Writer {
         tx.send(Job {
             mutations: Vec::new(),
             done: Some(s),
-            _slot: None,
+            slot: None,
         })
         .map_err(|_| StoreError::WriterGone)?;
         Ok(Ticket::Pending(r))
@@ -237,7 +237,7 @@ impl Round {
             self.waiting.add(job.mutations);
             self.unsynced_since.get_or_insert_with(Instant::now);
         }
-        self.slots.extend(job._slot);
+        self.slots.extend(job.slot);
         self.waiters.extend(job.done);
     }
 
