@@ -46,7 +46,6 @@ hold_seconds = 3600
 max_hold_seconds = 7200
 "#;
 
-
 /// Today's UTC day by the wall clock (the binary's clock).
 fn today() -> u32 {
     utc_day(SystemClock.now_micros())
