@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes tests/vectors/tokens.json: token-count test vectors whose expected counts come from
-OpenAI's own tokenizer, `tiktoken` from PyPI -- a reference independent of the tiktoken-rs crate
-that tollgate counts with.
+OpenAI's own tokenizer, `tiktoken` from PyPI -- a reference independent of the Rust crates
+that tollgate counts with (bpe-openai, tiktoken-rs).
 
 The inputs are built in code below (so they are reproducible and reviewable); the counts are
 tiktoken's:

@@ -289,7 +289,7 @@ fn count_tokens(args: CountTokensArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     if !args.chat {
-        if let Err(e) = tollgate::tokens::check_countable(&input) {
+        if let Err(e) = tollgate::tokens::check_countable(encoding, &input) {
             eprintln!("tollgate: cannot count stdin: {e}");
             return ExitCode::from(2);
         }
@@ -304,7 +304,7 @@ fn count_tokens(args: CountTokensArgs) -> ExitCode {
         };
         if let Some(e) = messages
             .iter()
-            .find_map(|m| tollgate::tokens::check_countable(&m.content).err())
+            .find_map(|m| tollgate::tokens::check_countable(encoding, &m.content).err())
         {
             eprintln!("tollgate: cannot count stdin: {e}");
             return ExitCode::from(2);

@@ -987,29 +987,75 @@ async fn a_4_mib_run_without_a_word_break_is_counted() {
     server.stop().await;
 }
 
+/// "a", `run` spaces, "b".
+fn spaced(run: usize) -> String {
+    format!("a{}b", " ".repeat(run))
+}
+
+/// o200k_base and cl100k_base are counted by bpe-openai, whose split pattern is a DFA: a
+/// whitespace run of any length is counted (tiktoken's backtracking regex overflows near a
+/// million, so tiktoken itself cannot count this). The expected count: 128 more spaces in a run
+/// cost one more token (`tests/token_agreement.rs` checks that with tiktoken-rs), so a run
+/// 128,000 spaces shorter, which tiktoken-rs can count, costs 1,000 tokens fewer.
 #[tokio::test]
-async fn a_whitespace_run_beyond_the_tokenizer_is_invalid_not_a_failure() {
+async fn a_whitespace_run_of_a_million_is_counted_for_the_built_in_models() {
     let server = TestServer::start(POLICY_ROOMY).await;
     let mut q = server.quota().await;
-    let text = format!("a{}b", " ".repeat(tollgate::tokens::MAX_WHITESPACE_RUN + 1));
-    let m = invalid_on(
-        q.count_tokens(CountTokensRequest {
-            model: "gpt-4o".into(),
-            prompt: Some(text.clone()),
-            messages: vec![],
-        })
-        .await,
-        "prompt",
+    let run = 1_000_001;
+    let shorter = run - 1_000 * 128;
+    assert!(shorter <= tollgate::tokens::MAX_WHITESPACE_RUN && run > shorter);
+    let text = spaced(run);
+    for (model, reference) in [
+        ("gpt-4o", tiktoken_rs::o200k_base_singleton()),
+        ("gpt-4", tiktoken_rs::cl100k_base_singleton()),
+    ] {
+        let expected = reference.encode_ordinary(&spaced(shorter)).len() as u64 + 1_000;
+        let c = count_text(&mut q, model, &text).await;
+        assert_eq!(c.tokens, expected, "{model}");
+        let r = rsv(&mut q, reserve_text("ws", model, &text, Some(0))).await;
+        assert_eq!(decision(&r), Decision::Allowed);
+        assert_eq!(r.prompt_tokens, expected);
+    }
+    server.stop().await;
+}
+
+/// p50k_base and r50k_base are still counted by tiktoken-rs, which refuses such a run up front.
+#[tokio::test]
+async fn a_whitespace_run_beyond_tiktoken_rs_is_invalid_for_its_encodings_not_a_failure() {
+    let policy = format!(
+        "{POLICY_ROOMY}\n[models.\"text-davinci-003\"]\nencoding = \"p50k_base\"\n\n\
+         [models.\"davinci\"]\nencoding = \"r50k_base\"\n"
     );
-    assert!(m.contains("whitespace"), "{m}");
-    invalid_on(
-        q.reserve(reserve_text("ws", "gpt-4o", &text, Some(0)))
+    let server = TestServer::start(&policy).await;
+    let mut q = server.quota().await;
+    let text = spaced(tollgate::tokens::MAX_WHITESPACE_RUN + 1);
+    for (model, encoding) in [("text-davinci-003", "p50k_base"), ("davinci", "r50k_base")] {
+        let m = invalid_on(
+            q.count_tokens(CountTokensRequest {
+                model: model.into(),
+                prompt: Some(text.clone()),
+                messages: vec![],
+            })
             .await,
-        "prompt",
-    );
-    // The service is unharmed.
-    let c = count_text(&mut q, "gpt-4o", "hello world").await;
+            "prompt",
+        );
+        assert!(m.contains("whitespace") && m.contains(encoding), "{m}");
+        invalid_on(
+            q.reserve(reserve_text("ws", model, &text, Some(0))).await,
+            "prompt",
+        );
+        invalid_on(
+            q.reserve(reserve_chat("ws", model, vec![msg("user", &text)], Some(0)))
+                .await,
+            "messages",
+        );
+    }
+    // The service is unharmed, and the same model counts a run at the limit.
+    let c = count_text(&mut q, "davinci", "hello world").await;
     assert_eq!(c.tokens, 2);
+    let at_limit = spaced(tollgate::tokens::MAX_WHITESPACE_RUN);
+    let c = count_text(&mut q, "davinci", &at_limit).await;
+    assert!(c.tokens > 2, "{c:?}");
     server.stop().await;
 }
 

@@ -210,6 +210,14 @@ fn unbroken_letters(bytes: usize) -> String {
     out
 }
 
+/// `POLICY_LOAD` with a model, [`SLOW_COUNT_MODEL`], counted with r50k_base: tiktoken-rs,
+/// which takes seconds on one unbroken 4 MiB run, so a call stays in flight while it is counted
+/// (o200k_base and cl100k_base, counted with bpe-openai, take well under one).
+fn policy_with_slow_counting() -> String {
+    format!("{POLICY_LOAD}\n[models.\"{SLOW_COUNT_MODEL}\"]\nencoding = \"r50k_base\"\n")
+}
+const SLOW_COUNT_MODEL: &str = "slow-count";
+
 /// A channel to `addr` (no connection is made until the first call).
 fn lazy_channel(addr: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}"))
@@ -845,7 +853,7 @@ async fn sigterm_under_load_exits_0_and_keeps_every_acknowledged_operation() {
 async fn during_shutdown_health_is_not_serving_and_new_calls_fail_while_one_finishes() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let policy = write_file(dir.path(), "policy.toml", POLICY_LOAD);
+    let policy = write_file(dir.path(), "policy.toml", &policy_with_slow_counting());
     let data = dir.path().join("data");
     let serve = || {
         Serve::new(&data)
@@ -869,7 +877,7 @@ async fn during_shutdown_health_is_not_serving_and_new_calls_fail_while_one_fini
     let mut big_q = server.quota().await;
     let big_call = tokio::spawn(async move {
         let r = big_q
-            .reserve(reserve_text("big", "gpt-4o", &big, Some(0)))
+            .reserve(reserve_text("big", SLOW_COUNT_MODEL, &big, Some(0)))
             .await;
         (r, Instant::now())
     });
@@ -1046,7 +1054,7 @@ async fn shutdown_timeout_bounds_the_exit_with_calls_still_in_flight() {
     let bound = timeout + Duration::from_secs(2);
     for case in ["counting"] {
         let dir = tempfile::tempdir().unwrap();
-        let policy = write_file(dir.path(), "policy.toml", POLICY_LOAD);
+        let policy = write_file(dir.path(), "policy.toml", &policy_with_slow_counting());
         let data = dir.path().join("data");
         let serve = || {
             Serve::new(&data)
@@ -1067,7 +1075,7 @@ async fn shutdown_timeout_bounds_the_exit_with_calls_still_in_flight() {
             let big = big.clone();
             let mut q = server.quota().await;
             in_flight.push(tokio::spawn(async move {
-                q.reserve(reserve_text("big", "gpt-4o", &big, Some(0)))
+                q.reserve(reserve_text("big", SLOW_COUNT_MODEL, &big, Some(0)))
                     .await
             }));
         }

@@ -22,11 +22,6 @@ use tollgate::proto::{self, CountTokensRequest, ReserveRequest};
 /// No limit but a day's budget far above any vector.
 const POLICY: &str = "default_tier = \"t\"\n[tiers.t]\ntokens_per_day = 1000000000000\n";
 
-/// A dry-run Reserve checks the vectors up to this many bytes of text: Reserve counts with the
-/// same counter as CountTokens, which checks every vector, and the longest inputs (a 100 KB
-/// word costs tiktoken-rs seconds) would only slow the test.
-const RESERVE_MAX_BYTES: usize = 64 * 1024;
-
 /// The models every vector is counted for, and the encoding each must report.
 const MODELS: [(&str, &str); 2] = [("gpt-4o", "o200k_base"), ("gpt-4", "cl100k_base")];
 
@@ -78,14 +73,6 @@ fn proto_messages(messages: &[Message]) -> Vec<proto::ChatMessage> {
             name: m.name.clone().unwrap_or_default(),
         })
         .collect()
-}
-
-/// Bytes of text in a chat.
-fn chat_bytes(messages: &[Message]) -> usize {
-    messages
-        .iter()
-        .map(|m| m.role.len() + m.content.len() + m.name.as_ref().map_or(0, String::len))
-        .sum()
 }
 
 /// The expected count of a vector for `model`.
@@ -240,19 +227,14 @@ async fn every_vector_through_a_dry_run_reserve() {
             dry_run: true,
             ..Default::default()
         };
-        let short_texts = v.texts.iter().filter(|t| t.text.len() <= RESERVE_MAX_BYTES);
-        let texts = short_texts.map(|t| {
+        let texts = v.texts.iter().map(|t| {
             let req = ReserveRequest {
                 prompt: Some(t.text.clone()),
                 ..base.clone()
             };
             (format!("text {}", t.id), req, &t.counts)
         });
-        let short_chats = v
-            .chats
-            .iter()
-            .filter(|c| chat_bytes(&c.messages) <= RESERVE_MAX_BYTES);
-        let chats = short_chats.map(|c| {
+        let chats = v.chats.iter().map(|c| {
             let req = ReserveRequest {
                 messages: proto_messages(&c.messages),
                 ..base.clone()

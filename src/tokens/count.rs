@@ -1,5 +1,6 @@
 //! Counting: text as ordinary text, chats as the chat API counts them.
 
+use super::tokenizer::max_whitespace_run;
 use super::Encoding;
 
 /// One chat message.
@@ -20,25 +21,32 @@ pub const TOKENS_PER_NAME: u64 = 1;
 /// Tokens that prime the assistant's reply, once per chat.
 pub const REPLY_PRIMING_TOKENS: u64 = 3;
 
-/// The longest run of whitespace the tokenizer is given. tiktoken's pre-tokenizing pattern
-/// (`\s+(?!\S)`) overflows its regex engine's stack on a whitespace run of about a million
-/// characters; no real prompt holds one, so a longer run is refused up front with a clear error
-/// rather than failing inside the tokenizer.
-pub const MAX_WHITESPACE_RUN: usize = 900_000;
-
 /// Why a text cannot be counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("it holds a run of more than {MAX_WHITESPACE_RUN} whitespace characters, which the tokenizer cannot split; shorten the run, or send prompt_tokens")]
-pub struct Uncountable;
+#[error("it holds a run of more than {max} whitespace characters, which the {encoding} tokenizer cannot split; shorten the run, or send prompt_tokens")]
+pub struct Uncountable {
+    /// The encoding's name.
+    pub encoding: &'static str,
+    /// The longest whitespace run it can split.
+    pub max: usize,
+}
 
-/// Check that `text` is within what the tokenizer can split. O(n), no allocation.
-pub fn check_countable(text: &str) -> Result<(), Uncountable> {
+/// Check that `text` is within what `encoding`'s tokenizer can split: only tiktoken-rs has a
+/// limit (see [`super::MAX_WHITESPACE_RUN`]). O(n), no allocation, and nothing at all for the
+/// encodings without one.
+pub fn check_countable(encoding: Encoding, text: &str) -> Result<(), Uncountable> {
+    let Some(max) = max_whitespace_run(encoding) else {
+        return Ok(());
+    };
     let mut run = 0usize;
     for c in text.chars() {
         if c.is_whitespace() {
             run += 1;
-            if run > MAX_WHITESPACE_RUN {
-                return Err(Uncountable);
+            if run > max {
+                return Err(Uncountable {
+                    encoding: encoding.name(),
+                    max,
+                });
             }
         } else {
             run = 0;
@@ -53,7 +61,7 @@ pub fn count_text(encoding: Encoding, text: &str) -> u64 {
     if text.is_empty() {
         return 0;
     }
-    encoding.bpe().encode_ordinary(text).len() as u64
+    encoding.tokenizer().count(text) as u64
 }
 
 /// Tokens of a chat, as OpenAI documents for its chat models: each message costs
@@ -74,6 +82,7 @@ pub fn count_chat(encoding: Encoding, messages: &[ChatMessage]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokens::MAX_WHITESPACE_RUN;
 
     #[test]
     fn counts_known_texts() {
@@ -84,14 +93,28 @@ mod tests {
     }
 
     #[test]
-    fn whitespace_runs_past_the_tokenizer_limit_are_refused_up_front() {
+    fn only_tiktoken_rs_refuses_whitespace_runs_past_its_limit() {
         let at_limit = " ".repeat(MAX_WHITESPACE_RUN);
-        assert_eq!(check_countable(&at_limit), Ok(()));
-        assert!(count_text(Encoding::O200kBase, &at_limit) > 0);
         let over = format!("word{} word", "\t".repeat(MAX_WHITESPACE_RUN + 1));
-        assert_eq!(check_countable(&over), Err(Uncountable));
-        // Long runs of anything else are fine (a million letters is one word to the tokenizer).
-        assert_eq!(check_countable(&"a".repeat(MAX_WHITESPACE_RUN * 2)), Ok(()));
+        for e in [Encoding::P50kBase, Encoding::R50kBase] {
+            assert_eq!(check_countable(e, &at_limit), Ok(()));
+            let refused = check_countable(e, &over).unwrap_err();
+            assert_eq!(
+                (refused.encoding, refused.max),
+                (e.name(), MAX_WHITESPACE_RUN)
+            );
+            // Long runs of anything else are fine (a million letters is one word to it).
+            assert_eq!(
+                check_countable(e, &"a".repeat(MAX_WHITESPACE_RUN * 2)),
+                Ok(())
+            );
+        }
+        assert!(count_text(Encoding::R50kBase, &at_limit) > 0);
+        // The libraries counting these split with a DFA: any run is counted.
+        for e in [Encoding::O200kBase, Encoding::Cl100kBase] {
+            assert_eq!(check_countable(e, &over), Ok(()));
+            assert!(count_text(e, &over) > 2);
+        }
     }
 
     #[test]

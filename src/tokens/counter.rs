@@ -8,9 +8,12 @@ use tokio::sync::Semaphore;
 use super::{check_countable, count_chat, count_text, ChatMessage, Encoding};
 
 /// Inputs up to this many bytes, with their encoding loaded, are counted inline on the async
-/// worker; larger ones go to a blocking thread. Measured on the project's 2-core machine:
-/// 16 KiB of ordinary text takes about 5–8 ms, and tiktoken-rs 0.12's merge for long pieces
-/// keeps an adversarial 16 KiB (one unbroken run) in the same range (see BENCHMARKS.md).
+/// worker; larger ones go to a blocking thread. Measured on the project's 2-core machine (see
+/// BENCHMARKS.md): with bpe-openai, 16 KiB of ordinary text takes about 0.6-0.9 ms and the
+/// worst 16 KiB (one unbroken run of letters) about 1.5-1.9 ms, against 3-5 ms with
+/// tiktoken-rs before (a run of spaces). Kept at 16 KiB rather than raised: a larger prompt
+/// costs only a hand-off to a blocking thread, and the lower bound on a worker's stall is
+/// worth more.
 pub const INLINE_MAX_BYTES: usize = 16 * 1024;
 
 /// A prompt as a request gives it.
@@ -97,7 +100,7 @@ impl TokenCounter {
     pub fn warm_up(&self, encodings: &[Encoding]) {
         for &e in encodings {
             tokio::task::spawn_blocking(move || {
-                e.bpe();
+                e.tokenizer();
             });
         }
     }
@@ -108,10 +111,10 @@ impl TokenCounter {
             return Ok(n);
         }
         match &prompt {
-            Prompt::Text(t) => check_countable(t)?,
+            Prompt::Text(t) => check_countable(encoding, t)?,
             Prompt::Chat(messages) => {
                 for m in messages {
-                    check_countable(&m.content)?;
+                    check_countable(encoding, &m.content)?;
                 }
             }
             Prompt::Tokens(_) => {}
@@ -151,7 +154,7 @@ mod tests {
     #[tokio::test]
     async fn large_prompts_wait_within_a_bound_and_small_ones_do_not_wait() {
         let counter = TokenCounter::new(1);
-        Encoding::O200kBase.bpe();
+        Encoding::O200kBase.tokenizer();
         // Occupy the only counting thread.
         let busy = counter.permits.clone().acquire_owned().await.unwrap();
         let big = Prompt::Text("word ".repeat(INLINE_MAX_BYTES));

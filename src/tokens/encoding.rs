@@ -2,7 +2,7 @@
 
 use std::sync::OnceLock;
 
-use tiktoken_rs::CoreBPE;
+use super::tokenizer::Tokenizer;
 
 /// A tokenizer encoding, by its tiktoken name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -25,10 +25,10 @@ pub const ALL: [Encoding; 4] = [
     Encoding::R50kBase,
 ];
 
-static O200K: OnceLock<CoreBPE> = OnceLock::new();
-static CL100K: OnceLock<CoreBPE> = OnceLock::new();
-static P50K: OnceLock<CoreBPE> = OnceLock::new();
-static R50K: OnceLock<CoreBPE> = OnceLock::new();
+static O200K: OnceLock<Tokenizer> = OnceLock::new();
+static CL100K: OnceLock<Tokenizer> = OnceLock::new();
+static P50K: OnceLock<Tokenizer> = OnceLock::new();
+static R50K: OnceLock<Tokenizer> = OnceLock::new();
 
 impl Encoding {
     /// The tiktoken name.
@@ -46,7 +46,7 @@ impl Encoding {
         ALL.into_iter().find(|e| e.name() == name)
     }
 
-    fn cell(self) -> &'static OnceLock<CoreBPE> {
+    fn cell(self) -> &'static OnceLock<Tokenizer> {
         match self {
             Encoding::O200kBase => &O200K,
             Encoding::Cl100kBase => &CL100K,
@@ -60,18 +60,9 @@ impl Encoding {
         self.cell().get().is_some()
     }
 
-    /// The encoder, loading it on first use (about 0.2 s for o200k_base: call from a blocking
-    /// context, or after [`Self::is_loaded`]). Loading is from data compiled into the binary,
-    /// so it cannot fail at run time; a failure is a build defect.
-    pub fn bpe(self) -> &'static CoreBPE {
-        self.cell().get_or_init(|| {
-            let loaded = match self {
-                Encoding::O200kBase => tiktoken_rs::o200k_base(),
-                Encoding::Cl100kBase => tiktoken_rs::cl100k_base(),
-                Encoding::P50kBase => tiktoken_rs::p50k_base(),
-                Encoding::R50kBase => tiktoken_rs::r50k_base(),
-            };
-            loaded.expect("the encodings shipped inside tiktoken-rs load")
-        })
+    /// The tokenizer, loading it on first use (under 0.1 s for o200k_base: call from a
+    /// blocking context, or after [`Self::is_loaded`]).
+    pub fn tokenizer(self) -> &'static Tokenizer {
+        self.cell().get_or_init(|| Tokenizer::load(self))
     }
 }
