@@ -45,6 +45,11 @@ struct Args {
     /// Subjects the callers spread over.
     #[arg(long, default_value_t = 64)]
     subjects: u32,
+    /// Each caller moves to the next of the subjects on every Reserve (caller n uses n, n +
+    /// callers, n + 2 x callers, ... modulo `--subjects`), so the server keeps state for all of
+    /// them, as with real traffic (the soak uses it); without it, caller n always uses n.
+    #[arg(long)]
+    rotate_subjects: bool,
     /// Prompt tokens per Reserve.
     #[arg(long, default_value_t = 100)]
     prompt_tokens: u64,
@@ -101,8 +106,11 @@ async fn caller(
     end: Instant,
 ) -> Stats {
     let mut stats = Stats::default();
-    let request = ReserveRequest {
-        subject: format!("load-{}", n % args.subjects.max(1)),
+    let subjects = u64::from(args.subjects.max(1));
+    let callers = u64::from(args.connections) * u64::from(args.streams);
+    let mut next_subject = u64::from(n) % subjects;
+    let mut request = ReserveRequest {
+        subject: format!("load-{next_subject}"),
         model: "gpt-4o".into(),
         prompt_tokens: Some(args.prompt_tokens),
         max_output_tokens: Some(args.max_output_tokens),
@@ -114,6 +122,10 @@ async fn caller(
             break;
         }
         let measured = t0 >= measure_from;
+        if args.rotate_subjects {
+            next_subject = (next_subject + callers) % subjects;
+            request.subject = format!("load-{next_subject}");
+        }
         let reserved = match client.reserve(request.clone()).await {
             Ok(r) => r.into_inner(),
             Err(e) => {
