@@ -422,6 +422,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             },
             None => None,
         };
+        let shutdown = shutdown_signal();
         // The bound address on stdout, for scripts and tests that start on port 0.
         println!("tollgate listening on {addr}");
         match &backend {
@@ -448,7 +449,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             listener,
             health_listener,
             options,
-            shutdown_signal(),
+            shutdown,
         )
         .await;
         if let Some(r) = reloader {
@@ -475,24 +476,44 @@ fn serve(args: ServeArgs) -> ExitCode {
     code
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// A future that completes on SIGINT or SIGTERM, with both handlers registered when this is
+/// called, not when the future is first polled. Why eagerly: the address is printed before the
+/// server polls this future, and a supervisor (or a test) that reads the address and at once
+/// sends SIGTERM must get a clean stop (drain, flush, exit 0), not the default action of the
+/// signal, which kills the process before the store is flushed.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    #[cfg(unix)]
+    let mut interrupt =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    async move {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match term.as_mut() {
+                    Some(s) => {
+                        let _ = s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let interrupt = async {
+                match interrupt.as_mut() {
+                    Some(s) => {
+                        let _ = s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = term => {},
+                () = interrupt => {},
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

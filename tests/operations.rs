@@ -1516,3 +1516,29 @@ output_usd_per_million = 10.0
     assert!(stderr.contains("is not a URL"), "{stderr}");
     server.kill9();
 }
+
+/// SIGTERM sent the moment the address is printed is a clean stop (exit 0), not the signal's
+/// default action, which would kill the process before its store is flushed: the handlers are
+/// registered before the address is printed. Sent with libc's `kill` straight after the line is
+/// read, 20 times, because the window this closes (from the print to the server's first poll
+/// of its shutdown future) was a few hundred microseconds wide.
+#[test]
+fn sigterm_the_moment_the_address_is_printed_is_a_clean_stop() {
+    for cycle in 0..20 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("log");
+        let mut server = Serve::new(&dir.path().join("data")).log_to(&log).start();
+        let pid = libc::pid_t::try_from(server.child.id()).expect("a pid");
+        // SAFETY: kill(2) with a valid signal number; the child is ours and not yet reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "kill");
+        let status = server
+            .wait_exit(Duration::from_secs(30))
+            .expect("tollgate exits after SIGTERM");
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "cycle {cycle}: {status:?}; log:\n{}",
+            server.log_text()
+        );
+    }
+}
