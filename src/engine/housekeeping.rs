@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::{Engine, HoldState, Mutation, Reservation, ScopeKey, ScopeState};
+use super::{Engine, HoldState, Mutation, PackedScope, Reservation, ScopeKey, ScopeState};
 use crate::policy::SubjectConfig;
 
 impl Engine {
@@ -52,10 +52,10 @@ impl Engine {
         })
     }
 
-    /// Visit at most `looks` scopes in the round-robin order of `rest_queue` (each visited goes
-    /// to the back), and forget those `forget` picks, with a delete record each, until `wanted`
-    /// are forgotten. Returns how many were. The one walk the sweeper and eviction share, so a
-    /// scope is visited in turn whoever visits it, and the queue keeps every scope once.
+    /// Visit at most `looks` scopes in round-robin order from `rest_cursor`, and forget those
+    /// `forget` picks, with a delete record each, until `wanted` are forgotten. Returns how many
+    /// were. The one walk the sweeper and eviction share, so a scope is visited in turn
+    /// whoever visits it.
     pub(super) fn forget_round_robin(
         &mut self,
         looks: usize,
@@ -64,22 +64,24 @@ impl Engine {
         forget: impl Fn(&Self, &ScopeKey, &ScopeState) -> bool,
     ) -> usize {
         let mut forgotten = 0;
-        for _ in 0..looks.min(self.rest_queue.len()) {
+        for _ in 0..looks.min(self.scopes.len()) {
             if forgotten == wanted {
                 break;
             }
-            let Some(key) = self.rest_queue.pop_front() else {
+            if self.rest_cursor >= self.scopes.len() {
+                self.rest_cursor = 0;
+            }
+            let Some((key, packed)) = self.scopes.get_index(self.rest_cursor) else {
                 break;
             };
-            let Some(state) = self.scopes.get(&key) else {
-                continue;
-            };
-            if forget(self, &key, state) {
-                self.scopes.remove(&key);
-                out.push(Mutation::Scope { key, state: None });
+            if forget(self, key, &packed.state()) {
+                // The last scope moves here, and is the next one visited.
+                if let Some((key, _)) = self.scopes.swap_remove_index(self.rest_cursor) {
+                    out.push(Mutation::Scope { key, state: None });
+                }
                 forgotten += 1;
             } else {
-                self.rest_queue.push_back(key);
+                self.rest_cursor += 1;
             }
         }
         forgotten
@@ -96,7 +98,7 @@ impl Engine {
         assignments: HashMap<String, SubjectConfig>,
     ) -> Vec<String> {
         let mut problems = Vec::new();
-        self.scopes = scopes;
+        let mut scopes = scopes;
         self.assignments = assignments;
         let mut held: HashMap<ScopeKey, ScopeState> = HashMap::new();
         for r in &reservations {
@@ -121,7 +123,7 @@ impl Engine {
                 s.open_holds,
             )
         };
-        for (key, state) in self.scopes.iter_mut() {
+        for (key, state) in scopes.iter_mut() {
             let truth = held.remove(key).unwrap_or_default();
             if holds(state) != holds(&truth) {
                 problems.push(format!(
@@ -144,9 +146,13 @@ impl Engine {
                 key.id(),
                 truth.open_holds
             ));
-            self.scopes.insert(key, truth);
+            scopes.insert(key, truth);
         }
-        self.rest_queue = self.scopes.keys().cloned().collect();
+        self.scopes = scopes
+            .into_iter()
+            .map(|(key, state)| (key, PackedScope::pack(&state)))
+            .collect();
+        self.rest_cursor = 0;
         for r in reservations {
             match r.state.finished_at() {
                 None => {
