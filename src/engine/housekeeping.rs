@@ -1,9 +1,11 @@
 //! Keeping memory bounded: purging settled reservations after the retention, forgetting
 //! scopes at rest, and rebuilding the engine from persisted records.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use super::{Engine, HoldState, Mutation, PackedScope, Reservation, ScopeKey, ScopeState};
+use super::{
+    Engine, HoldState, Mutation, PackedScope, Reservation, ReservationId, ScopeKey, ScopeState,
+};
 use crate::policy::SubjectConfig;
 
 impl Engine {
@@ -12,7 +14,7 @@ impl Engine {
     pub fn purge_settled(&mut self, now_us: u64, out: &mut Vec<Mutation>) -> usize {
         let mut purged = 0;
         while purged < self.bounds.max_per_pass {
-            let Some(&(at_us, _)) = self.settled.first() else {
+            let Some((at_us, _)) = self.settled.oldest() else {
                 break;
             };
             let too_old = at_us.saturating_add(self.bounds.retention_us) <= now_us;
@@ -28,18 +30,10 @@ impl Engine {
 
     /// Remove the oldest settled reservation and its idempotency key.
     pub(super) fn purge_oldest_settled(&mut self, out: &mut Vec<Mutation>) {
-        let Some((_, id)) = self.settled.pop_first() else {
+        // Its key goes with it unless it was reused after this record's retention ran out.
+        let Some(id) = self.settled.pop_oldest() else {
             return;
         };
-        if let Some(r) = self.reservations.remove(&id) {
-            if let Some(key) = r.idempotency_key {
-                // The key may have been reused after this record's retention ran out.
-                let entry = (r.subject, key);
-                if self.idempotency.get(&entry) == Some(&id) {
-                    self.idempotency.remove(&entry);
-                }
-            }
-        }
         out.push(Mutation::Reservation { id, record: None });
     }
 
@@ -153,24 +147,30 @@ impl Engine {
             .map(|(key, state)| (key, PackedScope::pack(&state)))
             .collect();
         self.rest_cursor = 0;
-        for r in reservations {
-            match r.state.finished_at() {
-                None => {
-                    self.deadlines.insert((r.expires_us, r.id));
-                }
-                Some(at_us) => {
-                    self.settled.insert((at_us, r.id));
-                }
-            }
+        // A reused key belongs to its newest reservation (ids sort by time).
+        let mut key_owners: HashMap<(&str, &str), ReservationId> = HashMap::new();
+        for r in &reservations {
             if let Some(key) = &r.idempotency_key {
-                // A reused key belongs to its newest reservation (ids sort by time).
-                let slot = self
-                    .idempotency
-                    .entry((r.subject.clone(), key.clone()))
+                let slot = key_owners
+                    .entry((r.subject.as_str(), key.as_str()))
                     .or_insert(r.id);
                 *slot = (*slot).max(r.id);
             }
-            self.reservations.insert(r.id, r);
+        }
+        let owners: HashSet<ReservationId> = key_owners.into_values().collect();
+        for r in reservations {
+            let owns_key = owners.contains(&r.id);
+            match r.state.finished_at() {
+                None => {
+                    self.deadlines.insert((r.expires_us, r.id));
+                    if let (true, Some(key)) = (owns_key, &r.idempotency_key) {
+                        self.open_keys
+                            .insert((r.subject.clone(), key.clone()), r.id);
+                    }
+                    self.open.insert(r.id, r);
+                }
+                Some(at_us) => self.settled.insert(&r, at_us, owns_key),
+            }
         }
         problems
     }

@@ -122,7 +122,13 @@ pub(super) fn check_invariants(e: &Engine, step: usize) {
     // Per scope: (held tokens, of which on the downgrade budget, held µUSD, open holds).
     let mut held: HashMap<ScopeKey, (u64, u64, u64, u32)> = HashMap::new();
     let mut open = 0;
-    for r in e.reservations.values() {
+    let reservations = e.all_reservations();
+    e.settled.check();
+    let settled = e.settled.all();
+    let settled_index: std::collections::BTreeSet<_> =
+        settled.iter().map(|(at, r)| (*at, r.id)).collect();
+    let idempotency = e.idempotency_keys();
+    for r in reservations.values() {
         if r.state == HoldState::Held {
             for key in r.scopes() {
                 let hold = r.hold_on(key.kind());
@@ -141,7 +147,7 @@ pub(super) fn check_invariants(e: &Engine, step: usize) {
         } else {
             let at = r.state.finished_at().unwrap();
             assert!(
-                e.settled.contains(&(at, r.id)),
+                settled_index.contains(&(at, r.id)),
                 "step {step}: settled index of {}",
                 r.id
             );
@@ -149,7 +155,7 @@ pub(super) fn check_invariants(e: &Engine, step: usize) {
         if let Some(k) = &r.idempotency_key {
             // A key points at its newest reservation (older ones may be past retention).
             assert!(
-                e.idempotency
+                idempotency
                     .get(&(r.subject.clone(), k.clone()))
                     .is_some_and(|id| *id >= r.id),
                 "step {step}: idempotency key {k:?} of {}",
@@ -158,8 +164,8 @@ pub(super) fn check_invariants(e: &Engine, step: usize) {
         }
     }
     // Every index entry names a record in the state it is indexed for.
-    for (at, id) in &e.settled {
-        let r = e.reservations.get(id);
+    for (at, id) in &settled_index {
+        let r = reservations.get(id);
         assert_eq!(
             r.and_then(|r| r.state.finished_at()),
             Some(*at),
@@ -167,14 +173,14 @@ pub(super) fn check_invariants(e: &Engine, step: usize) {
         );
     }
     for (deadline, id) in &e.deadlines {
-        let r = e.reservations.get(id);
+        let r = reservations.get(id);
         assert!(
             r.is_some_and(|r| r.state == HoldState::Held && r.expires_us == *deadline),
             "step {step}: deadline entry {id}"
         );
     }
-    for ((subject, key), id) in &e.idempotency {
-        let r = e.reservations.get(id);
+    for ((subject, key), id) in &idempotency {
+        let r = reservations.get(id);
         assert!(
             r.is_some_and(|r| r.subject == *subject && r.idempotency_key.as_ref() == Some(key)),
             "step {step}: idempotency key {key:?} of {subject:?} names {id}, not a record with it"
@@ -184,7 +190,7 @@ pub(super) fn check_invariants(e: &Engine, step: usize) {
     assert_eq!(e.deadlines.len(), open, "step {step}: deadline index");
     assert_eq!(
         e.settled.len() + open,
-        e.reservations.len(),
+        reservations.len(),
         "step {step}: every record is open or settled"
     );
     // The sweeper's round-robin goes on from a scope in the table (or the start).
@@ -495,12 +501,14 @@ fn run_model(seed: u64, run: Run) -> Seen {
                 "seed {seed} step {step}"
             );
             assert_eq!(
-                replayed.reservations, e.reservations,
+                replayed.all_reservations(),
+                e.all_reservations(),
                 "seed {seed} step {step}"
             );
             assert_eq!(replayed.scopes, e.scopes, "seed {seed} step {step}");
             assert_eq!(
-                replayed.idempotency, e.idempotency,
+                replayed.idempotency_keys(),
+                e.idempotency_keys(),
                 "seed {seed} step {step}"
             );
         }
