@@ -467,4 +467,6 @@ impl Engine {
 #[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]
+mod settled_tests;
+#[cfg(test)]
 mod tests;

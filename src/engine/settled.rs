@@ -175,9 +175,10 @@ struct Slot {
     bytes: Box<[u8]>,
 }
 
-/// The settled reservations, by id, by settle time and by idempotency key.
+/// The settled reservations, by id, by settle time and by idempotency key. `S` hashes ids
+/// and keys (a test gives one under which every key collides).
 #[derive(Debug, Default)]
-pub(super) struct Settled {
+pub(super) struct Settled<S = RandomState> {
     /// Slots by number; a removed one is `None` until reused (`free`), so numbers in the
     /// indexes stay valid.
     slots: Vec<Option<Slot>>,
@@ -190,14 +191,14 @@ pub(super) struct Settled {
     /// (settle time, id) in order, the id as its high and low words (24 bytes an entry, not
     /// the 32 a `u128` aligned to 16 takes): purged from the front.
     order: BTreeSet<(u64, u64, u64)>,
-    hasher: RandomState,
+    hasher: S,
 }
 
 fn order_entry(at_us: u64, id: ReservationId) -> (u64, u64, u64) {
     (at_us, (id.0 >> 64) as u64, id.0 as u64)
 }
 
-impl Settled {
+impl<S: BuildHasher> Settled<S> {
     /// Settled records kept.
     pub(super) fn len(&self) -> usize {
         self.order.len()
@@ -400,5 +401,232 @@ impl Settled {
                 ((h.subject.to_string(), key.to_string()), s.id)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hash::{BuildHasherDefault, Hasher};
+    use std::net::Ipv6Addr;
+
+    use super::*;
+
+    fn record(id: u128, subject: &str, key: Option<&str>) -> Reservation {
+        Reservation {
+            id: ReservationId(id),
+            subject: subject.into(),
+            model: "gpt-4o-mini".into(),
+            prompt_tokens: 100,
+            max_output_tokens: 100,
+            requested_hold_us: None,
+            created_us: 1_773_144_000_000_000,
+            expires_us: 1_773_144_060_000_000,
+            idempotency_key: key.map(str::to_string),
+            state: HoldState::Committed {
+                usage: Usage {
+                    prompt_tokens: 100,
+                    completion_tokens: 50,
+                    usage_unknown: false,
+                },
+                settlement: Settlement::of(
+                    200,
+                    &Usage {
+                        prompt_tokens: 100,
+                        completion_tokens: 50,
+                        usage_unknown: false,
+                    },
+                    0,
+                ),
+                at_us: 1_773_144_001_000_000,
+            },
+            group: None,
+            client_ip: None,
+            price: None,
+            held_usd: 0,
+            downgraded_from: None,
+        }
+    }
+
+    /// Records of every shape: each state, every optional field set, extreme numbers, times
+    /// before the creation (a clock that stepped back) and long strings.
+    fn every_shape() -> Vec<Reservation> {
+        let base = record(1, "user-00000001", Some("k1"));
+        let long = "é".repeat(128);
+        vec![
+            base.clone(),
+            Reservation {
+                id: ReservationId(u128::MAX),
+                subject: long.clone(),
+                model: String::new(),
+                prompt_tokens: u64::MAX,
+                max_output_tokens: 0,
+                requested_hold_us: Some(u64::MAX),
+                created_us: u64::MAX,
+                expires_us: 0,
+                idempotency_key: Some(long.clone()),
+                state: HoldState::Expired { at_us: 3 },
+                group: Some(long.clone()),
+                client_ip: Some(Ipv6Addr::LOCALHOST.into()),
+                price: Some(Price {
+                    input_per_million: 150_000,
+                    output_per_million: u64::MAX,
+                }),
+                held_usd: u64::MAX,
+                downgraded_from: Some(Requested {
+                    model: long,
+                    prompt_tokens: 7,
+                }),
+            },
+            Reservation {
+                id: ReservationId(3),
+                state: HoldState::Refunded { at_us: 0 },
+                idempotency_key: Some(String::new()),
+                client_ip: Some([10, 0, 0, 1].into()),
+                ..base.clone()
+            },
+            Reservation {
+                state: HoldState::Committed {
+                    usage: Usage {
+                        prompt_tokens: 0,
+                        completion_tokens: u64::MAX,
+                        usage_unknown: true,
+                    },
+                    // Not what Settlement::of would say: kept as it was, not recomputed.
+                    settlement: Settlement {
+                        charged_tokens: 1,
+                        released_tokens: 2,
+                        debt_tokens: 3,
+                        charged_usd: 4,
+                    },
+                    at_us: u64::MAX,
+                },
+                id: ReservationId(4),
+                idempotency_key: None,
+                ..base.clone()
+            },
+            Reservation {
+                id: ReservationId(5),
+                state: HoldState::Held,
+                idempotency_key: Some("k5".into()),
+                ..base
+            },
+        ]
+    }
+
+    /// Every answer about a settled reservation (a replayed Reserve, a retried Commit or
+    /// Refund, a late Commit) is computed from the record: packing must give back exactly the
+    /// record it was given, field for field.
+    #[test]
+    fn a_packed_record_unpacks_to_the_same_record() {
+        for r in every_shape() {
+            assert_eq!(unpack(r.id, &pack(&r)), r);
+        }
+    }
+
+    /// What the footprint is for: a typical settled reservation (subject, model and key of
+    /// about 10 bytes each, committed) packs into a few dozen bytes, and its slot holds only
+    /// the id and a pointer. (Unpacked, the record alone was `size_of::<Reservation>()`, over
+    /// 300 bytes, plus its strings.)
+    #[test]
+    fn a_typical_settled_record_is_small() {
+        assert!(pack(&record(1, "user-00000001", Some("k1000000"))).len() <= 72);
+        assert!(std::mem::size_of::<Option<Slot>>() <= 32);
+    }
+
+    #[test]
+    fn records_are_found_by_id_key_and_age_and_leave_whole() {
+        let mut s = Settled::<RandomState>::default();
+        let shapes = every_shape();
+        for (i, r) in shapes.iter().enumerate() {
+            s.insert(r, 100 - i as u64, true);
+            s.check();
+        }
+        for r in &shapes {
+            assert_eq!(s.get(r.id).as_ref(), Some(r));
+            if let Some(key) = &r.idempotency_key {
+                assert_eq!(s.key_owner(&r.subject, key), Some(r.id));
+            }
+        }
+        // Oldest first: the last inserted, settled at 96.
+        assert_eq!(s.oldest(), Some((96, shapes[4].id)));
+        let mut popped = Vec::new();
+        while let Some(id) = s.pop_oldest() {
+            s.check();
+            assert_eq!(s.get(id), None);
+            popped.push(id);
+        }
+        let expected: Vec<_> = shapes.iter().rev().map(|r| r.id).collect();
+        assert_eq!(popped, expected);
+        assert_eq!(s.key_owner("user-00000001", "k1"), None);
+    }
+
+    /// A hasher under which every id and every key collides.
+    #[derive(Default)]
+    struct Collide;
+
+    impl Hasher for Collide {
+        fn finish(&self) -> u64 {
+            0
+        }
+        fn write(&mut self, _: &[u8]) {}
+    }
+
+    /// Two subjects with the same key, and keys that collide: a lookup answers only with the
+    /// reservation of that very subject and key, never another's with the same hash, and
+    /// removing one leaves the others answering.
+    #[test]
+    fn colliding_keys_never_answer_with_another_subjects_reservation() {
+        let mut s = Settled::<BuildHasherDefault<Collide>>::default();
+        let alice = record(1, "alice", Some("k"));
+        let bob = record(2, "bob", Some("k"));
+        let alice_other = record(3, "alice", Some("k2"));
+        let no_key = record(4, "alice", None);
+        for (at, r) in [&alice, &bob, &alice_other, &no_key]
+            .into_iter()
+            .enumerate()
+        {
+            s.insert(r, at as u64, true);
+        }
+        s.check();
+        assert_eq!(s.key_owner("alice", "k"), Some(alice.id));
+        assert_eq!(s.key_owner("bob", "k"), Some(bob.id));
+        assert_eq!(s.key_owner("alice", "k2"), Some(alice_other.id));
+        assert_eq!(s.key_owner("carol", "k"), None);
+        assert_eq!(s.key_owner("bob", "k2"), None);
+        // A key given to a new hold no longer answers for alice's record, and bob's stays.
+        s.release_key("alice", "k");
+        assert_eq!(s.key_owner("alice", "k"), None);
+        assert_eq!(s.key_owner("bob", "k"), Some(bob.id));
+        // Alice's record is purged first; bob's key still answers.
+        assert_eq!(s.pop_oldest(), Some(alice.id));
+        assert_eq!(s.get(alice.id), None);
+        assert_eq!(s.key_owner("bob", "k"), Some(bob.id));
+        assert_eq!(s.get(bob.id).as_ref(), Some(&bob));
+        // A record that does not own its key (it was reused) is not found by it.
+        let mut t = Settled::<BuildHasherDefault<Collide>>::default();
+        t.insert(&bob, 0, false);
+        assert_eq!(t.key_owner("bob", "k"), None);
+        assert_eq!(t.get(bob.id).as_ref(), Some(&bob));
+    }
+
+    /// A late Commit replaces an expired record in place: same slot, new settle time, and
+    /// the key still answers with it.
+    #[test]
+    fn an_update_moves_the_record_in_the_order() {
+        let mut s = Settled::<RandomState>::default();
+        let expired = Reservation {
+            state: HoldState::Expired { at_us: 10 },
+            ..record(1, "alice", Some("k"))
+        };
+        let other = record(2, "bob", None);
+        s.insert(&expired, 10, true);
+        s.insert(&other, 20, true);
+        let committed = record(1, "alice", Some("k"));
+        s.update(&committed, 30);
+        s.check();
+        assert_eq!(s.oldest(), Some((20, other.id)));
+        assert_eq!(s.get(committed.id).as_ref(), Some(&committed));
+        assert_eq!(s.key_owner("alice", "k"), Some(committed.id));
+        assert_eq!(s.len(), 2);
     }
 }
