@@ -168,6 +168,15 @@ fn head(bytes: &[u8]) -> Head<'_> {
         .0
 }
 
+/// Whether `slot` holds a record of `subject` with the idempotency `key`: what confirms an
+/// entry of the key index, whose hash alone may be another pair's.
+fn holds_key(slot: &Option<Slot>, subject: &str, key: &str) -> bool {
+    slot.as_ref().is_some_and(|s| {
+        let h = head(&s.bytes);
+        h.subject == subject && h.idempotency_key == Some(key)
+    })
+}
+
 /// One settled reservation.
 #[derive(Debug)]
 struct Slot {
@@ -242,10 +251,7 @@ impl<S: BuildHasher> Settled<S> {
         let slots = &self.slots;
         self.by_key
             .find(self.key_hash(subject, key), |&n| {
-                slots[n as usize].as_ref().is_some_and(|s| {
-                    let h = head(&s.bytes);
-                    h.subject == subject && h.idempotency_key == Some(key)
-                })
+                holds_key(&slots[n as usize], subject, key)
             })
             .map(|&n| self.slot(n).id)
     }
@@ -254,12 +260,10 @@ impl<S: BuildHasher> Settled<S> {
     pub(super) fn release_key(&mut self, subject: &str, key: &str) {
         let hash = self.key_hash(subject, key);
         let slots = &self.slots;
-        if let Ok(entry) = self.by_key.find_entry(hash, |&n| {
-            slots[n as usize].as_ref().is_some_and(|s| {
-                let h = head(&s.bytes);
-                h.subject == subject && h.idempotency_key == Some(key)
-            })
-        }) {
+        if let Ok(entry) = self
+            .by_key
+            .find_entry(hash, |&n| holds_key(&slots[n as usize], subject, key))
+        {
             entry.remove();
         }
     }
