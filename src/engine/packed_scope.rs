@@ -2,7 +2,7 @@
 //! few scopes ever touch kept apart.
 //!
 //! Why not `ScopeState` itself: it is the record the store writes (one fixed shape for every
-//! scope), and in memory it costs about 320 bytes, because its 13 period counters are
+//! scope), and in memory it costs 288 bytes, because its 13 period counters are
 //! `{u32, u64}` padded to 16 bytes each, its `Option<TokenBucket>` is aligned to 16, and a
 //! subject that only spends tokens pays for denials, downgrades, savings and the downgrade
 //! budget it never uses. A million subjects made that most of a gigabyte. Packed, a subject
@@ -184,7 +184,7 @@ mod tests {
         }
     }
 
-    /// The point of the packing: a subject's state fits in a third of a `ScopeState`.
+    /// The point of the packing: a subject's state takes half of a `ScopeState` (288 bytes).
     #[test]
     fn a_packed_scope_is_small() {
         assert!(std::mem::size_of::<PackedScope>() <= 144);
