@@ -36,6 +36,16 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
+    /// The level (in units) and the time it was last brought up to date, for a packed copy.
+    pub(super) fn parts(&self) -> (i128, u64) {
+        (self.level, self.updated_us)
+    }
+
+    /// A bucket from [`parts`](Self::parts).
+    pub(super) fn from_parts(level: i128, updated_us: u64) -> Self {
+        Self { level, updated_us }
+    }
+
     /// A full bucket.
     pub fn full(limit: BucketLimit, now_us: u64) -> Self {
         Self {

@@ -366,8 +366,8 @@ fn a_settled_record_that_is_the_oldest_is_purged_whole() {
     check_invariants(&e, 1);
     assert_eq!(e.reservation_count(), 1);
     let restored = disk.restore(policy, bounds);
-    assert_eq!(restored.reservations, e.reservations);
-    assert_eq!(restored.idempotency, e.idempotency);
+    assert_eq!(restored.all_reservations(), e.all_reservations());
+    assert_eq!(restored.idempotency_keys(), e.idempotency_keys());
 }
 
 /// Issue 9, item 9: a Commit reporting more tokens than the policy's `max_commit_tokens` (and

@@ -1,9 +1,11 @@
 //! Keeping memory bounded: purging settled reservations after the retention, forgetting
 //! scopes at rest, and rebuilding the engine from persisted records.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use super::{Engine, HoldState, Mutation, Reservation, ScopeKey, ScopeState};
+use super::{
+    Engine, HoldState, Mutation, PackedScope, Reservation, ReservationId, ScopeKey, ScopeState,
+};
 use crate::policy::SubjectConfig;
 
 impl Engine {
@@ -12,7 +14,7 @@ impl Engine {
     pub fn purge_settled(&mut self, now_us: u64, out: &mut Vec<Mutation>) -> usize {
         let mut purged = 0;
         while purged < self.bounds.max_per_pass {
-            let Some(&(at_us, _)) = self.settled.first() else {
+            let Some((at_us, _)) = self.settled.oldest() else {
                 break;
             };
             let too_old = at_us.saturating_add(self.bounds.retention_us) <= now_us;
@@ -28,18 +30,10 @@ impl Engine {
 
     /// Remove the oldest settled reservation and its idempotency key.
     pub(super) fn purge_oldest_settled(&mut self, out: &mut Vec<Mutation>) {
-        let Some((_, id)) = self.settled.pop_first() else {
+        // Its key goes with it unless it was reused after this record's retention ran out.
+        let Some(id) = self.settled.pop_oldest() else {
             return;
         };
-        if let Some(r) = self.reservations.remove(&id) {
-            if let Some(key) = r.idempotency_key {
-                // The key may have been reused after this record's retention ran out.
-                let entry = (r.subject, key);
-                if self.idempotency.get(&entry) == Some(&id) {
-                    self.idempotency.remove(&entry);
-                }
-            }
-        }
         out.push(Mutation::Reservation { id, record: None });
     }
 
@@ -52,10 +46,10 @@ impl Engine {
         })
     }
 
-    /// Visit at most `looks` scopes in the round-robin order of `rest_queue` (each visited goes
-    /// to the back), and forget those `forget` picks, with a delete record each, until `wanted`
-    /// are forgotten. Returns how many were. The one walk the sweeper and eviction share, so a
-    /// scope is visited in turn whoever visits it, and the queue keeps every scope once.
+    /// Visit at most `looks` scopes in round-robin order from `rest_cursor`, and forget those
+    /// `forget` picks, with a delete record each, until `wanted` are forgotten. Returns how many
+    /// were. The one walk the sweeper and eviction share, so a scope is visited in turn
+    /// whoever visits it.
     pub(super) fn forget_round_robin(
         &mut self,
         looks: usize,
@@ -64,22 +58,24 @@ impl Engine {
         forget: impl Fn(&Self, &ScopeKey, &ScopeState) -> bool,
     ) -> usize {
         let mut forgotten = 0;
-        for _ in 0..looks.min(self.rest_queue.len()) {
+        for _ in 0..looks.min(self.scopes.len()) {
             if forgotten == wanted {
                 break;
             }
-            let Some(key) = self.rest_queue.pop_front() else {
+            if self.rest_cursor >= self.scopes.len() {
+                self.rest_cursor = 0;
+            }
+            let Some((key, packed)) = self.scopes.get_index(self.rest_cursor) else {
                 break;
             };
-            let Some(state) = self.scopes.get(&key) else {
-                continue;
-            };
-            if forget(self, &key, state) {
-                self.scopes.remove(&key);
-                out.push(Mutation::Scope { key, state: None });
+            if forget(self, key, &packed.state()) {
+                // The last scope moves here, and is the next one visited.
+                if let Some((key, _)) = self.scopes.swap_remove_index(self.rest_cursor) {
+                    out.push(Mutation::Scope { key, state: None });
+                }
                 forgotten += 1;
             } else {
-                self.rest_queue.push_back(key);
+                self.rest_cursor += 1;
             }
         }
         forgotten
@@ -96,7 +92,7 @@ impl Engine {
         assignments: HashMap<String, SubjectConfig>,
     ) -> Vec<String> {
         let mut problems = Vec::new();
-        self.scopes = scopes;
+        let mut scopes = scopes;
         self.assignments = assignments;
         let mut held: HashMap<ScopeKey, ScopeState> = HashMap::new();
         for r in &reservations {
@@ -121,7 +117,7 @@ impl Engine {
                 s.open_holds,
             )
         };
-        for (key, state) in self.scopes.iter_mut() {
+        for (key, state) in scopes.iter_mut() {
             let truth = held.remove(key).unwrap_or_default();
             if holds(state) != holds(&truth) {
                 problems.push(format!(
@@ -144,27 +140,37 @@ impl Engine {
                 key.id(),
                 truth.open_holds
             ));
-            self.scopes.insert(key, truth);
+            scopes.insert(key, truth);
         }
-        self.rest_queue = self.scopes.keys().cloned().collect();
-        for r in reservations {
-            match r.state.finished_at() {
-                None => {
-                    self.deadlines.insert((r.expires_us, r.id));
-                }
-                Some(at_us) => {
-                    self.settled.insert((at_us, r.id));
-                }
-            }
+        self.scopes = scopes
+            .into_iter()
+            .map(|(key, state)| (key, PackedScope::pack(&state)))
+            .collect();
+        self.rest_cursor = 0;
+        // A reused key belongs to its newest reservation (ids sort by time).
+        let mut key_owners: HashMap<(&str, &str), ReservationId> = HashMap::new();
+        for r in &reservations {
             if let Some(key) = &r.idempotency_key {
-                // A reused key belongs to its newest reservation (ids sort by time).
-                let slot = self
-                    .idempotency
-                    .entry((r.subject.clone(), key.clone()))
+                let slot = key_owners
+                    .entry((r.subject.as_str(), key.as_str()))
                     .or_insert(r.id);
                 *slot = (*slot).max(r.id);
             }
-            self.reservations.insert(r.id, r);
+        }
+        let owners: HashSet<ReservationId> = key_owners.into_values().collect();
+        for r in reservations {
+            let owns_key = owners.contains(&r.id);
+            match r.state.finished_at() {
+                None => {
+                    self.deadlines.insert((r.expires_us, r.id));
+                    if let (true, Some(key)) = (owns_key, &r.idempotency_key) {
+                        self.open_keys
+                            .insert((r.subject.clone(), key.clone()), r.id);
+                    }
+                    self.open.insert(r.id, r);
+                }
+                Some(at_us) => self.settled.insert(&r, at_us, owns_key),
+            }
         }
         problems
     }

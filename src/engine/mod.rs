@@ -13,16 +13,24 @@ mod bucket;
 mod error;
 mod evict;
 mod housekeeping;
+mod packed_scope;
 mod period;
 mod reservation;
 mod reserve;
 mod scope;
 mod settle;
+mod settled;
 mod usage;
 mod window;
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+
+use indexmap::IndexMap;
+
+use packed_scope::PackedScope;
+use settled::Settled;
 
 pub use bucket::{BucketLimit, TokenBucket};
 pub use error::EngineError;
@@ -137,18 +145,27 @@ impl Default for Bounds {
 pub struct Engine {
     policy: Arc<Policy>,
     bounds: Bounds,
-    scopes: HashMap<ScopeKey, ScopeState>,
-    /// Every scope in `scopes`, once, in the order the sweeper visits them to forget those
-    /// at rest: a round-robin that costs O(1) per scope visited, never a scan of all.
-    rest_queue: VecDeque<ScopeKey>,
+    /// Every scope with live state, packed (see [`PackedScope`]). An `IndexMap`, not a
+    /// `HashMap`: its entries sit in one dense vector (a hash map's table is at most 7/8 full
+    /// and, just past a power of two, half empty, which doubled the bytes per scope at a
+    /// million), and the sweeper walks that vector by position (`rest_cursor`).
+    scopes: IndexMap<ScopeKey, PackedScope>,
+    /// The position in `scopes` where the sweeper's round-robin goes on: a walk that costs
+    /// O(1) per scope visited, never a scan of all, and needs no second copy of every key. A
+    /// scope forgotten is swap-removed, so the last scope takes its place and is visited next;
+    /// a new scope goes to the end. Every scope is still visited once per round.
+    rest_cursor: usize,
     assignments: HashMap<String, SubjectConfig>,
-    reservations: HashMap<ReservationId, Reservation>,
+    /// Open holds (HELD reservations).
+    open: HashMap<ReservationId, Reservation>,
     /// Open holds by deadline: the sweeper pops from the front.
     deadlines: BTreeSet<(u64, ReservationId)>,
-    /// Settled reservations by settle time: purged from the front after the retention.
-    settled: BTreeSet<(u64, ReservationId)>,
-    /// (subject, key) -> the reservation the key first made.
-    idempotency: HashMap<(String, String), ReservationId>,
+    /// Settled reservations, packed, by id, by settle time (purged from the front after the
+    /// retention) and by idempotency key.
+    settled: Settled,
+    /// (subject, key) -> the open hold the key made. A key is here or owned by a settled
+    /// record in `settled`, never both: the reservation the key made last.
+    open_keys: HashMap<(String, String), ReservationId>,
     /// Scopes whose latest change was a denial's counters (denials, savings), not yet handed
     /// to the store. Why not at once: a denial acknowledges nothing, so nobody waits for its
     /// record, and a flood of denials must not cost a record (and a queue slot) each. The
@@ -164,13 +181,13 @@ impl Engine {
         Self {
             policy,
             bounds,
-            scopes: HashMap::new(),
-            rest_queue: VecDeque::new(),
+            scopes: IndexMap::new(),
+            rest_cursor: 0,
             assignments: HashMap::new(),
-            reservations: HashMap::new(),
+            open: HashMap::new(),
             deadlines: BTreeSet::new(),
-            settled: BTreeSet::new(),
-            idempotency: HashMap::new(),
+            settled: Settled::default(),
+            open_keys: HashMap::new(),
             unsaved: HashSet::new(),
         }
     }
@@ -232,7 +249,10 @@ impl Engine {
     }
 
     fn scope_state(&self, key: &ScopeKey) -> ScopeState {
-        self.scopes.get(key).copied().unwrap_or_default()
+        self.scopes
+            .get(key)
+            .map(PackedScope::state)
+            .unwrap_or_default()
     }
 
     fn put_scope(&mut self, key: &ScopeKey, state: ScopeState, out: &mut Vec<Mutation>) {
@@ -255,10 +275,9 @@ impl Engine {
 
     fn set_scope(&mut self, key: &ScopeKey, state: ScopeState) {
         match self.scopes.get_mut(key) {
-            Some(slot) => *slot = state,
+            Some(slot) => slot.set(&state),
             None => {
-                self.scopes.insert(key.clone(), state);
-                self.rest_queue.push_back(key.clone());
+                self.scopes.insert(key.clone(), PackedScope::pack(&state));
             }
         }
     }
@@ -279,7 +298,7 @@ impl Engine {
             if let Some(state) = self.scopes.get(&key) {
                 out.push(Mutation::Scope {
                     key,
-                    state: Some(*state),
+                    state: Some(state.state()),
                 });
                 saved += 1;
             }
@@ -294,12 +313,29 @@ impl Engine {
             .and_then(|c| c.group.as_deref())
     }
 
-    fn put_reservation(&mut self, r: Reservation, out: &mut Vec<Mutation>) {
+    /// Write an open hold (new or extended).
+    fn put_open(&mut self, r: Reservation, out: &mut Vec<Mutation>) {
         out.push(Mutation::Reservation {
             id: r.id,
             record: Some(Box::new(r.clone())),
         });
-        self.reservations.insert(r.id, r);
+        self.open.insert(r.id, r);
+    }
+
+    /// The reservation `id`, open or settled, whatever its age.
+    fn record(&self, id: ReservationId) -> Option<Cow<'_, Reservation>> {
+        match self.open.get(&id) {
+            Some(r) => Some(Cow::Borrowed(r)),
+            None => self.settled.get(id).map(Cow::Owned),
+        }
+    }
+
+    /// The reservation the idempotency `key` of `subject` made last, if it is still kept.
+    fn key_owner(&self, subject: &str, key: &str) -> Option<ReservationId> {
+        self.open_keys
+            .get(&(subject.to_string(), key.to_string()))
+            .copied()
+            .or_else(|| self.settled.key_owner(subject, key))
     }
 
     /// Whether a settled reservation is older than the retention (and so no longer answers).
@@ -317,7 +353,7 @@ impl Engine {
 
     /// Reservation records in memory (open and settled).
     pub fn reservation_count(&self) -> usize {
-        self.reservations.len()
+        self.open.len() + self.settled.len()
     }
 
     /// Scopes with live state in memory.
@@ -393,7 +429,44 @@ impl Engine {
     }
 }
 
+/// Views for the tests' invariant checks.
+#[cfg(test)]
+impl Engine {
+    /// Every reservation kept, open or settled.
+    fn all_reservations(&self) -> std::collections::BTreeMap<ReservationId, Reservation> {
+        let settled = self.settled.all().into_iter().map(|(_, r)| (r.id, r));
+        self.open
+            .iter()
+            .map(|(id, r)| (*id, r.clone()))
+            .chain(settled)
+            .collect()
+    }
+
+    /// Every idempotency key kept, with the reservation it answers with.
+    fn idempotency_keys(&self) -> std::collections::BTreeMap<(String, String), ReservationId> {
+        let keys: Vec<_> = self
+            .open_keys
+            .iter()
+            .map(|(k, id)| (k.clone(), *id))
+            .collect();
+        let settled = self.settled.keys();
+        let all: std::collections::BTreeMap<_, _> = keys
+            .iter()
+            .cloned()
+            .chain(settled.iter().cloned())
+            .collect();
+        assert_eq!(
+            all.len(),
+            keys.len() + settled.len(),
+            "a key is owned by an open hold or a settled record, never both"
+        );
+        all
+    }
+}
+
 #[cfg(test)]
 mod hostile_tests;
+#[cfg(test)]
+mod settled_tests;
 #[cfg(test)]
 mod tests;

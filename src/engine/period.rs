@@ -20,6 +20,16 @@ pub struct PeriodCounter {
 }
 
 impl PeriodCounter {
+    /// The period and the count, for a packed copy.
+    pub(super) fn parts(&self) -> (u32, u64) {
+        (self.period, self.value)
+    }
+
+    /// A counter from [`parts`](Self::parts).
+    pub(super) fn from_parts(period: u32, value: u64) -> Self {
+        Self { period, value }
+    }
+
     /// The count in `period`: the stored count if the counter is in that period or a later one
     /// (the clock stepped back), zero if its period is over.
     pub fn get(&self, period: u32) -> u64 {

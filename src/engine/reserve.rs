@@ -335,7 +335,10 @@ impl Engine {
             }),
         };
         if let Some(key) = &reservation.idempotency_key {
-            self.idempotency
+            // The key's last reservation, if still kept, is past its retention (or replay()
+            // would have answered with it): the key is this hold's now.
+            self.settled.release_key(&reservation.subject, key);
+            self.open_keys
                 .insert((reservation.subject.clone(), key.clone()), reservation.id);
         }
         self.deadlines.insert((expires_us, reservation.id));
@@ -355,7 +358,7 @@ impl Engine {
             shadow_denied_by,
             saved_usd,
         };
-        self.put_reservation(reservation, out);
+        self.put_open(reservation, out);
         Ok(outcome)
     }
 
@@ -434,11 +437,13 @@ impl Engine {
         let Some(key) = &input.idempotency_key else {
             return Ok(None);
         };
-        let Some(id) = self.idempotency.get(&(input.subject.clone(), key.clone())) else {
+        let Some(id) = self.key_owner(&input.subject, key) else {
             return Ok(None);
         };
-        let first = &self.reservations[id];
-        if self.past_retention(first, now_us) {
+        let Some(first) = self.record(id) else {
+            return Ok(None);
+        };
+        if self.past_retention(&first, now_us) {
             return Ok(None);
         }
         let differs = |field: &'static str, a: String, b: String| {

@@ -4,6 +4,8 @@ use super::{
     Engine, EngineError, HoldState, LimitStatus, Mutation, Reservation, ReservationId, ScopeKey,
     ScopeState, Scopes, Settlement, Usage,
 };
+use std::borrow::Cow;
+
 use crate::clock::MICROS_PER_SECOND;
 use crate::policy::Limits;
 
@@ -41,10 +43,10 @@ fn usage_text(u: &Usage) -> String {
 impl Engine {
     /// A reservation that is still kept: one settled longer than the retention ago is gone,
     /// whether or not the sweeper has purged it yet, so the answer does not depend on timing.
-    fn existing(&self, id: ReservationId, now_us: u64) -> Result<&Reservation, EngineError> {
-        self.reservations
-            .get(&id)
+    fn existing(&self, id: ReservationId, now_us: u64) -> Result<Reservation, EngineError> {
+        self.record(id)
             .filter(|r| !self.past_retention(r, now_us))
+            .map(Cow::into_owned)
             .ok_or(EngineError::NotFound(id))
     }
 
@@ -96,7 +98,6 @@ impl Engine {
             }
         };
 
-        let r = &self.reservations[&id];
         let actual_usd = if usage.usage_unknown {
             r.held_usd
         } else {
@@ -104,7 +105,6 @@ impl Engine {
         };
         let settlement = Settlement::of(held, &usage, actual_usd);
         let actual = settlement.charged_tokens;
-        let r = r.clone();
         let scopes = self.changed_scopes(&r, |key, limits, state| {
             let hold = r.hold_on(key.kind());
             match expired_at {
@@ -133,13 +133,8 @@ impl Engine {
         let new = self.scopes_to_create(&scopes, now_us);
         self.room_for(new, &scopes, now_us, out)?;
         self.write_scopes(&scopes, now_us, out);
-        match expired_at {
-            None => {
-                self.deadlines.remove(&(r.expires_us, id));
-            }
-            Some(at_us) => {
-                self.settled.remove(&(at_us, id));
-            }
+        if expired_at.is_none() {
+            self.deadlines.remove(&(r.expires_us, id));
         }
         let mut r = r;
         r.state = HoldState::Committed {
@@ -170,7 +165,7 @@ impl Engine {
         if usage.usage_unknown || total <= max {
             return Ok(());
         }
-        let held = match self.reservations.get(&id) {
+        let held = match self.record(id).as_deref() {
             Some(r) if matches!(r.state, HoldState::Committed { .. }) => return Ok(()),
             Some(r) if total <= r.held_tokens() => return Ok(()),
             Some(r) => r.held_tokens(),
@@ -259,7 +254,6 @@ impl Engine {
                 })
             }
         }
-        let r = r.clone();
         let scopes = self.changed_scopes(&r, |key, limits, state| {
             state.release(r.hold_on(key.kind()));
             state.settle_bucket(limits, now_us, held, 0);
@@ -314,11 +308,11 @@ impl Engine {
                 ),
             });
         }
-        let mut r = r.clone();
+        let mut r = r;
         self.deadlines.remove(&(r.expires_us, id));
         r.expires_us = wanted;
         self.deadlines.insert((wanted, id));
-        self.put_reservation(r, out);
+        self.put_open(r, out);
         Ok(wanted)
     }
 
@@ -341,7 +335,7 @@ impl Engine {
 
     /// Expire one open hold at its deadline (found due at `now_us`).
     fn expire_hold(&mut self, id: ReservationId, now_us: u64, out: &mut Vec<Mutation>) {
-        let mut r = self.reservations[&id].clone();
+        let mut r = self.open[&id].clone();
         debug_assert_eq!(r.state, HoldState::Held);
         let deadline = r.expires_us;
         self.deadlines.remove(&(deadline, id));
@@ -369,11 +363,28 @@ impl Engine {
     /// deadline older than every other settled record's time, or settled after the clock
     /// stepped back), and purging it before it was written would leave it written back and in
     /// no index.
+    ///
+    /// A hold that was open moves from the open holds to the settled records, and its
+    /// idempotency key with it; an expired one (a late Commit) is replaced in place.
     fn put_settled(&mut self, r: Reservation, at_us: u64, out: &mut Vec<Mutation>) {
         debug_assert_eq!(r.state.finished_at(), Some(at_us));
-        let id = r.id;
-        self.put_reservation(r, out);
-        self.settled.insert((at_us, id));
+        if self.open.remove(&r.id).is_some() {
+            let owns_key = r.idempotency_key.as_ref().is_some_and(|key| {
+                let entry = (r.subject.clone(), key.clone());
+                let owns = self.open_keys.get(&entry) == Some(&r.id);
+                if owns {
+                    self.open_keys.remove(&entry);
+                }
+                owns
+            });
+            self.settled.insert(&r, at_us, owns_key);
+        } else {
+            self.settled.update(&r, at_us);
+        }
+        out.push(Mutation::Reservation {
+            id: r.id,
+            record: Some(Box::new(r)),
+        });
         if self.settled.len() > self.bounds.max_settled {
             self.purge_oldest_settled(out);
         }
@@ -382,8 +393,8 @@ impl Engine {
     /// Expire `id` now if it is an open hold past its deadline that a bounded expiry pass has
     /// not reached yet, so a Commit or Refund never skips its expiry.
     fn expire_if_overdue(&mut self, id: ReservationId, now_us: u64, out: &mut Vec<Mutation>) {
-        if let Some(r) = self.reservations.get(&id) {
-            if r.state == HoldState::Held && r.expires_us <= now_us {
+        if let Some(r) = self.open.get(&id) {
+            if r.expires_us <= now_us {
                 self.expire_hold(id, now_us, out);
             }
         }
