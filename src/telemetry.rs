@@ -8,12 +8,18 @@
 //! Label values are bounded: tiers come from the policy, `denied_by` from a fixed set of limit
 //! names, methods and codes from the proto. No subject, group or IP is ever a label (that would
 //! make the series count grow with the user count).
+//!
+//! Why the handles are cached (see [`Handles`]): asked through the macros on every call, each
+//! record built its key (a label vector, and a `String` per dynamic label value), hashed it
+//! and looked it up in the exporter's registry: three to five allocations and a lock a Reserve,
+//! for a counter increment. A thread keeps the handles it has used; each is then an atomic add.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge, histogram, Counter, Histogram};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Reserves decided, by tier, decision and `denied_by`.
@@ -126,19 +132,35 @@ pub fn decision(tier: &str, decision: &'static str, denied_by: &str) {
     if !enabled() {
         return;
     }
-    counter!(
-        DECISIONS,
-        "tier" => tier.to_string(),
-        "decision" => decision,
-        "denied_by" => denied_by.to_string()
-    )
-    .increment(1);
+    Handles::with(|h| {
+        use_handle(
+            &mut h.decisions,
+            |(t, d, b)| **t == *tier && *d == decision && **b == *denied_by,
+            || {
+                let c = counter!(
+                    DECISIONS,
+                    "tier" => tier.to_string(),
+                    "decision" => decision,
+                    "denied_by" => denied_by.to_string()
+                );
+                ((tier.into(), decision, denied_by.into()), c)
+            },
+            |c| c.increment(1),
+        );
+    });
 }
 
 /// Add to a counter without labels.
 pub fn add(name: &'static str, value: u64) {
     if enabled() && value > 0 {
-        counter!(name).increment(value);
+        Handles::with(|h| {
+            use_handle(
+                &mut h.counters,
+                |n| *n == name,
+                || (name, counter!(name)),
+                |c| c.increment(value),
+            );
+        });
     }
 }
 
@@ -161,12 +183,18 @@ pub fn rpc(method: &'static str, code: tonic::Code, started: Instant) {
     if !enabled() {
         return;
     }
-    histogram!(
-        RPC_SECONDS,
-        "method" => method,
-        "code" => code_name(code)
-    )
-    .record(started.elapsed().as_secs_f64());
+    let seconds = started.elapsed().as_secs_f64();
+    Handles::with(|h| {
+        use_handle(
+            &mut h.rpc,
+            |(m, c)| *m == method && *c == code,
+            || {
+                let h = histogram!(RPC_SECONDS, "method" => method, "code" => code_name(code));
+                ((method, code), h)
+            },
+            |h| h.record(seconds),
+        );
+    });
 }
 
 /// A relay Reserve answered without its upstream.
@@ -190,6 +218,65 @@ pub async fn timed<T>(
     };
     rpc(method, code, started);
     result
+}
+
+/// Handles a thread has used, at most [`MAX_CACHED_HANDLES`] of each kind (the series are
+/// bounded, see the module documentation; the cap bounds a thread's cache even so). Past the
+/// cap a handle is looked up in the registry each time, as the macros do.
+///
+/// Why per thread: the handles are then read without a lock or a shared cache line; a runtime
+/// has a few worker threads, each holding at most a few dozen handles.
+#[derive(Default)]
+struct Handles {
+    /// By method and status code.
+    rpc: Vec<((&'static str, tonic::Code), Histogram)>,
+    /// By tier, decision and `denied_by`.
+    decisions: Vec<(DecisionLabels, Counter)>,
+    /// Counters without labels, by name.
+    counters: Vec<(&'static str, Counter)>,
+}
+
+/// A decision's labels: tier, decision, `denied_by`.
+type DecisionLabels = (Box<str>, &'static str, Box<str>);
+
+/// See [`Handles`].
+const MAX_CACHED_HANDLES: usize = 256;
+
+thread_local! {
+    static HANDLES: RefCell<Handles> = RefCell::new(Handles::default());
+}
+
+impl Handles {
+    /// Run `f` over this thread's handles (over none, in a thread being torn down).
+    fn with(f: impl FnOnce(&mut Handles)) {
+        let mut f = Some(f);
+        let _ = HANDLES.try_with(|handles| {
+            if let (Ok(mut handles), Some(f)) = (handles.try_borrow_mut(), f.take()) {
+                f(&mut handles);
+            }
+        });
+        if let Some(f) = f {
+            f(&mut Handles::default());
+        }
+    }
+}
+
+/// Apply `act` to the handle in `cache` that `is` picks; if none, to the one `make` registers,
+/// kept in `cache` while it holds fewer than [`MAX_CACHED_HANDLES`].
+fn use_handle<K, H>(
+    cache: &mut Vec<(K, H)>,
+    is: impl Fn(&K) -> bool,
+    make: impl FnOnce() -> (K, H),
+    act: impl FnOnce(&H),
+) {
+    if let Some((_, handle)) = cache.iter().find(|(key, _)| is(key)) {
+        return act(handle);
+    }
+    let (key, handle) = make();
+    act(&handle);
+    if cache.len() < MAX_CACHED_HANDLES {
+        cache.push((key, handle));
+    }
 }
 
 fn code_name(code: tonic::Code) -> &'static str {
