@@ -122,7 +122,12 @@ impl Engine {
             )
         };
         for (key, state) in self.scopes.iter_mut() {
-            let truth = held.remove(key).unwrap_or_default();
+            // No open hold anywhere (a store at rest): no lookup per scope.
+            let truth = if held.is_empty() {
+                ScopeState::default()
+            } else {
+                held.remove(key).unwrap_or_default()
+            };
             if holds(state) != holds(&truth) {
                 problems.push(format!(
                     "scope {:?} {:?}: stored holds (tokens, downgrade tokens, µUSD, count) {:?}, reservations say {:?}",
@@ -147,6 +152,9 @@ impl Engine {
             self.scopes.insert(key, truth);
         }
         self.rest_queue = self.scopes.keys().cloned().collect();
+        // Sized once: at a million records, growing moves every entry at each doubling.
+        self.reservations.reserve(reservations.len());
+        self.idempotency.reserve(reservations.len());
         for r in reservations {
             match r.state.finished_at() {
                 None => {
