@@ -3,6 +3,9 @@
 //!
 //! ```text
 //! cargo run --release --example footprint -- --subjects 1000000
+//! # The restart alone, on a directory kept for reruns, and the real server on it:
+//! cargo build --release
+//! cargo run --release --example footprint -- --restart-only --data-dir /tmp/m1 --serve target/release/tollgate
 //! ```
 //!
 //! Three phases, each measured as the change in resident memory (`VmRSS` of
@@ -12,7 +15,8 @@
 //! 2. the same with the N committed reservations kept for retries (24 h): the difference is
 //!    what a settled reservation costs (with `Bounds::max_settled = 0` they are purged at once);
 //! 3. restart: the same N subjects written to a sled directory through the real ledger, then
-//!    `Ledger::open` timed from a fresh process state (load plus checks).
+//!    `Ledger::open` timed from a fresh process state (load plus checks); with `--serve`, also
+//!    the real server started on that directory, timed until its health check says SERVING.
 //!
 //! Figures include the allocator's overhead, as resident memory does.
 
@@ -35,6 +39,17 @@ struct Args {
     /// Skip the restart phase (it writes N subjects to a temporary sled directory).
     #[arg(long)]
     no_restart: bool,
+    /// Only the restart phase (skip the resident-memory phases).
+    #[arg(long)]
+    restart_only: bool,
+    /// The restart phase's data directory, kept: written if it holds no store, else only
+    /// reopened (so the load can be timed and profiled again without writing it anew).
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
+    /// Then time the real server on the same directory: this `tollgate` binary started with
+    /// `serve --data-dir`, until its health check answers SERVING (what an operator waits for).
+    #[arg(long)]
+    serve: Option<std::path::PathBuf>,
 }
 
 const POLICY: &str = r#"
@@ -56,6 +71,22 @@ fn rss() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// CPU time (user and system) of this process (`self`) or of the calling thread
+/// (`thread-self`), from /proc, in seconds.
+fn cpu(of: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{of}/stat")).unwrap_or_default();
+    let fields: Vec<f64> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / ticks
 }
 
 fn input(subject: String, id: u128) -> ReserveInput {
@@ -115,26 +146,39 @@ fn main() {
     let args = Args::parse();
     let n = args.subjects;
     let policy = Arc::new(Policy::from_toml(POLICY, "footprint.toml").expect("policy"));
-    let now = 1_773_144_000_000_000u64;
+    // The wall clock's now: a server started on the directory (`--serve`) keeps what was
+    // written (settled reservations for 24 h), rather than purging it as past its retention.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_micros() as u64;
 
-    let subjects_only = fill(&policy, n, now, 0);
-    let with_settled = fill(&policy, n, now, usize::MAX);
-    println!("{n} subjects, each with one Reserve and its Commit (usage today and this month)");
-    println!("resident bytes per subject with usage: {subjects_only:.0}");
-    println!(
-        "resident bytes per settled reservation kept for retries: {:.0}",
-        with_settled - subjects_only
-    );
+    if !args.restart_only {
+        let subjects_only = fill(&policy, n, now, 0);
+        let with_settled = fill(&policy, n, now, usize::MAX);
+        println!("{n} subjects, each with one Reserve and its Commit (usage today and this month)");
+        println!("resident bytes per subject with usage: {subjects_only:.0}");
+        println!(
+            "resident bytes per settled reservation kept for retries: {:.0}",
+            with_settled - subjects_only
+        );
+    }
 
     if args.no_restart {
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
+    let temp = tempfile::tempdir().expect("tempdir");
+    let dir = args.data_dir.as_deref().unwrap_or(temp.path());
+    let written = dir.join(tollgate::store::sled::SLED_FILE).exists();
     let clock = Arc::new(ManualClock::new(now));
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
+        if written {
+            println!("{} holds a store: only reopened", dir.display());
+            return;
+        }
         let ledger = Ledger::open(
-            dir.path(),
+            dir,
             policy.clone(),
             Bounds::default(),
             Durability::Relaxed,
@@ -167,18 +211,69 @@ fn main() {
         );
     });
     let started = Instant::now();
-    let ledger = Ledger::open(
-        dir.path(),
-        policy,
-        Bounds::default(),
-        Durability::Relaxed,
-        clock,
-    )
-    .expect("reopen");
+    let (process_cpu, thread_cpu) = (cpu("self"), cpu("thread-self"));
+    let ledger =
+        Ledger::open(dir, policy, Bounds::default(), Durability::Relaxed, clock).expect("reopen");
     println!(
-        "restart: Ledger::open with {n} subjects and {n} settled reservations took {:.2} s",
-        started.elapsed().as_secs_f64()
+        "restart: Ledger::open with {n} subjects and {n} settled reservations took {:.2} s \
+         (CPU: {:.2} s in all threads, {:.2} s in the opening thread)",
+        started.elapsed().as_secs_f64(),
+        cpu("self") - process_cpu,
+        cpu("thread-self") - thread_cpu,
     );
     drop(ledger);
+    if let Some(bin) = &args.serve {
+        runtime.block_on(time_serve(bin, dir));
+    }
     drop(runtime);
+}
+
+/// Start `bin serve --data-dir dir` on a free loopback port, and print how long it took to
+/// print its address and to answer its health check SERVING; then stop it (SIGTERM).
+async fn time_serve(bin: &std::path::Path, dir: &std::path::Path) {
+    use std::io::BufRead;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+    let started = Instant::now();
+    let mut child = std::process::Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the server");
+    let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let addr = stdout
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("tollgate listening on ").map(str::to_string))
+        .expect("the server printed its address");
+    let listening = started.elapsed();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel);
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status());
+        if status.ok() == Some(ServingStatus::Serving) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    println!(
+        "serve: `tollgate serve` printed its address after {:.2} s, health SERVING after {:.2} s",
+        listening.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
 }

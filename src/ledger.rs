@@ -161,7 +161,9 @@ impl Ledger {
         clock: Arc<dyn Clock>,
         failed: FailStop,
     ) -> Result<Self, StoreError> {
+        let started = std::time::Instant::now();
         let snapshot = store.load()?;
+        let loaded = started.elapsed();
         let cell = PolicyCell::new(policy.clone());
         let mut engine = Engine::new(policy, bounds);
         let (scopes, reservations) = (snapshot.scopes.len(), snapshot.reservations.len());
@@ -174,6 +176,8 @@ impl Ledger {
             reservations,
             open_holds = engine.open_holds(),
             store = %store.location(),
+            load_ms = loaded.as_millis() as u64,
+            restore_ms = (started.elapsed() - loaded).as_millis() as u64,
             "ledger loaded"
         );
         Ok(Self {

@@ -118,7 +118,12 @@ impl Engine {
             )
         };
         for (key, state) in scopes.iter_mut() {
-            let truth = held.remove(key).unwrap_or_default();
+            // No open hold anywhere (a store at rest): no lookup per scope.
+            let truth = if held.is_empty() {
+                ScopeState::default()
+            } else {
+                held.remove(key).unwrap_or_default()
+            };
             if holds(state) != holds(&truth) {
                 problems.push(format!(
                     "scope {:?} {:?}: stored holds (tokens, downgrade tokens, µUSD, count) {:?}, reservations say {:?}",
@@ -148,7 +153,9 @@ impl Engine {
             .collect();
         self.rest_cursor = 0;
         // A reused key belongs to its newest reservation (ids sort by time).
-        let mut key_owners: HashMap<(&str, &str), ReservationId> = HashMap::new();
+        // Sized once: at a million records, growing moves every entry at each doubling.
+        let mut key_owners: HashMap<(&str, &str), ReservationId> =
+            HashMap::with_capacity(reservations.len());
         for r in &reservations {
             if let Some(key) = &r.idempotency_key {
                 let slot = key_owners

@@ -39,7 +39,7 @@ use sled::IVec;
 use super::{SledStore, State, TALLY_KEY};
 use crate::store::records::corrupt;
 use crate::store::tally::record_hash;
-use crate::store::{Batch, StoreError};
+use crate::store::{Batch, StoreError, Tally};
 
 /// The first byte of every log entry's key.
 pub const PREFIX: u8 = b'~';
@@ -156,6 +156,15 @@ impl Log {
             });
         }
         Ok(log)
+    }
+
+    /// The entries counted as a tally counts records (their batch left at 0).
+    pub fn tally(&self) -> Tally {
+        let mut t = Tally::default();
+        for e in &self.entries {
+            t.add_hash(e.hash);
+        }
+        t
     }
 
     /// The records waiting for a checkpoint, with their last values.

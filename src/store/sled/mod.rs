@@ -3,6 +3,7 @@
 //!
 //! - `log.rs`: the batch log: a batch written as one sled value, its records moved to their
 //!   own keys later, each once.
+//! - `load.rs`: the load at start, every record read and counted, on every core.
 //! - `verify.rs`: what a start compares, and why a crash can never fail it.
 //! - `watermark.rs`: the tally of the last durable batch, kept outside sled.
 //! - `reader.rs`: a consistent read of every record while the writer writes.
@@ -18,6 +19,7 @@
 //! | `!tally`                             | the store's [`Tally`] (see `tally.rs`)    |
 //! | `~` + batch (u64 BE) + part (u16 BE) | a log entry: a batch's records (`log.rs`) |
 
+mod load;
 mod log;
 mod reader;
 pub mod restore;
@@ -32,8 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub use reader::MAX_PRESERVED;
 
 use super::records::corrupt;
-use super::tally::is_meta;
-use super::{Batch, Record, RecordReader, Recovery, Snapshot, Store, StoreError, Tally};
+use super::{Batch, RecordReader, Recovery, Snapshot, Store, StoreError, Tally};
 use watermark::{Mark, Watermark};
 
 /// The on-disk format version. A data directory written by another version is refused rather
@@ -209,9 +210,6 @@ impl SledStore {
     /// `verify.rs`): a damaged store is [`StoreError::DataLoss`], unless the store was opened
     /// with [`Recovery::AcceptLoss`]. Then the watermark is (re)written and writes may begin.
     fn load_checked(&self) -> Result<Snapshot, StoreError> {
-        let mut snap = Snapshot::default();
-        let mut found = Tally::default();
-        let mut stored = None;
         // The log first (it sorts last, and is bounded): its records override the records'
         // own keys.
         let entries = self
@@ -220,30 +218,11 @@ impl SledStore {
             .collect::<Result<Vec<_>, _>>()
             .map_err(unreadable)?;
         let log = log::Log::restore(&entries)?;
-        for (key, value) in &entries {
-            found.add(key, value);
-        }
-        for item in self.db().range(..[log::PREFIX]) {
-            let (key, value) = item.map_err(unreadable)?;
-            if is_meta(&key) {
-                if key == TALLY_KEY {
-                    stored = Some(decode_tally(&value)?);
-                }
-                continue;
-            }
-            found.add(&key, &value);
-            if !log.pending().contains_key(&key) {
-                snap.add(Record::decode(&key, &value)?);
-            }
-        }
-        for (key, value) in log.pending() {
-            if let Some(value) = value {
-                snap.add(Record::decode(key, value)?);
-            }
-        }
-        self.settle(found, stored)?;
+        drop(entries);
+        let loaded = self.read_all(&log, load::threads())?;
+        self.settle(loaded.found, loaded.stored)?;
         self.state()?.log = log;
-        Ok(snap)
+        Ok(loaded.snapshot)
     }
 
     fn evidence(&self, found: Tally, stored: Option<Tally>) -> verify::Evidence {
@@ -451,13 +430,10 @@ mod tests {
         store.write(&c.take()).unwrap();
     }
 
-    #[test]
-    fn records_round_trip_through_sled() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), Recovery::Refuse).unwrap();
-        store.load().unwrap();
-        let r = Reservation {
-            id: ReservationId::generate(1_000),
+    /// A settled reservation with every field set.
+    pub(super) fn sample_reservation(id: ReservationId) -> Reservation {
+        Reservation {
+            id,
             subject: "alice".into(),
             model: "gpt-4o".into(),
             prompt_tokens: 10,
@@ -491,7 +467,15 @@ mod tests {
                 model: "gpt-4".into(),
                 prompt_tokens: 11,
             }),
-        };
+        }
+    }
+
+    #[test]
+    fn records_round_trip_through_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), Recovery::Refuse).unwrap();
+        store.load().unwrap();
+        let r = sample_reservation(ReservationId::generate(1_000));
         let mut state = ScopeState::default();
         state.day_tokens.add(3, 13);
         let ip: std::net::IpAddr = "203.0.113.7".parse().unwrap();
