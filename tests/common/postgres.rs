@@ -3,6 +3,11 @@
 //! port, stopped (and its directory removed) when the test binary exits. Each test gets a
 //! database of its own ([`PgServer::database`]), so tests run in parallel on one server.
 //!
+//! The same end-to-end tests run on either store: with `TOLLGATE_TEST_STORE=postgres`, every
+//! test server (in process or the real binary) keeps its ledger in a database of its own
+//! instead of sled ([`test_store_of`]); `.ci/run` runs the lifecycle, limits, scopes, money and
+//! durability tests both ways. One list of tests, two backends.
+//!
 //! `initdb` refuses to run as root: as root, the server runs as the `postgres` user (created
 //! by the package). Where the binaries are: `TOLLGATE_PG_BIN` if set, else the newest
 //! `/usr/lib/postgresql/<version>/bin`, else `PATH`.
@@ -11,6 +16,28 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
+
+/// The environment variable that puts the test servers on PostgreSQL.
+pub const TEST_STORE_ENV: &str = "TOLLGATE_TEST_STORE";
+
+/// With `TOLLGATE_TEST_STORE=postgres`: the database that stands for the data directory `dir`
+/// (made on first use, and remembered in the directory, so a restart over the same directory
+/// finds the same ledger). Otherwise none: the tests use sled in `dir`.
+pub fn test_store_of(dir: &Path) -> Option<String> {
+    match std::env::var(TEST_STORE_ENV).as_deref() {
+        Ok("postgres") => {}
+        Ok("sled") | Ok("") | Err(_) => return None,
+        Ok(other) => panic!("{TEST_STORE_ENV}={other:?}: expected sled or postgres"),
+    }
+    std::fs::create_dir_all(dir).expect("create the data directory");
+    let file = dir.join("test-postgres-url");
+    if let Ok(url) = std::fs::read_to_string(&file) {
+        return Some(url);
+    }
+    let url = server().database();
+    std::fs::write(&file, &url).expect("remember the database");
+    Some(url)
+}
 
 /// The server of this test binary.
 pub struct PgServer {

@@ -271,9 +271,12 @@ impl Store for PostgresStore {
             }
         }
         let inner = &mut *inner;
+        let started = std::time::Instant::now();
         let result = inner
             .client
             .query_one(&inner.write, &[&keys, &values, &removed]);
+        // The statement's commit is this backend's flush (the metric of every backend's).
+        crate::telemetry::flush_took(started.elapsed());
         match result {
             Ok(row) => {
                 let batch: i64 = row.get(0);
