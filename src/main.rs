@@ -14,7 +14,7 @@ use tollgate::relay::Relay;
 use tollgate::server::transport::DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT;
 use tollgate::server::validate::DEFAULT_MAX_PROMPT_BYTES;
 use tollgate::server::{Backend, ServeOptions, TransportOptions};
-use tollgate::store::postgres::PostgresStore;
+use tollgate::store::postgres::{LeaseConfig, PostgresStore};
 use tollgate::store::sled::SledStore;
 use tollgate::store::{Durability, Recovery, Store, StoreError};
 use tollgate::tokens::{count_chat, count_text, ChatMessage};
@@ -170,6 +170,15 @@ struct ServeArgs {
         conflicts_with = "upstream"
     )]
     store: Option<String>,
+    /// With --store: how long the leader's lease holds after each renewal (it renews every
+    /// third of it). A replica waiting as a standby takes over within about this long after
+    /// the leader dies; a clean stop hands over at once.
+    #[arg(long, env = "TOLLGATE_LEASE_TTL", default_value_t = 5.0, value_parser = lease_seconds)]
+    lease_ttl: f64,
+    /// With --store: the address other replicas and operators reach this one at, recorded with
+    /// the lease (default: the --listen address).
+    #[arg(long, env = "TOLLGATE_ADVERTISE")]
+    advertise: Option<String>,
     /// Policy file (TOML). Without it, the embedded default policy serves.
     #[arg(long, env = "TOLLGATE_POLICY")]
     policy: Option<PathBuf>,
@@ -233,11 +242,12 @@ struct ServeArgs {
 /// distinct from 1 (could not start) so that an operator can tell the two apart.
 const FAIL_STOP_EXIT: u8 = 3;
 
-/// The ledger over `store`, loaded and checked, with the server's clock and a fresh fail-stop.
+/// The ledger over `store`, loaded and checked, with the server's clock, tripping `failed`.
 fn open_ledger(
     store: Arc<dyn Store>,
     policy: Arc<Policy>,
     durability: Durability,
+    failed: tollgate::failstop::FailStop,
 ) -> Result<Ledger, StoreError> {
     Ledger::open_store(
         store,
@@ -245,7 +255,7 @@ fn open_ledger(
         Bounds::default(),
         durability,
         Arc::new(SystemClock),
-        tollgate::failstop::FailStop::new(),
+        failed,
     )
 }
 
@@ -257,6 +267,18 @@ fn check_store_url(s: &str) -> Result<(), &'static str> {
         Ok(())
     } else {
         Err("must be a PostgreSQL URL starting with postgres:// or postgresql://")
+    }
+}
+
+/// A lease TTL: from 0.3 s (renewals every 0.1 s) to 10 minutes.
+fn lease_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if (0.3..=600.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} s is outside 0.3 to 600 seconds"))
     }
 }
 
@@ -450,15 +472,39 @@ fn serve(args: ServeArgs) -> ExitCode {
                 let durability = args.durability;
                 let opened = match args.store.clone() {
                     // The PostgreSQL client blocks: connect and load on a blocking thread.
-                    Some(url) => tokio::task::spawn_blocking(move || {
-                        let store = PostgresStore::connect(&url, recovery)?;
-                        open_ledger(Arc::new(store), policy, durability)
-                    })
+                    Some(url) => {
+                        let lease = LeaseConfig::new(
+                            args.advertise.clone().unwrap_or_else(|| args.listen.to_string()),
+                            Duration::from_secs_f64(args.lease_ttl),
+                        );
+                        tokio::task::spawn_blocking(move || {
+                            let store = PostgresStore::connect(&url, recovery)?;
+                            let failed = tollgate::failstop::FailStop::new();
+                            let mut told = None;
+                            let epoch = store.lead(lease, failed.clone(), |leader| {
+                                // Once per leader, not once per poll.
+                                if told.as_ref() != Some(&leader.epoch) {
+                                    tracing::info!(
+                                        leader = %leader.holder,
+                                        address = %leader.address,
+                                        epoch = leader.epoch,
+                                        "standby: another replica leads; taking over when its lease runs out"
+                                    );
+                                    told = Some(leader.epoch);
+                                }
+                            })?;
+                            tracing::info!(epoch, store = %store.location(), "leading: loading the ledger");
+                            open_ledger(Arc::new(store), policy, durability, failed)
+                        })
+                    }
                     .await
                     .unwrap_or_else(|e| Err(StoreError::Failed(format!("opening the store: {e}"))))
                     .map_err(|e| ("the store".to_string(), e)),
                     None => SledStore::open(&args.data_dir, recovery)
-                        .and_then(|store| open_ledger(Arc::new(store), policy, durability))
+                        .and_then(|store| {
+                            let failed = tollgate::failstop::FailStop::new();
+                            open_ledger(Arc::new(store), policy, durability, failed)
+                        })
                         .map_err(|e| (args.data_dir.display().to_string(), e)),
                 };
                 let ledger = match opened {

@@ -1,7 +1,8 @@
 //! The PostgreSQL store through the real binary and a real PostgreSQL server (started by the
 //! tests: `common/postgres.rs`): acknowledged holds survive `kill -9`, rows changed behind
-//! tollgate's back are refused at start, a second process writing the same database stops the
-//! first, and an export moves a ledger from PostgreSQL to sled and back.
+//! tollgate's back are refused at start, one replica leads while another waits and takes over
+//! with everything, a deposed leader is fenced, and an export moves a ledger from PostgreSQL to
+//! sled and back.
 
 mod common;
 use common::postgres::{server, PgServer};
@@ -29,6 +30,9 @@ fn serve_args(url: &str, policy: &Path) -> Vec<String> {
         policy.display().to_string(),
         "--admin-token".into(),
         ADMIN_TOKEN.into(),
+        // Short, so that a restart after `kill -9` waits little for the lease to run out.
+        "--lease-ttl".into(),
+        "2".into(),
     ]
 }
 
@@ -135,39 +139,188 @@ async fn rows_removed_behind_its_back_are_refused_at_start() {
     hold(&mut q, "carol", 1, 1).await;
 }
 
+/// Replicas on one database: the first leads; the second waits as a standby (it does not even
+/// listen); `kill -9` of the leader; the standby takes over once the lease runs out, with
+/// every hold the leader acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_server_writing_the_same_database_stops_the_first() {
+async fn a_standby_takes_over_when_the_leader_dies_with_every_acknowledged_hold() {
     let dir = tempfile::tempdir().unwrap();
     let policy = write_file(dir.path(), "policy.toml", POLICY);
     let url = server().database();
     let args = serve_args(&url, &policy);
-    let log = dir.path().join("first.log");
-    let mut first = Serve::new(&dir.path().join("a"))
+    let leader = Serve::new(&dir.path().join("a")).args(&args).start();
+    let log = dir.path().join("standby.log");
+    let standby = {
+        let serve = Serve::new(&dir.path().join("b"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .log_to(&log);
+        std::thread::spawn(move || serve.start())
+    };
+    // The standby says so, and waits.
+    let mut waited = 0;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("standby")
+    {
+        waited += 1;
+        assert!(
+            waited < 1000,
+            "no standby line: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut q = leader.quota().await;
+    let open = hold(&mut q, "alice", 1000, 2000).await;
+    let done = hold(&mut q, "alice", 100, 100).await;
+    commit(&mut q, &done, 100, 50).await;
+    assert!(
+        !standby.is_finished(),
+        "the standby served while the leader held the lease"
+    );
+    leader.kill9();
+
+    let standby = standby.join().expect("the standby takes over");
+    let mut q = standby.quota().await;
+    assert_eq!(figures(&mut q, "alice").await, (150, 3000, 1));
+    commit(&mut q, &open, 1000, 500).await;
+    assert_eq!(figures(&mut q, "alice").await, (1650, 0, 0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("leading: loading the ledger"), "{text}");
+}
+
+/// A leader that lost its lease (paused past the TTL while another took over) can never write
+/// again: its batch is fenced by the epoch in the same statement, and nothing of it lands.
+/// Through the store itself, so the fencing is tested apart from the watchdog that would
+/// normally stop such a leader first.
+#[test]
+fn a_deposed_leader_cannot_write() {
+    use tollgate::failstop::FailStop;
+    use tollgate::store::postgres::{LeaseConfig, PostgresStore};
+    use tollgate::store::{Batch, Recovery, Store};
+
+    let url = server().database();
+    let name = PgServer::name_of(&url).to_string();
+    let ttl = Duration::from_secs(600);
+    let a = PostgresStore::connect(&url, Recovery::Refuse).unwrap();
+    let a_failed = FailStop::new();
+    let epoch_a = a
+        .lead(LeaseConfig::new("a".into(), ttl), a_failed.clone(), |_| {})
+        .unwrap();
+    a.load().unwrap();
+    // Real records (assignments), so that B's load decodes them.
+    let record = |subject: &str| {
+        tollgate::store::Record::Assignment(
+            subject.into(),
+            tollgate::policy::SubjectConfig {
+                tier: "free".into(),
+                overrides: Default::default(),
+                group: None,
+            },
+        )
+        .encode()
+    };
+    let (before_key, before_value) = record("before");
+    let mut batch = Batch::new();
+    batch.push(&before_key, Some(&before_value));
+    a.write(&batch).expect("the leader writes");
+
+    // B cannot take a lease that holds...
+    let b = PostgresStore::connect(&url, Recovery::Refuse).unwrap();
+    let mut seen = Vec::new();
+    let b_thread = std::thread::spawn(move || {
+        let epoch = b
+            .lead(LeaseConfig::new("b".into(), ttl), FailStop::new(), |l| {
+                seen.push(l.epoch)
+            })
+            .unwrap();
+        (b, epoch, seen)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!b_thread.is_finished(), "B took a lease that held");
+    // ...until it runs out (A paused past its TTL: here, expired by hand).
+    server().psql(
+        &name,
+        "UPDATE tollgate_lease SET expires_at = now() - interval '1 second'",
+    );
+    let (b, epoch_b, seen) = b_thread.join().unwrap();
+    assert!(
+        epoch_b > epoch_a,
+        "a takeover raises the epoch: {epoch_a} -> {epoch_b}"
+    );
+    assert!(
+        seen.contains(&epoch_a),
+        "the standby saw the leader: {seen:?}"
+    );
+    b.load().unwrap();
+
+    let rows_before = server().psql(&name, "SELECT count(*) FROM tollgate_records");
+    let mut late = Batch::new();
+    let (after_key, after_value) = record("after");
+    late.push(&after_key, Some(&after_value));
+    late.push(&before_key, None);
+    let refused = a
+        .write(&late)
+        .expect_err("a deposed leader's batch is refused");
+    assert!(refused.to_string().contains("deposed"), "{refused}");
+    assert_eq!(
+        server().psql(&name, "SELECT count(*) FROM tollgate_records"),
+        rows_before,
+        "nothing of the fenced batch was written"
+    );
+    assert_eq!(
+        server().psql(
+            &name,
+            "SELECT count(*) FROM tollgate_records WHERE key = 'abefore'::bytea"
+        ),
+        "1",
+        "the record the fenced batch would have removed is still there"
+    );
+    // The new leader writes on.
+    let mut next = Batch::new();
+    let (b_key, b_value) = record("by-b");
+    next.push(&b_key, Some(&b_value));
+    b.write(&next).expect("the new leader writes");
+    drop(a_failed);
+}
+
+/// A leader paused (SIGSTOP) past its lease: the standby takes over and serves; the old leader,
+/// resumed, stops (exit 3, naming the lease) instead of deciding from a ledger that is no
+/// longer the database's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_stops_when_it_resumes_and_the_standby_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_file(dir.path(), "policy.toml", POLICY);
+    let url = server().database();
+    let args = serve_args(&url, &policy);
+    let log = dir.path().join("leader.log");
+    let mut leader = Serve::new(&dir.path().join("a"))
         .args(&args)
         .log_to(&log)
         .start();
-    let second = Serve::new(&dir.path().join("b")).args(&args).start();
-    let mut q2 = second.quota().await;
-    hold(&mut q2, "alice", 10000, 0).await;
-    // The first still believes alice has 10,000 tokens left: it must not say so.
-    let mut q1 = first.quota().await;
-    let answer = q1.reserve(reserve("alice", 10000, 0)).await;
-    let status = answer.expect_err("a ledger behind the database answers nothing");
-    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    let exit = first
+    let mut q = leader.quota().await;
+    hold(&mut q, "alice", 4000, 0).await;
+    let standby = {
+        let serve = Serve::new(&dir.path().join("b")).args(&args);
+        std::thread::spawn(move || serve.start())
+    };
+    leader.signal("STOP");
+    let standby = tokio::task::spawn_blocking(move || standby.join().expect("takes over"))
+        .await
+        .unwrap();
+    let mut q2 = standby.quota().await;
+    hold(&mut q2, "alice", 6000, 0).await;
+    leader.signal("CONT");
+    let exit = leader
         .wait_exit(Duration::from_secs(30))
-        .expect("the first stops");
-    assert_eq!(
-        exit.code(),
-        Some(3),
-        "fail-stop; log:\n{}",
-        first.log_text()
-    );
-    assert!(first
-        .log_text()
-        .contains("another process writes the same database"));
-    // The second goes on, and its hold is the only one.
-    assert_eq!(figures(&mut q2, "alice").await, (0, 10000, 1));
+        .expect("the resumed leader stops");
+    assert_eq!(exit.code(), Some(3), "log:\n{}", leader.log_text());
+    assert!(leader.log_text().contains("lease"), "{}", leader.log_text());
+    // The budget was spent once: 10,000 of 10,000 held, and nothing more is allowed.
+    assert_eq!(figures(&mut q2, "alice").await, (0, 10000, 2));
+    let r = rsv(&mut q2, reserve("alice", 1, 0)).await;
+    assert_eq!(decision(&r), Decision::Denied);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -131,17 +131,20 @@ impl TestServer {
             Some(url) => {
                 let (policy, clock) = (policy.clone(), clock.clone());
                 tokio::task::spawn_blocking(move || {
-                    let store = tollgate::store::postgres::PostgresStore::connect(
-                        &url,
-                        tollgate::store::Recovery::Refuse,
-                    )?;
+                    use tollgate::store::postgres::{LeaseConfig, PostgresStore};
+                    let store = PostgresStore::connect(&url, tollgate::store::Recovery::Refuse)?;
+                    let failed = tollgate::failstop::FailStop::new();
+                    // A restart in the same test takes over from the server just stopped,
+                    // which released its lease.
+                    let lease = LeaseConfig::new("test".into(), Duration::from_secs(30));
+                    store.lead(lease, failed.clone(), |_| {})?;
                     Ledger::open_store(
                         Arc::new(store),
                         policy,
                         bounds,
                         Durability::Strict,
                         clock,
-                        tollgate::failstop::FailStop::new(),
+                        failed,
                     )
                 })
                 .await
@@ -457,7 +460,12 @@ impl Serve {
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args(store.iter().flat_map(|url| ["--store", url.as_str()]))
+            // A short lease: a restart after `kill -9` waits for it to run out.
+            .args(
+                store
+                    .iter()
+                    .flat_map(|url| ["--store", url.as_str(), "--lease-ttl", "2"]),
+            )
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env("NO_COLOR", "1")

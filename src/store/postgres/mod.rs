@@ -22,7 +22,9 @@
 //!   how many records there are. Both numbers change in the same statement as the records,
 //!   so a load can tell whether the table still holds what was acknowledged.
 
+pub mod lease;
 mod reader;
+mod renewal;
 mod restore;
 mod schema;
 
@@ -34,25 +36,36 @@ use super::records::Record;
 use super::{Batch, RecordReader, Recovery, Snapshot, Store, StoreError};
 use crate::store::DataLoss;
 
+pub use lease::{Leader, LeaseConfig};
 pub use restore::import;
 pub use schema::SCHEMA_VERSION;
 
 /// How long a connection attempt may take before the store is reported unreachable.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Records written or removed by one batch, and the meta row moved in the same statement.
-/// Every part of one statement sees the same snapshot, so `existing` counts the keys that were
-/// there before this batch: the new ones are the rest. (`up` runs whether or not it is read:
-/// PostgreSQL runs every data-modifying part of a WITH to completion.) A batch holds each key
-/// once, so no row is both upserted and deleted.
-const WRITE_BATCH: &str = "
-WITH up AS (
+/// The records written or removed by one batch, and the meta row moved, in one statement (one
+/// transaction, one round trip), fenced by the lease. Every part of one statement sees the
+/// same snapshot, so `existing` counts the keys that were there before this batch: the new
+/// ones are the rest (`up` runs whether or not it is read: PostgreSQL runs every
+/// data-modifying part of a WITH to completion). A batch holds each key once, so no row is
+/// both upserted and deleted. Fencing: the lease row is locked (FOR SHARE) and every part
+/// writes only if the lease's epoch is still `$4`. A takeover's UPDATE of the lease waits for this
+/// statement's lock, and a takeover committed before it leaves the row with another epoch
+/// (READ COMMITTED re-reads a row updated since the snapshot before locking it): either way a
+/// deposed leader's batch writes nothing and returns no row. See `lease.rs`.
+const FENCED_WRITE: &str = "
+WITH lease AS (
+    SELECT epoch FROM tollgate_lease WHERE epoch = $4 FOR SHARE
+), up AS (
     INSERT INTO tollgate_records (key, value)
-    SELECT * FROM unnest($1::bytea[], $2::bytea[])
+    SELECT k, v FROM unnest($1::bytea[], $2::bytea[]) AS b(k, v)
+    WHERE EXISTS (SELECT 1 FROM lease)
     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value
     RETURNING 1
 ), gone AS (
-    DELETE FROM tollgate_records WHERE key = ANY($3::bytea[]) RETURNING 1
+    DELETE FROM tollgate_records
+    WHERE key = ANY($3::bytea[]) AND EXISTS (SELECT 1 FROM lease)
+    RETURNING 1
 ), existing AS (
     SELECT count(*) AS n FROM tollgate_records WHERE key = ANY($1::bytea[])
 )
@@ -60,6 +73,7 @@ UPDATE tollgate_meta SET
     batch = batch + 1,
     records = records + cardinality($1::bytea[]) - (SELECT n FROM existing)
         - (SELECT count(*) FROM gone)
+WHERE EXISTS (SELECT 1 FROM lease)
 RETURNING batch, records";
 
 /// A tollgate store in a PostgreSQL database.
@@ -74,6 +88,8 @@ pub struct PostgresStore {
 struct Inner {
     client: ClientOnAnyThread,
     write: Statement,
+    /// The lease this store writes under (none: it does not lead, and may not write).
+    lease: Option<Leading>,
     loaded: bool,
     /// The last batch written, and the records after it (as PostgreSQL returned them).
     batch: i64,
@@ -106,7 +122,7 @@ impl PostgresStore {
         let location = describe(&config);
         let mut client = connect(&config, &location)?;
         schema::ensure(&mut client)?;
-        let write = client.prepare(WRITE_BATCH).map_err(backend)?;
+        let write = client.prepare(FENCED_WRITE).map_err(backend)?;
         Ok(Self {
             config,
             location,
@@ -114,6 +130,7 @@ impl PostgresStore {
             inner: Mutex::new(Inner {
                 client: ClientOnAnyThread(Some(client)),
                 write,
+                lease: None,
                 loaded: false,
                 batch: 0,
                 records: 0,
@@ -128,10 +145,41 @@ impl PostgresStore {
             .map_err(|_| StoreError::Failed("the store's lock was poisoned".into()))
     }
 
+    /// Wait until this server holds the lease (calling `standby` with the lease as it is, each
+    /// time it is found held by another), then keep it renewed on a thread of its own, which
+    /// trips `failed` if the lease is lost or not renewed in time. Blocking. Call before
+    /// [`Store::load`]: what is loaded after taking the lease includes every batch any earlier
+    /// leader wrote.
+    pub fn lead(
+        &self,
+        config: LeaseConfig,
+        failed: crate::failstop::FailStop,
+        mut standby: impl FnMut(&Leader),
+    ) -> Result<i64, StoreError> {
+        let mut inner = self.inner()?;
+        let (epoch, taken) = loop {
+            let sent = std::time::Instant::now();
+            if let Some(epoch) = lease::try_acquire(&mut *inner.client, &config)? {
+                break (epoch, sent);
+            }
+            standby(&lease::current(&mut *inner.client)?);
+            std::thread::sleep(config.renew_every().min(std::time::Duration::from_secs(1)));
+        };
+        let renewal = renewal::Renewal::start(self.config.clone(), config, epoch, taken, failed);
+        inner.lease = Some(Leading { epoch, renewal });
+        Ok(epoch)
+    }
+
     /// The last batch written (0 before any).
     pub fn batch(&self) -> Result<i64, StoreError> {
         Ok(self.inner()?.batch)
     }
+}
+
+/// The lease held: its epoch, and the renewal thread (stopped when the store is dropped).
+struct Leading {
+    epoch: i64,
+    renewal: renewal::Renewal,
 }
 
 /// The blocking client, dropped on a thread of its own: dropping it closes the connection with
@@ -272,13 +320,27 @@ impl Store for PostgresStore {
         }
         let inner = &mut *inner;
         let started = std::time::Instant::now();
+        let Some(epoch) = inner.lease.as_ref().map(|l| l.epoch) else {
+            return Err(StoreError::Failed(
+                "written without the lease: a server writes only while it leads".into(),
+            ));
+        };
         let result = inner
             .client
-            .query_one(&inner.write, &[&keys, &values, &removed]);
+            .query_opt(&inner.write, &[&keys, &values, &removed, &epoch]);
         // The statement's commit is this backend's flush (the metric of every backend's).
         crate::telemetry::flush_took(started.elapsed());
         match result {
-            Ok(row) => {
+            Ok(None) => {
+                let why = format!(
+                    "deposed: another replica took the lease of {} (this one's epoch was {}); nothing of this batch was written",
+                    self.location,
+                    inner.lease.as_ref().map_or(0, |l| l.epoch)
+                );
+                inner.failed = Some(why.clone());
+                Err(StoreError::Failed(why))
+            }
+            Ok(Some(row)) => {
                 let batch: i64 = row.get(0);
                 let records: i64 = row.get(1);
                 // One writer: every batch moves the number by exactly one.
@@ -314,8 +376,15 @@ impl Store for PostgresStore {
         Ok(false)
     }
 
+    /// Give the lease up (a follower takes over at once rather than after the TTL).
     fn close(&self) -> Result<(), StoreError> {
-        self.flush()
+        self.flush()?;
+        let mut inner = self.inner()?;
+        if let Some(leading) = inner.lease.take() {
+            leading.renewal.stop();
+            lease::release(&mut *inner.client, leading.epoch)?;
+        }
+        Ok(())
     }
 
     fn reader(&self) -> Result<Box<dyn RecordReader>, StoreError> {

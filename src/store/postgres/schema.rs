@@ -32,6 +32,7 @@ pub fn ensure(client: &mut Client) -> Result<(), StoreError> {
          );",
     )
     .map_err(backend)?;
+    super::lease::ensure(&mut tx)?;
     let version: Option<i32> = tx
         .query_opt("SELECT schema_version FROM tollgate_meta", &[])
         .map_err(backend)?
