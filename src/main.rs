@@ -14,8 +14,9 @@ use tollgate::relay::Relay;
 use tollgate::server::transport::DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT;
 use tollgate::server::validate::DEFAULT_MAX_PROMPT_BYTES;
 use tollgate::server::{Backend, ServeOptions, TransportOptions};
+use tollgate::store::postgres::{LeaseConfig, PostgresStore};
 use tollgate::store::sled::SledStore;
-use tollgate::store::{Durability, Recovery};
+use tollgate::store::{Durability, Recovery, Store, StoreError};
 use tollgate::tokens::{count_chat, count_text, ChatMessage};
 
 use std::io::Read;
@@ -72,8 +73,17 @@ enum Command {
 struct ExportArgs {
     /// The data directory of a stopped tollgate (a running one holds its directory's lock:
     /// use --addr).
-    #[arg(long, conflicts_with = "addr", required_unless_present = "addr")]
+    #[arg(long, conflicts_with_all = ["addr", "store"], required_unless_present_any = ["addr", "store"])]
     data_dir: Option<PathBuf>,
+    /// A PostgreSQL store (postgres://...): read as one consistent snapshot, whether or not
+    /// servers are running on it.
+    #[arg(
+        long,
+        env = "TOLLGATE_STORE",
+        hide_env_values = true,
+        conflicts_with = "addr"
+    )]
+    store: Option<String>,
     /// A running tollgate, e.g. http://127.0.0.1:50051: exported through its Admin Export call.
     #[arg(long)]
     addr: Option<String>,
@@ -91,9 +101,14 @@ struct ImportArgs {
     /// The export file to restore.
     file: PathBuf,
     /// The data directory to restore into: missing or holding no store.
-    #[arg(long)]
-    data_dir: PathBuf,
-    /// Delete the store the data directory holds first (refused while a server has it open).
+    #[arg(long, conflicts_with = "store", required_unless_present = "store")]
+    data_dir: Option<PathBuf>,
+    /// A PostgreSQL store (postgres://...) to restore into, holding no records, in one
+    /// transaction: all of the file or nothing.
+    #[arg(long, env = "TOLLGATE_STORE", hide_env_values = true)]
+    store: Option<String>,
+    /// Delete the store the data directory (or database) holds first (refused while a server
+    /// has the directory open; a server on the database stops at its next write).
     #[arg(long)]
     replace: bool,
 }
@@ -142,9 +157,28 @@ struct ServeArgs {
     /// Address to serve gRPC on. Port 0 picks a free port (the bound address is printed).
     #[arg(long, env = "TOLLGATE_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
-    /// Directory of the sled database (created if missing).
+    /// Directory of the sled database (created if missing). Not used with --store.
     #[arg(long, env = "TOLLGATE_DATA_DIR", default_value = "./tollgate-data")]
     data_dir: PathBuf,
+    /// Keep the ledger in PostgreSQL instead of sled: a URL such as
+    /// postgres://tollgate@db.internal/tollgate (password in the URL or PGPASSWORD-style
+    /// `password=` parameter; it is never logged). The schema is created at start.
+    #[arg(
+        long,
+        env = "TOLLGATE_STORE",
+        hide_env_values = true,
+        conflicts_with = "upstream"
+    )]
+    store: Option<String>,
+    /// With --store: how long the leader's lease holds after each renewal (it renews every
+    /// third of it). A replica waiting as a standby takes over within about this long after
+    /// the leader dies; a clean stop hands over at once.
+    #[arg(long, env = "TOLLGATE_LEASE_TTL", default_value_t = 5.0, value_parser = lease_seconds)]
+    lease_ttl: f64,
+    /// With --store: the address other replicas and operators reach this one at, recorded with
+    /// the lease (default: the --listen address).
+    #[arg(long, env = "TOLLGATE_ADVERTISE")]
+    advertise: Option<String>,
     /// Policy file (TOML). Without it, the embedded default policy serves.
     #[arg(long, env = "TOLLGATE_POLICY")]
     policy: Option<PathBuf>,
@@ -208,6 +242,46 @@ struct ServeArgs {
 /// distinct from 1 (could not start) so that an operator can tell the two apart.
 const FAIL_STOP_EXIT: u8 = 3;
 
+/// The ledger over `store`, loaded and checked, with the server's clock, tripping `failed`.
+fn open_ledger(
+    store: Arc<dyn Store>,
+    policy: Arc<Policy>,
+    durability: Durability,
+    failed: tollgate::failstop::FailStop,
+) -> Result<Ledger, StoreError> {
+    Ledger::open_store(
+        store,
+        policy,
+        Bounds::default(),
+        durability,
+        Arc::new(SystemClock),
+        failed,
+    )
+}
+
+/// A PostgreSQL URL (the only networked store so far); anything else is refused at once,
+/// naming the rule. Checked here rather than by clap, whose error would echo the value, and a
+/// store URL may hold a password.
+fn check_store_url(s: &str) -> Result<(), &'static str> {
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        Ok(())
+    } else {
+        Err("must be a PostgreSQL URL starting with postgres:// or postgresql://")
+    }
+}
+
+/// A lease TTL: from 0.3 s (renewals every 0.1 s) to 10 minutes.
+fn lease_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if (0.3..=600.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} s is outside 0.3 to 600 seconds"))
+    }
+}
+
 /// A number of seconds above zero and at most a day.
 fn positive_seconds(s: &str) -> Result<f64, String> {
     let v: f64 = s
@@ -230,15 +304,33 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
+    let store = match &cli.command {
+        Command::Serve(a) => a.store.as_deref(),
+        Command::Export(a) => a.store.as_deref(),
+        Command::Import(a) => a.store.as_deref(),
+        _ => None,
+    };
+    if let Some(Err(e)) = store.map(check_store_url) {
+        eprintln!("error: --store (or TOLLGATE_STORE) {e}");
+        return ExitCode::from(2);
+    }
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::CountTokens(args) => count_tokens(args),
         Command::CheckPolicy(args) => check_policy(&args.file),
         Command::Usage(args) => usage::print(args.addr, args.subject, args.group, args.client_ip),
-        Command::Export(args) => {
-            backup::export(args.data_dir, args.addr, args.admin_token, &args.out)
-        }
-        Command::Import(args) => backup::import(&args.file, &args.data_dir, args.replace),
+        Command::Export(args) => backup::export(
+            args.data_dir,
+            args.store,
+            args.addr,
+            args.admin_token,
+            &args.out,
+        ),
+        Command::Import(args) => match (&args.data_dir, &args.store) {
+            (Some(dir), _) => backup::import(&args.file, dir, args.replace),
+            (None, Some(url)) => backup::import_postgres(&args.file, url, args.replace),
+            (None, None) => unreachable!("clap requires --data-dir or --store"),
+        },
     }
 }
 
@@ -377,19 +469,48 @@ fn serve(args: ServeArgs) -> ExitCode {
                 } else {
                     Recovery::Refuse
                 };
-                let ledger = match SledStore::open(&args.data_dir, recovery).and_then(|store| {
-                    Ledger::open_store(
-                        Arc::new(store),
-                        policy,
-                        Bounds::default(),
-                        args.durability,
-                        Arc::new(SystemClock),
-                        tollgate::failstop::FailStop::new(),
-                    )
-                }) {
+                let durability = args.durability;
+                let opened = match args.store.clone() {
+                    // The PostgreSQL client blocks: connect and load on a blocking thread.
+                    Some(url) => {
+                        let lease = LeaseConfig::new(
+                            args.advertise.clone().unwrap_or_else(|| args.listen.to_string()),
+                            Duration::from_secs_f64(args.lease_ttl),
+                        );
+                        tokio::task::spawn_blocking(move || {
+                            let store = PostgresStore::connect(&url, recovery)?;
+                            let failed = tollgate::failstop::FailStop::new();
+                            let mut told = None;
+                            let epoch = store.lead(lease, failed.clone(), |leader| {
+                                // Once per leader, not once per poll.
+                                if told.as_ref() != Some(&leader.epoch) {
+                                    tracing::info!(
+                                        leader = %leader.holder,
+                                        address = %leader.address,
+                                        epoch = leader.epoch,
+                                        "standby: another replica leads; taking over when its lease runs out"
+                                    );
+                                    told = Some(leader.epoch);
+                                }
+                            })?;
+                            tracing::info!(epoch, store = %store.location(), "leading: loading the ledger");
+                            open_ledger(Arc::new(store), policy, durability, failed)
+                        })
+                    }
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::Failed(format!("opening the store: {e}"))))
+                    .map_err(|e| ("the store".to_string(), e)),
+                    None => SledStore::open(&args.data_dir, recovery)
+                        .and_then(|store| {
+                            let failed = tollgate::failstop::FailStop::new();
+                            open_ledger(Arc::new(store), policy, durability, failed)
+                        })
+                        .map_err(|e| (args.data_dir.display().to_string(), e)),
+                };
+                let ledger = match opened {
                     Ok(l) => Arc::new(l),
-                    Err(e) => {
-                        eprintln!("tollgate: cannot open {}: {e}", args.data_dir.display());
+                    Err((location, e)) => {
+                        eprintln!("tollgate: cannot open {location}: {e}");
                         return ExitCode::FAILURE;
                     }
                 };

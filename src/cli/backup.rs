@@ -11,9 +11,10 @@ use tollgate::clock::{Clock, SystemClock};
 use tollgate::proto::admin_client::AdminClient;
 use tollgate::proto::ExportRequest;
 use tollgate::store::export::{write_export, ExportSummary, Line};
+use tollgate::store::postgres::PostgresStore;
 use tollgate::store::sled::restore::import as import_file;
 use tollgate::store::sled::SledStore;
-use tollgate::store::Store;
+use tollgate::store::{Recovery, Store};
 
 /// Where an export goes: stdout, or a file written under a temporary name and renamed into
 /// place once complete, so a failed export never leaves a file that looks like a backup.
@@ -77,6 +78,7 @@ impl Output {
 /// `tollgate export`: from a stopped data directory, or from the server at `addr`.
 pub fn export(
     data_dir: Option<PathBuf>,
+    store: Option<String>,
     addr: Option<String>,
     admin_token: Option<String>,
     out: &Path,
@@ -88,12 +90,14 @@ pub fn export(
             return ExitCode::FAILURE;
         }
     };
-    let result = match (data_dir, addr) {
-        (Some(dir), _) => export_stopped(&dir, output.writer()),
-        (None, Some(addr)) => export_running(&addr, admin_token, output.writer()),
-        (None, None) => {
-            Err("give --data-dir (a stopped server's) or --addr (a running server)".into())
-        }
+    let result = match (data_dir, store, addr) {
+        (Some(dir), _, _) => export_stopped(&dir, output.writer()),
+        (None, Some(url), _) => export_postgres(&url, output.writer()),
+        (None, None, Some(addr)) => export_running(&addr, admin_token, output.writer()),
+        (None, None, None) => Err(
+            "give --data-dir (a stopped server's), --store (a database) or --addr (a running server)"
+                .into(),
+        ),
     };
     let result = match result {
         Ok(summary) => output
@@ -163,6 +167,15 @@ fn export_stopped(dir: &Path, out: &mut dyn Write) -> Result<Summary, String> {
         .map_err(|e| e.to_string())
 }
 
+/// From a PostgreSQL store: one REPEATABLE READ snapshot, servers running or not.
+fn export_postgres(url: &str, out: &mut dyn Write) -> Result<Summary, String> {
+    let store = PostgresStore::connect(url, Recovery::Refuse).map_err(|e| e.to_string())?;
+    let mut reader = store.reader().map_err(|e| e.to_string())?;
+    write_export(reader.as_mut(), out, SystemClock.now_micros())
+        .map(Summary::from)
+        .map_err(|e| e.to_string())
+}
+
 fn export_running(
     addr: &str,
     admin_token: Option<String>,
@@ -224,6 +237,24 @@ fn export_running(
             _ => Err("the server's stream ended without the export's end line".into()),
         }
     })
+}
+
+/// `tollgate import --store`: restore `file` into a PostgreSQL store, in one transaction.
+pub fn import_postgres(file: &Path, url: &str, replace: bool) -> ExitCode {
+    match tollgate::store::postgres::import(file, url, replace) {
+        Ok(summary) => {
+            let c = summary.counts;
+            eprintln!(
+                "tollgate: imported {} records ({} scopes, {} reservations, {} assignments) into the database",
+                c.records, c.scopes, c.reservations, c.assignments,
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `tollgate import`: restore `file` into `data_dir`.

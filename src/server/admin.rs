@@ -185,7 +185,7 @@ impl proto::admin_server::Admin for AdminService {
             // Everything decided before the call, denials' counters included (the sweeper
             // persists those in batches), is in the store the export reads.
             self.ledger.flush().await?;
-            super::export::start(&self.ledger).map(Response::new)
+            super::export::start(&self.ledger).await.map(Response::new)
         })
         .await
     }

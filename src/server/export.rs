@@ -71,9 +71,14 @@ fn status(e: &ExportError) -> Status {
     Status::new(code, e.to_string())
 }
 
-/// Start streaming an export of `ledger`'s store.
-pub fn start(ledger: &Ledger) -> Result<ExportStream, Status> {
-    let mut reader = ledger.store().reader().map_err(|e| status(&e.into()))?;
+/// Start streaming an export of `ledger`'s store. The reader is started on a blocking thread:
+/// a networked store connects to start one.
+pub async fn start(ledger: &Ledger) -> Result<ExportStream, Status> {
+    let store = std::sync::Arc::clone(ledger.store());
+    let mut reader = tokio::task::spawn_blocking(move || store.reader())
+        .await
+        .map_err(|e| Status::unavailable(format!("starting the export: {e}")))?
+        .map_err(|e| status(&e.into()))?;
     let now_us = ledger.now_micros();
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
     tokio::task::spawn_blocking(move || {

@@ -39,6 +39,9 @@ pub enum ImportError {
     /// The directory already holds a store.
     #[error("import: {0} already holds a tollgate store ({1}); import restores into an empty directory (stop any server on it and pass --replace to delete that store first)")]
     NotEmpty(PathBuf, String),
+    /// The database already holds records.
+    #[error("import: {0} already holds {1} tollgate records; import restores into a store with none (pass --replace to delete them first)")]
+    NotEmptyDatabase(String, i64),
     /// Writing the store failed.
     #[error("import: {0} (the directory keeps its import-in-progress marker, so no server starts on a half import; run the import again with --replace)")]
     Store(#[from] StoreError),
@@ -76,7 +79,7 @@ pub fn restore(file: &Path, store: &dyn Store) -> Result<Counts, ImportError> {
 
 /// Read and check the export `file`, handing each record's store key and value to `sink`;
 /// the counts, once the end line has checked out.
-fn read_export(
+pub(crate) fn read_export(
     file: &Path,
     mut sink: impl FnMut(Vec<u8>, Vec<u8>) -> Result<(), StoreError>,
 ) -> Result<Counts, ImportError> {

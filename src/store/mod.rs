@@ -18,6 +18,7 @@ mod batch;
 pub mod export;
 mod export_format;
 pub mod import;
+pub mod postgres;
 mod records;
 pub mod sled;
 mod tally;

@@ -127,16 +127,43 @@ impl TestServer {
         addr: SocketAddr,
     ) -> Self {
         let policy = Arc::new(Policy::from_toml(policy_toml, "test.toml").expect("test policy"));
-        let ledger = retry("open ledger", || {
-            Ledger::open(
-                dir.path(),
-                policy.clone(),
-                bounds,
-                Durability::Strict,
-                clock.clone(),
-            )
-        })
-        .await;
+        let ledger = match postgres::test_store_of(dir.path()) {
+            Some(url) => {
+                let (policy, clock) = (policy.clone(), clock.clone());
+                tokio::task::spawn_blocking(move || {
+                    use tollgate::store::postgres::{LeaseConfig, PostgresStore};
+                    let store = PostgresStore::connect(&url, tollgate::store::Recovery::Refuse)?;
+                    let failed = tollgate::failstop::FailStop::new();
+                    // A restart in the same test takes over from the server just stopped,
+                    // which released its lease.
+                    let lease = LeaseConfig::new("test".into(), Duration::from_secs(30));
+                    store.lead(lease, failed.clone(), |_| {})?;
+                    Ledger::open_store(
+                        Arc::new(store),
+                        policy,
+                        bounds,
+                        Durability::Strict,
+                        clock,
+                        failed,
+                    )
+                })
+                .await
+                .expect("open the ledger")
+                .unwrap_or_else(|e| panic!("open ledger on PostgreSQL: {e}"))
+            }
+            None => {
+                retry("open ledger", || {
+                    Ledger::open(
+                        dir.path(),
+                        policy.clone(),
+                        bounds,
+                        Durability::Strict,
+                        clock.clone(),
+                    )
+                })
+                .await
+            }
+        };
         let ledger = Arc::new(ledger);
         let mut attempt = 0;
         let (listener, addr) = loop {
@@ -423,12 +450,22 @@ impl Serve {
                 command.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, n, n));
             }
         }
+        let store = match self.args.iter().any(|a| a == "--store") {
+            true => None,
+            false => postgres::test_store_of(&self.data_dir),
+        };
         let mut child = command
             .arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(&self.data_dir)
+            // A short lease: a restart after `kill -9` waits for it to run out.
+            .args(
+                store
+                    .iter()
+                    .flat_map(|url| ["--store", url.as_str(), "--lease-ttl", "2"]),
+            )
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env("NO_COLOR", "1")
@@ -830,3 +867,4 @@ pub fn metric(scrape: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
 }
+pub mod postgres;

@@ -1,0 +1,413 @@
+//! The PostgreSQL store through the real binary and a real PostgreSQL server (started by the
+//! tests: `common/postgres.rs`): acknowledged holds survive `kill -9`, rows changed behind
+//! tollgate's back are refused at start, one replica leads while another waits and takes over
+//! with everything, a deposed leader is fenced, and an export moves a ledger from PostgreSQL to
+//! sled and back.
+
+mod common;
+use common::postgres::{server, PgServer};
+use common::*;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use tollgate::proto::Decision;
+
+const POLICY: &str = r#"
+default_tier = "free"
+
+[tiers.free]
+tokens_per_day = 10000
+hold_seconds = 3600
+"#;
+
+fn serve_args(url: &str, policy: &Path) -> Vec<String> {
+    vec![
+        "--store".into(),
+        url.into(),
+        "--policy".into(),
+        policy.display().to_string(),
+        "--admin-token".into(),
+        ADMIN_TOKEN.into(),
+        // Short, so that a restart after `kill -9` waits little for the lease to run out.
+        "--lease-ttl".into(),
+        "2".into(),
+    ]
+}
+
+async fn hold(q: &mut Quota, subject: &str, prompt: u64, output: u64) -> String {
+    let r = rsv(q, reserve(subject, prompt, output)).await;
+    assert_eq!(decision(&r), Decision::Allowed, "{r:?}");
+    r.reservation_id
+}
+
+/// (used, held, open holds) of `subject`.
+async fn figures(q: &mut Quota, subject: &str) -> (u64, u64, u32) {
+    let u = usage(q, subject).await;
+    (u.used_tokens, u.held_tokens, u.open_holds)
+}
+
+fn tollgate(args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    cmd.args(args);
+    run_to_exit(cmd, Duration::from_secs(60))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_holds_and_commits_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_file(dir.path(), "policy.toml", POLICY);
+    let url = server().database();
+    let args = serve_args(&url, &policy);
+    let data = dir.path().join("unused");
+
+    let p = Serve::new(&data).args(&args).start();
+    let mut q = p.quota().await;
+    let committed = hold(&mut q, "alice", 100, 200).await;
+    commit(&mut q, &committed, 100, 50).await;
+    let open = hold(&mut q, "alice", 300, 400).await;
+    let before = figures(&mut q, "alice").await;
+    assert_eq!(before, (150, 700, 1));
+    p.kill9();
+
+    let p = Serve::new(&data).args(&args).start();
+    let mut q = p.quota().await;
+    assert_eq!(figures(&mut q, "alice").await, before);
+    // The open hold is still there to commit; the committed one answers as committed again.
+    commit(&mut q, &open, 300, 100).await;
+    assert_eq!(figures(&mut q, "alice").await, (550, 0, 0));
+    let again = q
+        .commit(commit_req(&committed, 100, 50))
+        .await
+        .expect("a retried Commit is answered as the first");
+    assert_eq!(again.into_inner().charged_tokens, 150);
+    // The rows are in the database, as the meta row says.
+    let name = PgServer::name_of(&url);
+    let rows = server().psql(name, "SELECT count(*) FROM tollgate_records");
+    let meta = server().psql(name, "SELECT records FROM tollgate_meta");
+    assert_eq!(rows, meta);
+    assert!(rows.parse::<u64>().unwrap() >= 4, "{rows} rows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_removed_behind_its_back_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_file(dir.path(), "policy.toml", POLICY);
+    let url = server().database();
+    let args = serve_args(&url, &policy);
+    let data = dir.path().join("unused");
+
+    let mut p = Serve::new(&data).args(&args).start();
+    let mut q = p.quota().await;
+    hold(&mut q, "alice", 100, 200).await;
+    hold(&mut q, "bob", 100, 200).await;
+    p.sigterm();
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(30)).and_then(|s| s.code()),
+        Some(0)
+    );
+
+    // A reservation row deleted outside tollgate: bob's hold would silently vanish.
+    server().psql(
+        PgServer::name_of(&url),
+        "DELETE FROM tollgate_records WHERE key = (SELECT key FROM tollgate_records WHERE substring(key from 1 for 1) = 'r' ORDER BY key LIMIT 1)",
+    );
+    let log = dir.path().join("refused.log");
+    let refused = Serve::new(&data).args(&args).log_to(&log).try_start();
+    assert!(refused.is_err(), "a database missing a row was served");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("rows were removed or added outside tollgate") && !text.contains("tollgate@"),
+        "the refusal names the problem and not the URL's user: {text}"
+    );
+
+    // Accepting the loss serves what is left, and the count starts afresh from it.
+    let mut accepting = args.clone();
+    accepting.push("--accept-data-loss".into());
+    let log = dir.path().join("accepted.log");
+    let p = Serve::new(&data).args(&accepting).log_to(&log).start();
+    let mut q = p.quota().await;
+    let held: u64 = figures(&mut q, "alice").await.1 + figures(&mut q, "bob").await.1;
+    assert_eq!(held, 300, "what is left: the hold whose row remains");
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("DATA LOSS ACCEPTED"));
+    p.kill9();
+    let p = Serve::new(&data).args(&args).start();
+    let mut q = p.quota().await;
+    hold(&mut q, "carol", 1, 1).await;
+}
+
+/// Replicas on one database: the first leads; the second waits as a standby (it does not even
+/// listen); `kill -9` of the leader; the standby takes over once the lease runs out, with
+/// every hold the leader acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_leader_dies_with_every_acknowledged_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_file(dir.path(), "policy.toml", POLICY);
+    let url = server().database();
+    let args = serve_args(&url, &policy);
+    let leader = Serve::new(&dir.path().join("a")).args(&args).start();
+    let log = dir.path().join("standby.log");
+    let standby = {
+        let serve = Serve::new(&dir.path().join("b"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .log_to(&log);
+        std::thread::spawn(move || serve.start())
+    };
+    // The standby says so, and waits.
+    let mut waited = 0;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("standby")
+    {
+        waited += 1;
+        assert!(
+            waited < 1000,
+            "no standby line: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut q = leader.quota().await;
+    let open = hold(&mut q, "alice", 1000, 2000).await;
+    let done = hold(&mut q, "alice", 100, 100).await;
+    commit(&mut q, &done, 100, 50).await;
+    assert!(
+        !standby.is_finished(),
+        "the standby served while the leader held the lease"
+    );
+    leader.kill9();
+
+    let standby = standby.join().expect("the standby takes over");
+    let mut q = standby.quota().await;
+    assert_eq!(figures(&mut q, "alice").await, (150, 3000, 1));
+    commit(&mut q, &open, 1000, 500).await;
+    assert_eq!(figures(&mut q, "alice").await, (1650, 0, 0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("leading: loading the ledger"), "{text}");
+}
+
+/// A leader that lost its lease (paused past the TTL while another took over) can never write
+/// again: its batch is fenced by the epoch in the same statement, and nothing of it lands.
+/// Through the store itself, so the fencing is tested apart from the watchdog that would
+/// normally stop such a leader first.
+#[test]
+fn a_deposed_leader_cannot_write() {
+    use tollgate::failstop::FailStop;
+    use tollgate::store::postgres::{LeaseConfig, PostgresStore};
+    use tollgate::store::{Batch, Recovery, Store};
+
+    let url = server().database();
+    let name = PgServer::name_of(&url).to_string();
+    let ttl = Duration::from_secs(600);
+    let a = PostgresStore::connect(&url, Recovery::Refuse).unwrap();
+    let a_failed = FailStop::new();
+    let epoch_a = a
+        .lead(LeaseConfig::new("a".into(), ttl), a_failed.clone(), |_| {})
+        .unwrap();
+    a.load().unwrap();
+    // Real records (assignments), so that B's load decodes them.
+    let record = |subject: &str| {
+        tollgate::store::Record::Assignment(
+            subject.into(),
+            tollgate::policy::SubjectConfig {
+                tier: "free".into(),
+                overrides: Default::default(),
+                group: None,
+            },
+        )
+        .encode()
+    };
+    let (before_key, before_value) = record("before");
+    let mut batch = Batch::new();
+    batch.push(&before_key, Some(&before_value));
+    a.write(&batch).expect("the leader writes");
+
+    // B cannot take a lease that holds...
+    let b = PostgresStore::connect(&url, Recovery::Refuse).unwrap();
+    let mut seen = Vec::new();
+    let b_thread = std::thread::spawn(move || {
+        let epoch = b
+            .lead(LeaseConfig::new("b".into(), ttl), FailStop::new(), |l| {
+                seen.push(l.epoch)
+            })
+            .unwrap();
+        (b, epoch, seen)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!b_thread.is_finished(), "B took a lease that held");
+    // ...until it runs out (A paused past its TTL: here, expired by hand).
+    server().psql(
+        &name,
+        "UPDATE tollgate_lease SET expires_at = now() - interval '1 second'",
+    );
+    let (b, epoch_b, seen) = b_thread.join().unwrap();
+    assert!(
+        epoch_b > epoch_a,
+        "a takeover raises the epoch: {epoch_a} -> {epoch_b}"
+    );
+    assert!(
+        seen.contains(&epoch_a),
+        "the standby saw the leader: {seen:?}"
+    );
+    b.load().unwrap();
+
+    let rows_before = server().psql(&name, "SELECT count(*) FROM tollgate_records");
+    let mut late = Batch::new();
+    let (after_key, after_value) = record("after");
+    late.push(&after_key, Some(&after_value));
+    late.push(&before_key, None);
+    let refused = a
+        .write(&late)
+        .expect_err("a deposed leader's batch is refused");
+    assert!(refused.to_string().contains("deposed"), "{refused}");
+    assert_eq!(
+        server().psql(&name, "SELECT count(*) FROM tollgate_records"),
+        rows_before,
+        "nothing of the fenced batch was written"
+    );
+    assert_eq!(
+        server().psql(
+            &name,
+            "SELECT count(*) FROM tollgate_records WHERE key = 'abefore'::bytea"
+        ),
+        "1",
+        "the record the fenced batch would have removed is still there"
+    );
+    // The new leader writes on.
+    let mut next = Batch::new();
+    let (b_key, b_value) = record("by-b");
+    next.push(&b_key, Some(&b_value));
+    b.write(&next).expect("the new leader writes");
+    drop(a_failed);
+}
+
+/// A leader paused (SIGSTOP) past its lease: the standby takes over and serves; the old leader,
+/// resumed, stops (exit 3, naming the lease) instead of deciding from a ledger that is no
+/// longer the database's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_stops_when_it_resumes_and_the_standby_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_file(dir.path(), "policy.toml", POLICY);
+    let url = server().database();
+    let args = serve_args(&url, &policy);
+    let log = dir.path().join("leader.log");
+    let mut leader = Serve::new(&dir.path().join("a"))
+        .args(&args)
+        .log_to(&log)
+        .start();
+    let mut q = leader.quota().await;
+    hold(&mut q, "alice", 4000, 0).await;
+    let standby = {
+        let serve = Serve::new(&dir.path().join("b")).args(&args);
+        std::thread::spawn(move || serve.start())
+    };
+    leader.signal("STOP");
+    let standby = tokio::task::spawn_blocking(move || standby.join().expect("takes over"))
+        .await
+        .unwrap();
+    let mut q2 = standby.quota().await;
+    hold(&mut q2, "alice", 6000, 0).await;
+    leader.signal("CONT");
+    let exit = leader
+        .wait_exit(Duration::from_secs(30))
+        .expect("the resumed leader stops");
+    assert_eq!(exit.code(), Some(3), "log:\n{}", leader.log_text());
+    assert!(leader.log_text().contains("lease"), "{}", leader.log_text());
+    // The budget was spent once: 10,000 of 10,000 held, and nothing more is allowed.
+    assert_eq!(figures(&mut q2, "alice").await, (0, 10000, 2));
+    let r = rsv(&mut q2, reserve("alice", 1, 0)).await;
+    assert_eq!(decision(&r), Decision::Denied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_moves_a_ledger_from_postgres_to_sled_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_file(dir.path(), "policy.toml", POLICY);
+    let url = server().database();
+    let args = serve_args(&url, &policy);
+
+    let mut p = Serve::new(&dir.path().join("unused")).args(&args).start();
+    let mut q = p.quota().await;
+    let done = hold(&mut q, "alice", 100, 200).await;
+    commit(&mut q, &done, 100, 100).await;
+    let open = hold(&mut q, "alice", 50, 50).await;
+    let before = figures(&mut q, "alice").await;
+    p.sigterm();
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(30)).and_then(|s| s.code()),
+        Some(0)
+    );
+
+    let export = dir.path().join("ledger.jsonl");
+    let out = tollgate(&["export", "--store", &url, "--out", export.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Into sled: the same figures, and the open hold commits there.
+    let sled_dir = dir.path().join("sled");
+    let out = tollgate(&[
+        "import",
+        export.to_str().unwrap(),
+        "--data-dir",
+        sled_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = Serve::new(&sled_dir)
+        .args(["--policy", policy.to_str().unwrap()])
+        .start();
+    let mut q = p.quota().await;
+    assert_eq!(figures(&mut q, "alice").await, before);
+    drop(p);
+
+    // Into another database: refused while it holds records, whole with --replace.
+    let url2 = server().database();
+    let out = tollgate(&["import", export.to_str().unwrap(), "--store", &url2]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tollgate(&["import", export.to_str().unwrap(), "--store", &url2]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already holds"), "{err}");
+    let out = tollgate(&[
+        "import",
+        export.to_str().unwrap(),
+        "--store",
+        &url2,
+        "--replace",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = Serve::new(&dir.path().join("unused2"))
+        .args(serve_args(&url2, &policy))
+        .start();
+    let mut q = p.quota().await;
+    assert_eq!(figures(&mut q, "alice").await, before);
+    commit(&mut q, &open, 50, 0).await;
+    assert_eq!(figures(&mut q, "alice").await, (250, 0, 0));
+}
+
+#[test]
+fn a_store_that_is_not_a_postgres_url_is_refused_without_echoing_it() {
+    let out = tollgate(&["serve", "--store", "mysql://root:hunter2@db/x"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("postgres://"), "{err}");
+    assert!(!err.contains("hunter2"), "the password was echoed: {err}");
+}
