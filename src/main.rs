@@ -179,6 +179,12 @@ struct ServeArgs {
     /// the lease (default: the --listen address).
     #[arg(long, env = "TOLLGATE_ADVERTISE")]
     advertise: Option<String>,
+    /// This replica's name, e.g. the pod's (`tollgate-central-0`). On sled, a name ending in
+    /// `-N` with N above 0 (a second StatefulSet replica) is refused at start: each replica
+    /// would keep its own ledger and every quota would count once per replica. Replicas share
+    /// one ledger only with --store.
+    #[arg(long, env = "TOLLGATE_REPLICA_NAME")]
+    replica_name: Option<String>,
     /// Policy file (TOML). Without it, the embedded default policy serves.
     #[arg(long, env = "TOLLGATE_POLICY")]
     policy: Option<PathBuf>,
@@ -268,6 +274,14 @@ fn check_store_url(s: &str) -> Result<(), &'static str> {
     } else {
         Err("must be a PostgreSQL URL starting with postgres:// or postgresql://")
     }
+}
+
+/// The ordinal of a StatefulSet-style replica name (`name-3` is 3), if it has one.
+fn replica_ordinal(name: &str) -> Option<u64> {
+    let (_, n) = name.rsplit_once('-')?;
+    (!n.is_empty() && n.len() <= 9 && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| n.parse().ok())
+        .flatten()
 }
 
 /// A lease TTL: from 0.3 s (renewals every 0.1 s) to 10 minutes.
@@ -469,6 +483,14 @@ fn serve(args: ServeArgs) -> ExitCode {
                 } else {
                     Recovery::Refuse
                 };
+                if let (None, Some(name)) = (&args.store, &args.replica_name) {
+                    if replica_ordinal(name).is_some_and(|n| n > 0) {
+                        eprintln!(
+                            "tollgate: refusing to start replica {name:?} on sled: sled keeps one ledger per data directory, so a second replica would be a second ledger and every quota would count once per replica. Run one replica on sled (replicas: 1), or several sharing --store postgres://..."
+                        );
+                        return ExitCode::FAILURE;
+                    }
+                }
                 let durability = args.durability;
                 let opened = match args.store.clone() {
                     // The PostgreSQL client blocks: connect and load on a blocking thread.

@@ -1542,3 +1542,27 @@ fn sigterm_the_moment_the_address_is_printed_is_a_clean_stop() {
         );
     }
 }
+
+/// sled keeps one ledger per data directory: a second StatefulSet replica (a name ending in
+/// `-1`) is refused at start, naming the reason and the way out, while replica `-0` serves.
+#[test]
+fn a_second_replica_on_sled_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log");
+    let refused = Serve::new(&dir.path().join("data"))
+        .sled_only()
+        .env("TOLLGATE_REPLICA_NAME", "tollgate-central-1")
+        .log_to(&log)
+        .try_start();
+    assert!(refused.is_err(), "replica -1 started on sled");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("every quota would count once per replica") && text.contains("--store"),
+        "{text}"
+    );
+    let first = Serve::new(&dir.path().join("data"))
+        .sled_only()
+        .env("TOLLGATE_REPLICA_NAME", "tollgate-central-0")
+        .start();
+    drop(first);
+}

@@ -356,6 +356,9 @@ pub struct Serve {
     log: Option<PathBuf>,
     file_size_limit_kib: Option<u64>,
     open_files: Option<u64>,
+    /// On sled even when the tests run on PostgreSQL (`TOLLGATE_TEST_STORE`): for what only
+    /// sled does.
+    sled_only: bool,
 }
 
 impl Serve {
@@ -367,7 +370,14 @@ impl Serve {
             log: None,
             file_size_limit_kib: None,
             open_files: None,
+            sled_only: false,
         }
+    }
+
+    /// On sled whatever `TOLLGATE_TEST_STORE` says.
+    pub fn sled_only(mut self) -> Self {
+        self.sled_only = true;
+        self
     }
 
     /// Start it under `ulimit -f` (RLIMIT_FSIZE) with SIGXFSZ ignored: a write that would grow
@@ -450,7 +460,7 @@ impl Serve {
                 command.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, n, n));
             }
         }
-        let store = match self.args.iter().any(|a| a == "--store") {
+        let store = match self.sled_only || self.args.iter().any(|a| a == "--store") {
             true => None,
             false => postgres::test_store_of(&self.data_dir),
         };
