@@ -50,7 +50,7 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the Quota and Admin gRPC services (with health and reflection).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check a policy file offline: print a summary of its tiers and models, or the file, line
     /// and reason it is refused (exit 2).
     CheckPolicy(CheckPolicyArgs),
@@ -329,7 +329,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::CountTokens(args) => count_tokens(args),
         Command::CheckPolicy(args) => check_policy(&args.file),
         Command::Usage(args) => usage::print(args.addr, args.subject, args.group, args.client_ip),
