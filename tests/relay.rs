@@ -1048,3 +1048,114 @@ tokens_per_day = 100000
         .expect("reset_usage");
     assert_eq!(usage(&mut q, "ada").await.used_tokens, 0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. Exactly-once forwarding.
+
+/// A TCP proxy in front of the central service that can hold back every byte the central
+/// service sends (its answers) while still passing the relay's requests: a Reserve arrives
+/// and makes its hold, but its answer is lost to the relay's deadline. Released, the held
+/// bytes flow on (the relay has reset those streams by then, and ignores them).
+struct AnswerHoldingProxy {
+    addr: SocketAddr,
+    holding: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AnswerHoldingProxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let holding = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let held = holding.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                    let _ = server_write.shutdown().await;
+                });
+                let held = held.clone();
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut pending = Vec::new();
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let read = tokio::time::timeout(
+                            Duration::from_millis(10),
+                            server_read.read(&mut buf),
+                        )
+                        .await;
+                        match read {
+                            Ok(Ok(0)) | Ok(Err(_)) => break,
+                            Ok(Ok(n)) => pending.extend_from_slice(&buf[..n]),
+                            Err(_) => {}
+                        }
+                        if !held.load(std::sync::atomic::Ordering::SeqCst) && !pending.is_empty() {
+                            if client_write.write_all(&pending).await.is_err() {
+                                break;
+                            }
+                            pending.clear();
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, holding }
+    }
+
+    fn hold(&self, on: bool) {
+        self.holding.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A Reserve whose answer is lost (the relay's deadline passes after the central service made
+/// the hold) is answered by the fail mode; once the central service's answers flow again, the
+/// relay asks again with the same idempotency key and refunds the hold: nothing stays held for
+/// a call that never happened (before, it stayed held until it expired, and was then charged
+/// in full).
+#[tokio::test]
+async fn a_reserve_whose_answer_was_lost_is_refunded_once_the_upstream_answers() {
+    let central = TestServer::start(CLOSED).await;
+    let proxy = AnswerHoldingProxy::start(central.addr).await;
+    let relay = TestRelay::start(
+        &format!("http://{}", proxy.addr),
+        CLOSED,
+        Duration::from_millis(300),
+        central.clock.clone(),
+    )
+    .await;
+    let mut q = relay.quota().await;
+    let mut direct = central.quota().await;
+    // The connection is up and the subject's tier known.
+    let warm = rsv(&mut q, reserve("lou", 1, 0)).await;
+    assert_allowed(&warm, 1);
+    commit(&mut q, &warm.reservation_id, 1, 0).await;
+
+    proxy.hold(true);
+    let r = rsv(&mut q, reserve("lou", 1000, 0)).await;
+    assert_failed_closed(&r, "closed_default");
+    // The central service did make the hold: the lost answer is real.
+    let u = usage(&mut direct, "lou").await;
+    assert_eq!((u.held_tokens, u.open_holds), (1000, 1), "{u:?}");
+
+    proxy.hold(false);
+    let mut waited = 0;
+    loop {
+        let u = usage(&mut direct, "lou").await;
+        if (u.held_tokens, u.open_holds) == (0, 0) {
+            assert_eq!(u.used_tokens, 1, "only the warm-up was charged: {u:?}");
+            break;
+        }
+        waited += 1;
+        assert!(
+            waited < 200,
+            "the lost Reserve's hold is still there after 10 s: {u:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -15,9 +15,11 @@
 //! app retries them; they are idempotent).
 
 mod local;
+mod orphans;
 mod service;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,6 +51,12 @@ pub struct Relay {
     policy: PolicyCell,
     tiers: Mutex<HashMap<String, String>>,
     local: Mutex<LocalHolds>,
+    /// Reserves given up on, to settle once the upstream answers (`orphans.rs`).
+    orphans: Mutex<orphans::Orphans>,
+    /// Whether a task is settling them.
+    replaying: AtomicBool,
+    /// The deadline of one upstream call; also how long a Reserve keeps retrying.
+    timeout: Duration,
     clock: Arc<dyn Clock>,
 }
 
@@ -105,6 +113,9 @@ impl Relay {
             policy: PolicyCell::new(policy),
             tiers: Mutex::new(HashMap::new()),
             local: Mutex::new(LocalHolds::default()),
+            orphans: Mutex::new(orphans::Orphans::default()),
+            replaying: AtomicBool::new(false),
+            timeout,
             clock,
         })
     }
@@ -156,6 +167,17 @@ impl Relay {
         self.local
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn orphans(&self) -> std::sync::MutexGuard<'_, orphans::Orphans> {
+        self.orphans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reserves given up on and not yet settled upstream.
+    pub fn orphans_waiting(&self) -> usize {
+        self.orphans().len()
     }
 
     fn now_us(&self) -> u64 {

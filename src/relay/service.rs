@@ -19,6 +19,9 @@ use crate::{policy, proto};
 /// moment (a restart of the central service takes seconds).
 const UPSTREAM_RETRY_US: u64 = MICROS_PER_SECOND;
 
+/// The first pause before a Reserve is sent again to an unreachable upstream; doubled each time.
+const RETRY_FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The `denied_by` (fail closed) and `shadow_denied_by` (fail open) of a Reserve answered
 /// without the upstream.
 pub const UPSTREAM_UNAVAILABLE: &str = "upstream_unavailable";
@@ -55,12 +58,18 @@ impl RelayQuota {
             .prompts
             .reserve_input(call, || Ok(policy.clone()))
             .await?;
+        // Every forwarded Reserve has a key, so that a retry, and the settling of one given up
+        // on (`orphans.rs`), find the hold the first attempt made instead of making another.
+        let key = input
+            .idempotency_key
+            .clone()
+            .unwrap_or_else(|| format!("relay-{}", uuid::Uuid::now_v7()));
         let forwarded = proto::ReserveRequest {
             subject: input.subject.clone(),
             model: input.model.clone(),
             prompt_tokens: Some(input.prompt_tokens),
             max_output_tokens: Some(input.max_output_tokens),
-            idempotency_key: input.idempotency_key.clone().unwrap_or_default(),
+            idempotency_key: key,
             hold: input.hold_us.map(to_duration),
             dry_run: input.dry_run,
             prompt: None,
@@ -76,15 +85,36 @@ impl RelayQuota {
                 })
                 .collect(),
         };
-        match self.client().reserve(forwarded).await {
+        // An unreachable upstream is asked again with the same key (20, 40, 80 ms apart) while
+        // the call has time left within the upstream deadline: a refused or reset connection
+        // (a restart, a failover) is often back within it.
+        let started = std::time::Instant::now();
+        let mut backoff = RETRY_FIRST_BACKOFF;
+        let answer = loop {
+            match self.client().reserve(forwarded.clone()).await {
+                Err(status)
+                    if unreachable(&status) && started.elapsed() + backoff < self.relay.timeout =>
+                {
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                other => break other,
+            }
+        };
+        match answer {
             Ok(answer) => {
                 self.relay
                     .remember_tier(&input.subject, &answer.get_ref().tier);
                 Ok(answer)
             }
-            Err(status) if unreachable(&status) => self
-                .without_upstream(&input, &policy, &status)
-                .map(Response::new),
+            Err(status) if unreachable(&status) => {
+                // The upstream may hold tokens for it: settle that once it answers again.
+                if !input.dry_run {
+                    super::orphans::remember(&self.relay, forwarded);
+                }
+                self.without_upstream(&input, &policy, &status)
+                    .map(Response::new)
+            }
             Err(status) => Err(status),
         }
     }

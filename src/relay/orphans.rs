@@ -1,0 +1,122 @@
+//! Reserves a relay gave up on, settled once the upstream answers again: exactly-once
+//! forwarding.
+//!
+//! Why: a Reserve whose answer never came back (a deadline passed, a connection reset) may
+//! still have made a hold upstream. The caller was answered by the tier's fail mode, so it
+//! will never Commit or Refund that hold, which would then expire and be charged in full for a
+//! call that never happened. Every forwarded Reserve carries an idempotency key (the caller's,
+//! or one the relay makes), so the relay can ask again later with the same key: the upstream
+//! answers with the hold the first attempt made (or makes one, if the first never arrived), and
+//! the relay refunds it. Either way the upstream ends with nothing held for it.
+//!
+//! Bounded: at most [`MAX_ORPHANS`] wait (past that the oldest is dropped, and its hold, if
+//! any, expires upstream as before); each is asked about every [`REPLAY_EVERY`] until the
+//! upstream answers, and dropped once it answers anything but "unreachable".
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{unreachable, Relay};
+use crate::proto::quota_client::QuotaClient;
+use crate::proto::{RefundRequest, ReserveRequest};
+
+/// Most Reserves remembered at once.
+pub const MAX_ORPHANS: usize = 10_000;
+
+/// How often the waiting ones are asked about.
+pub const REPLAY_EVERY: Duration = Duration::from_millis(500);
+
+/// The Reserves waiting, oldest first.
+#[derive(Debug, Default)]
+pub struct Orphans {
+    waiting: VecDeque<ReserveRequest>,
+}
+
+impl Orphans {
+    /// Remember `request`; whether an older one was dropped to make room.
+    pub fn push(&mut self, request: ReserveRequest) -> bool {
+        let dropped = self.waiting.len() >= MAX_ORPHANS;
+        if dropped {
+            self.waiting.pop_front();
+        }
+        self.waiting.push_back(request);
+        dropped
+    }
+
+    /// Take every one waiting.
+    pub fn take(&mut self) -> Vec<ReserveRequest> {
+        self.waiting.drain(..).collect()
+    }
+
+    /// How many wait.
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Whether none waits.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}
+
+/// Remember a Reserve given up on, and make sure a task settles the waiting ones.
+pub fn remember(relay: &Arc<Relay>, request: ReserveRequest) {
+    if relay.orphans().push(request) {
+        tracing::warn!(
+            max = MAX_ORPHANS,
+            "relay: too many Reserves wait for the upstream; the oldest is dropped (its hold, if any, expires upstream)"
+        );
+    }
+    if !relay.replaying.swap(true, Ordering::AcqRel) {
+        tokio::spawn(settle(relay.clone()));
+    }
+}
+
+/// Ask the upstream about each waiting Reserve with its key, and refund what it holds for it,
+/// until none waits.
+async fn settle(relay: Arc<Relay>) {
+    let mut client = QuotaClient::new(relay.channel());
+    loop {
+        tokio::time::sleep(REPLAY_EVERY).await;
+        let batch = relay.orphans().take();
+        let mut still = Vec::new();
+        for request in batch {
+            match client.reserve(request.clone()).await {
+                Ok(answer) => {
+                    let id = answer.into_inner().reservation_id;
+                    if id.is_empty() {
+                        continue; // denied: nothing is held
+                    }
+                    match client
+                        .refund(RefundRequest {
+                            reservation_id: id.clone(),
+                        })
+                        .await
+                    {
+                        Ok(_) => tracing::info!(
+                            subject = %request.subject,
+                            reservation = %id,
+                            "relay: refunded a hold made upstream by a Reserve whose answer was lost"
+                        ),
+                        Err(status) if unreachable(&status) => still.push(request),
+                        // Settled meanwhile (expired, or committed by a caller's retry).
+                        Err(_) => {}
+                    }
+                }
+                Err(status) if unreachable(&status) => still.push(request),
+                Err(_) => {}
+            }
+        }
+        let mut orphans = relay.orphans();
+        for request in still {
+            orphans.push(request);
+        }
+        if orphans.is_empty() {
+            // Stop; a Reserve remembered after this line starts a new task.
+            relay.replaying.store(false, Ordering::Release);
+            return;
+        }
+    }
+}
