@@ -1159,3 +1159,36 @@ async fn a_reserve_whose_answer_was_lost_is_refunded_once_the_upstream_answers()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// An upstream that refuses connections for a moment (a restart, a failover) is asked again,
+/// with the same key, while the call is within the upstream deadline: the caller gets the
+/// central service's own answer, not the fail mode, and one hold is made.
+#[tokio::test]
+async fn a_reserve_is_retried_within_the_deadline_while_the_upstream_restarts() {
+    let central = TestServer::start(CLOSED).await;
+    let (addr, dir, clock) = (central.addr, central.dir.clone(), central.clock.clone());
+    let relay = TestRelay::start(
+        &central.url(),
+        CLOSED,
+        Duration::from_secs(3),
+        clock.clone(),
+    )
+    .await;
+    let mut q = relay.quota().await;
+    assert_allowed(&rsv(&mut q, reserve("rae", 1, 0)).await, 1);
+    central.stop().await;
+    let restart = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        TestServer::start_in_at(CLOSED, dir, clock, addr).await
+    });
+    let r = rsv(&mut q, reserve("rae", 10, 0)).await;
+    assert_allowed(&r, 10);
+    assert!(
+        r.denied_by.is_empty() && r.shadow_denied_by.is_empty(),
+        "{r:?}"
+    );
+    let central = restart.await.expect("restart");
+    let mut direct = central.quota().await;
+    let u = usage(&mut direct, "rae").await;
+    assert_eq!((u.held_tokens, u.open_holds), (11, 2), "{u:?}");
+}
