@@ -175,8 +175,9 @@ struct ServeArgs {
     /// the leader dies; a clean stop hands over at once.
     #[arg(long, env = "TOLLGATE_LEASE_TTL", default_value_t = 5.0, value_parser = lease_seconds)]
     lease_ttl: f64,
-    /// With --store: the address other replicas and operators reach this one at, recorded with
-    /// the lease (default: the --listen address).
+    /// With --store: the address other replicas reach this one at (followers relay every call
+    /// to the leader's), recorded with the lease. Default: the address bound, which is right on
+    /// one machine; with --listen 0.0.0.0:PORT give the pod's IP and port.
     #[arg(long, env = "TOLLGATE_ADVERTISE")]
     advertise: Option<String>,
     /// This replica's name, e.g. the pod's (`tollgate-central-0`). On sled, a name ending in
@@ -247,6 +248,154 @@ struct ServeArgs {
 /// The exit status after a fail-stop (a failed write or sync, a panic under the engine lock):
 /// distinct from 1 (could not start) so that an operator can tell the two apart.
 const FAIL_STOP_EXIT: u8 = 3;
+
+/// Print the bound address on stdout (for scripts and tests that start on port 0), once.
+fn announce(addr: SocketAddr, announced: &mut bool) {
+    if !*announced {
+        println!("tollgate listening on {addr}");
+        *announced = true;
+    }
+}
+
+/// Completes once SIGTERM or SIGINT has come.
+async fn signalled(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// With --store, while another replica leads: follow it. Every call on --listen is relayed to
+/// the leader's advertised address (relay mode, with its fail modes), until the leader's lease
+/// runs out or changes hands; then this replica tries to take it. `Ok(true)`: this replica now
+/// leads (and keeps the lease renewed, tripping `failed` if it loses it); `Ok(false)`: a
+/// shutdown signal came while following.
+///
+/// Why relay rather than wait unseen: a follower answers health and calls like any replica, so
+/// a Service can send traffic to every ready pod and a rolling update is never stuck on
+/// replicas that cannot lead. Each phase serves a duplicate of the one `socket`.
+#[allow(clippy::too_many_arguments)]
+async fn follow(
+    store: &Arc<PostgresStore>,
+    lease: &LeaseConfig,
+    failed: &tollgate::failstop::FailStop,
+    args: &ServeArgs,
+    policy: &Arc<Policy>,
+    socket: &std::net::TcpListener,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    announced: &mut bool,
+) -> Result<bool, ExitCode> {
+    let poll = PostgresStore::poll_every(lease);
+    loop {
+        if *shutdown.borrow() {
+            return Ok(false);
+        }
+        let (s, l, f) = (store.clone(), lease.clone(), failed.clone());
+        let taken = tokio::task::spawn_blocking(move || s.try_lead(&l, &f))
+            .await
+            .map_err(|e| StoreError::Failed(e.to_string()))
+            .and_then(|r| r);
+        match taken {
+            Ok(Some(epoch)) => {
+                tracing::info!(epoch, "took the lease");
+                return Ok(true);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("tollgate: cannot read the lease: {e}");
+                return Err(ExitCode::FAILURE);
+            }
+        }
+        let s = store.clone();
+        let leader = match tokio::task::spawn_blocking(move || s.leader()).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                eprintln!("tollgate: cannot read the lease: {e}");
+                return Err(ExitCode::FAILURE);
+            }
+            Err(e) => {
+                eprintln!("tollgate: cannot read the lease: {e}");
+                return Err(ExitCode::FAILURE);
+            }
+        };
+        if leader.expired {
+            continue; // taken by someone else since, or free: look again at once
+        }
+        let upstream = if leader.address.contains("://") {
+            leader.address.clone()
+        } else {
+            format!("http://{}", leader.address)
+        };
+        let relay = match Relay::new(
+            &upstream,
+            policy.clone(),
+            Duration::from_secs_f64(args.upstream_timeout),
+            Arc::new(SystemClock),
+        ) {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                eprintln!("tollgate: the leader's advertised address: {e}");
+                return Err(ExitCode::FAILURE);
+            }
+        };
+        let listening = socket.try_clone().and_then(|s| {
+            let addr = s.local_addr()?;
+            Ok((tokio::net::TcpListener::from_std(s)?, addr))
+        });
+        let (listener, addr) = match listening {
+            Ok(bound) => bound,
+            Err(e) => {
+                eprintln!("tollgate: cannot listen on {}: {e}", args.listen);
+                return Err(ExitCode::FAILURE);
+            }
+        };
+        announce(addr, announced);
+        tracing::info!(
+            leader = %leader.holder,
+            address = %leader.address,
+            epoch = leader.epoch,
+            %addr,
+            "following: relaying every call to the leader until its lease runs out"
+        );
+        let epoch = leader.epoch;
+        let watched = store.clone();
+        let signal = signalled(shutdown.clone());
+        let until = async move {
+            let lease_moved = async {
+                loop {
+                    tokio::time::sleep(poll).await;
+                    let s = watched.clone();
+                    if let Ok(Ok(l)) = tokio::task::spawn_blocking(move || s.leader()).await {
+                        if l.expired || l.epoch != epoch {
+                            return;
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                () = signal => {}
+                () = lease_moved => {}
+            }
+        };
+        let options = ServeOptions {
+            admin_token: None,
+            max_prompt_bytes: args.max_prompt_bytes,
+            shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
+            transport: TransportOptions {
+                max_connections: args
+                    .max_connections
+                    .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+                request_arrival_timeout: Duration::from_secs_f64(args.request_arrival_timeout),
+                idle_timeout: Duration::from_secs_f64(args.idle_timeout),
+                max_request_bytes_in_flight: args.max_request_bytes_in_flight,
+            },
+        };
+        if let Err(e) =
+            tollgate::server::serve_backend(Backend::Relay(relay), listener, None, options, until)
+                .await
+        {
+            eprintln!("tollgate: following: {e}");
+            return Err(ExitCode::FAILURE);
+        }
+    }
+}
 
 /// The ledger over `store`, loaded and checked, with the server's clock, tripping `failed`.
 fn open_ledger(
@@ -451,6 +600,20 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let code = runtime.block_on(async move {
+        // SIGTERM and SIGINT, registered now, seen by every phase (following, then leading).
+        let mut shutdown = {
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            let signal = shutdown_signal();
+            tokio::spawn(async move {
+                signal.await;
+                let _ = tx.send(true);
+            });
+            rx
+        };
+        // Whether the address has been printed (once, by the first phase that listens).
+        let mut announced = false;
+        // The socket bound by an earlier phase (following), if any.
+        let mut bound: Option<std::net::TcpListener> = None;
         if let Some(addr) = args.metrics_listen {
             if let Err(e) = tollgate::telemetry::install(addr) {
                 eprintln!("tollgate: cannot serve metrics on {addr}: {e}");
@@ -495,33 +658,68 @@ fn serve(args: ServeArgs) -> ExitCode {
                 let opened = match args.store.clone() {
                     // The PostgreSQL client blocks: connect and load on a blocking thread.
                     Some(url) => {
-                        let lease = LeaseConfig::new(
-                            args.advertise.clone().unwrap_or_else(|| args.listen.to_string()),
-                            Duration::from_secs_f64(args.lease_ttl),
-                        );
-                        tokio::task::spawn_blocking(move || {
-                            let store = PostgresStore::connect(&url, recovery)?;
-                            let failed = tollgate::failstop::FailStop::new();
-                            let mut told = None;
-                            let epoch = store.lead(lease, failed.clone(), |leader| {
-                                // Once per leader, not once per poll.
-                                if told.as_ref() != Some(&leader.epoch) {
-                                    tracing::info!(
-                                        leader = %leader.holder,
-                                        address = %leader.address,
-                                        epoch = leader.epoch,
-                                        "standby: another replica leads; taking over when its lease runs out"
-                                    );
-                                    told = Some(leader.epoch);
-                                }
-                            })?;
-                            tracing::info!(epoch, store = %store.location(), "leading: loading the ledger");
-                            open_ledger(Arc::new(store), policy, durability, failed)
+                        let failed = tollgate::failstop::FailStop::new();
+                        let store = match tokio::task::spawn_blocking(move || {
+                            PostgresStore::connect(&url, recovery).map(Arc::new)
                         })
+                        .await
+                        {
+                            Ok(Ok(store)) => store,
+                            Ok(Err(e)) => {
+                                eprintln!("tollgate: cannot open the store: {e}");
+                                return ExitCode::FAILURE;
+                            }
+                            Err(e) => {
+                                eprintln!("tollgate: cannot open the store: {e}");
+                                return ExitCode::FAILURE;
+                            }
+                        };
+                        // One socket for every phase: bound now, handed to each in turn, so the
+                        // address stays the same and connections wait in its backlog between.
+                        let socket = match tollgate::server::bind(args.listen)
+                            .await
+                            .and_then(|(l, _)| l.into_std())
+                        {
+                            Ok(socket) => socket,
+                            Err(e) => {
+                                eprintln!("tollgate: cannot listen on {}: {e}", args.listen);
+                                return ExitCode::FAILURE;
+                            }
+                        };
+                        // Where the others reach this replica: --advertise, else the address
+                        // bound (with --listen 0.0.0.0:..., give --advertise: the pod's IP).
+                        let advertise = match (&args.advertise, socket.local_addr()) {
+                            (Some(a), _) => a.clone(),
+                            (None, Ok(addr)) => addr.to_string(),
+                            (None, Err(_)) => args.listen.to_string(),
+                        };
+                        let lease =
+                            LeaseConfig::new(advertise, Duration::from_secs_f64(args.lease_ttl));
+                        let following = follow(
+                            &store,
+                            &lease,
+                            &failed,
+                            &args,
+                            &policy,
+                            &socket,
+                            &mut shutdown,
+                            &mut announced,
+                        )
+                        .await;
+                        bound = Some(socket);
+                        match following {
+                            Ok(true) => {}
+                            Ok(false) => return ExitCode::SUCCESS,
+                            Err(code) => return code,
+                        }
+                        tracing::info!(store = %store.location(), "leading: loading the ledger");
+                        tokio::task::spawn_blocking(move || {
+                            open_ledger(store, policy, durability, failed)
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(StoreError::Failed(format!("opening the store: {e}"))))
+                        .map_err(|e| ("the store".to_string(), e))
                     }
-                    .await
-                    .unwrap_or_else(|e| Err(StoreError::Failed(format!("opening the store: {e}"))))
-                    .map_err(|e| ("the store".to_string(), e)),
                     None => SledStore::open(&args.data_dir, recovery)
                         .and_then(|store| {
                             let failed = tollgate::failstop::FailStop::new();
@@ -545,7 +743,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         let reloader = args.policy.clone().map(|path| {
             tollgate::server::reload::spawn_reloader(Arc::new(backend.clone()), path)
         });
-        let (listener, addr) = match tollgate::server::bind(args.listen).await {
+        let listening = match bound.take() {
+            Some(socket) => socket
+                .local_addr()
+                .and_then(|addr| Ok((tokio::net::TcpListener::from_std(socket)?, addr))),
+            None => tollgate::server::bind(args.listen).await,
+        };
+        let (listener, addr) = match listening {
             Ok(bound) => bound,
             Err(e) => {
                 eprintln!("tollgate: cannot listen on {}: {e}", args.listen);
@@ -565,9 +769,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             },
             None => None,
         };
-        let shutdown = shutdown_signal();
-        // The bound address on stdout, for scripts and tests that start on port 0.
-        println!("tollgate listening on {addr}");
+        announce(addr, &mut announced);
         match &backend {
             Backend::Ledger(_) => {
                 tracing::info!(%addr, durability = ?args.durability, "serving")
@@ -592,7 +794,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             listener,
             health_listener,
             options,
-            shutdown,
+            signalled(shutdown.clone()),
         )
         .await;
         if let Some(r) = reloader {

@@ -1,7 +1,7 @@
 //! The PostgreSQL store through the real binary and a real PostgreSQL server (started by the
 //! tests: `common/postgres.rs`): acknowledged holds survive `kill -9`, rows changed behind
-//! tollgate's back are refused at start, one replica leads while another waits and takes over
-//! with everything, a deposed leader is fenced, and an export moves a ledger from PostgreSQL to
+//! tollgate's back are refused at start, one replica leads while another follows (relaying to
+//! it) and takes over with everything, a deposed leader is fenced, and an export moves a ledger from PostgreSQL to
 //! sled and back.
 
 mod common;
@@ -48,6 +48,19 @@ async fn figures(q: &mut Quota, subject: &str) -> (u64, u64, u32) {
     (u.used_tokens, u.held_tokens, u.open_holds)
 }
 
+/// Start `serve` and wait until it leads (after a `kill -9`, a new server first follows the
+/// dead one until its lease runs out).
+async fn leading(serve: Serve, url: &str) -> Process {
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || {
+        let p = serve.start();
+        common::postgres::wait_until_leading(&url, &p.addr.to_string());
+        p
+    })
+    .await
+    .unwrap()
+}
+
 fn tollgate(args: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
     cmd.args(args);
@@ -71,7 +84,7 @@ async fn acknowledged_holds_and_commits_survive_kill_9() {
     assert_eq!(before, (150, 700, 1));
     p.kill9();
 
-    let p = Serve::new(&data).args(&args).start();
+    let p = leading(Serve::new(&data).args(&args), &url).await;
     let mut q = p.quota().await;
     assert_eq!(figures(&mut q, "alice").await, before);
     // The open hold is still there to commit; the committed one answers as committed again.
@@ -126,7 +139,7 @@ async fn rows_removed_behind_its_back_are_refused_at_start() {
     let mut accepting = args.clone();
     accepting.push("--accept-data-loss".into());
     let log = dir.path().join("accepted.log");
-    let p = Serve::new(&data).args(&accepting).log_to(&log).start();
+    let p = leading(Serve::new(&data).args(&accepting).log_to(&log), &url).await;
     let mut q = p.quota().await;
     let held: u64 = figures(&mut q, "alice").await.1 + figures(&mut q, "bob").await.1;
     assert_eq!(held, 300, "what is left: the hold whose row remains");
@@ -134,58 +147,53 @@ async fn rows_removed_behind_its_back_are_refused_at_start() {
         .unwrap()
         .contains("DATA LOSS ACCEPTED"));
     p.kill9();
-    let p = Serve::new(&data).args(&args).start();
+    let p = leading(Serve::new(&data).args(&args), &url).await;
     let mut q = p.quota().await;
     hold(&mut q, "carol", 1, 1).await;
 }
 
-/// Replicas on one database: the first leads; the second waits as a standby (it does not even
-/// listen); `kill -9` of the leader; the standby takes over once the lease runs out, with
-/// every hold the leader acknowledged.
+/// Replicas on one database: the first leads; the second follows, relaying every call to the
+/// leader (so both serve the one ledger); `kill -9` of the leader; the follower takes the lease
+/// once it runs out, loads, and serves every hold the leader acknowledged, on the same address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_takes_over_when_the_leader_dies_with_every_acknowledged_hold() {
+async fn a_follower_relays_to_the_leader_and_takes_over_when_it_dies() {
     let dir = tempfile::tempdir().unwrap();
     let policy = write_file(dir.path(), "policy.toml", POLICY);
     let url = server().database();
     let args = serve_args(&url, &policy);
     let leader = Serve::new(&dir.path().join("a")).args(&args).start();
-    let log = dir.path().join("standby.log");
-    let standby = {
-        let serve = Serve::new(&dir.path().join("b"))
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .log_to(&log);
-        std::thread::spawn(move || serve.start())
-    };
-    // The standby says so, and waits.
-    let mut waited = 0;
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("standby")
-    {
-        waited += 1;
-        assert!(
-            waited < 1000,
-            "no standby line: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let mut q = leader.quota().await;
-    let open = hold(&mut q, "alice", 1000, 2000).await;
-    let done = hold(&mut q, "alice", 100, 100).await;
-    commit(&mut q, &done, 100, 50).await;
+    let log = dir.path().join("follower.log");
+    let follower = Serve::new(&dir.path().join("b"))
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .log_to(&log)
+        .start();
+    let mut qa = leader.quota().await;
+    let mut qb = follower.quota().await;
+    // Calls to either replica reach the one ledger.
+    let open = hold(&mut qb, "alice", 1000, 2000).await;
+    let done = hold(&mut qa, "alice", 100, 100).await;
+    commit(&mut qb, &done, 100, 50).await;
+    assert_eq!(figures(&mut qa, "alice").await, (150, 3000, 1));
+    assert_eq!(figures(&mut qb, "alice").await, (150, 3000, 1));
+    let text = std::fs::read_to_string(&log).unwrap();
     assert!(
-        !standby.is_finished(),
-        "the standby served while the leader held the lease"
+        text.contains("following: relaying every call to the leader"),
+        "{text}"
     );
     leader.kill9();
 
-    let standby = standby.join().expect("the standby takes over");
-    let mut q = standby.quota().await;
-    assert_eq!(figures(&mut q, "alice").await, (150, 3000, 1));
-    commit(&mut q, &open, 1000, 500).await;
-    assert_eq!(figures(&mut q, "alice").await, (1650, 0, 0));
+    let address = follower.addr.to_string();
+    let waiting_url = url.clone();
+    tokio::task::spawn_blocking(move || {
+        common::postgres::wait_until_leading(&waiting_url, &address)
+    })
+    .await
+    .unwrap();
+    let mut qb = follower.quota().await;
+    assert_eq!(figures(&mut qb, "alice").await, (150, 3000, 1));
+    commit(&mut qb, &open, 1000, 500).await;
+    assert_eq!(figures(&mut qb, "alice").await, (1650, 0, 0));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("leading: loading the ledger"), "{text}");
 }
@@ -285,11 +293,11 @@ fn a_deposed_leader_cannot_write() {
     drop(a_failed);
 }
 
-/// A leader paused (SIGSTOP) past its lease: the standby takes over and serves; the old leader,
-/// resumed, stops (exit 3, naming the lease) instead of deciding from a ledger that is no
-/// longer the database's.
+/// A leader paused (SIGSTOP) past its lease: the follower takes over and serves; the old
+/// leader, resumed, stops (exit 3, naming the lease) instead of deciding from a ledger that is
+/// no longer the database's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_leader_stops_when_it_resumes_and_the_standby_serves() {
+async fn a_paused_leader_stops_when_it_resumes_and_the_follower_serves() {
     let dir = tempfile::tempdir().unwrap();
     let policy = write_file(dir.path(), "policy.toml", POLICY);
     let url = server().database();
@@ -301,15 +309,16 @@ async fn a_paused_leader_stops_when_it_resumes_and_the_standby_serves() {
         .start();
     let mut q = leader.quota().await;
     hold(&mut q, "alice", 4000, 0).await;
-    let standby = {
-        let serve = Serve::new(&dir.path().join("b")).args(&args);
-        std::thread::spawn(move || serve.start())
-    };
+    let follower = Serve::new(&dir.path().join("b")).args(&args).start();
     leader.signal("STOP");
-    let standby = tokio::task::spawn_blocking(move || standby.join().expect("takes over"))
-        .await
-        .unwrap();
-    let mut q2 = standby.quota().await;
+    let address = follower.addr.to_string();
+    let waiting_url = url.clone();
+    tokio::task::spawn_blocking(move || {
+        common::postgres::wait_until_leading(&waiting_url, &address)
+    })
+    .await
+    .unwrap();
+    let mut q2 = follower.quota().await;
     hold(&mut q2, "alice", 6000, 0).await;
     leader.signal("CONT");
     let exit = leader

@@ -488,11 +488,20 @@ impl Serve {
         let mut line = String::new();
         let _ = BufReader::new(stdout).read_line(&mut line);
         match line.trim().strip_prefix("tollgate listening on ") {
-            Some(a) => Ok(Process {
-                child,
-                addr: a.parse().expect("an address"),
-                log: self.log.clone(),
-            }),
+            Some(a) => {
+                let addr: SocketAddr = a.parse().expect("an address");
+                // On PostgreSQL a restarted server first follows (relaying to the leader it
+                // replaces) until that one's lease runs out: the tests want the ledger, so
+                // wait until this server holds the lease.
+                if let Some(url) = &store {
+                    postgres::wait_until_leading(url, &addr.to_string());
+                }
+                Ok(Process {
+                    child,
+                    addr,
+                    log: self.log.clone(),
+                })
+            }
             None => {
                 let _ = child.kill();
                 let status = child.wait();

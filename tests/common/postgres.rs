@@ -39,6 +39,21 @@ pub fn test_store_of(dir: &Path) -> Option<String> {
     Some(url)
 }
 
+/// Wait (at most 60 s) until the server advertising `address` holds the lease of the database
+/// at `url`.
+pub fn wait_until_leading(url: &str, address: &str) {
+    let name = PgServer::name_of(url);
+    let sql = "SELECT address FROM tollgate_lease WHERE expires_at > now()";
+    let start = std::time::Instant::now();
+    while server().psql(name, sql) != address {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "{address} did not take the lease of {name} within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The server of this test binary.
 pub struct PgServer {
     dir: PathBuf,

@@ -146,28 +146,60 @@ impl PostgresStore {
     }
 
     /// Wait until this server holds the lease (calling `standby` with the lease as it is, each
-    /// time it is found held by another), then keep it renewed on a thread of its own, which
-    /// trips `failed` if the lease is lost or not renewed in time. Blocking. Call before
-    /// [`Store::load`]: what is loaded after taking the lease includes every batch any earlier
-    /// leader wrote.
+    /// time it is found held by another), then keep it renewed; see [`PostgresStore::try_lead`].
+    /// Blocking.
     pub fn lead(
         &self,
         config: LeaseConfig,
         failed: crate::failstop::FailStop,
         mut standby: impl FnMut(&Leader),
     ) -> Result<i64, StoreError> {
-        let mut inner = self.inner()?;
-        let (epoch, taken) = loop {
-            let sent = std::time::Instant::now();
-            if let Some(epoch) = lease::try_acquire(&mut *inner.client, &config)? {
-                break (epoch, sent);
+        loop {
+            if let Some(epoch) = self.try_lead(&config, &failed)? {
+                return Ok(epoch);
             }
-            standby(&lease::current(&mut *inner.client)?);
-            std::thread::sleep(config.renew_every().min(std::time::Duration::from_secs(1)));
+            standby(&self.leader()?);
+            std::thread::sleep(Self::poll_every(&config));
+        }
+    }
+
+    /// How often a replica that does not lead looks at the lease: every third of the TTL, at
+    /// most every second.
+    pub fn poll_every(config: &LeaseConfig) -> std::time::Duration {
+        config.renew_every().min(std::time::Duration::from_secs(1))
+    }
+
+    /// Take the lease if it has run out, and then keep it renewed on a thread of its own, which
+    /// trips `failed` if the lease is lost or not renewed in time: the epoch, or none if
+    /// another holds it. Blocking. Call before [`Store::load`]: what is loaded after taking the
+    /// lease includes every batch any earlier leader wrote.
+    pub fn try_lead(
+        &self,
+        config: &LeaseConfig,
+        failed: &crate::failstop::FailStop,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut inner = self.inner()?;
+        if let Some(leading) = &inner.lease {
+            return Ok(Some(leading.epoch));
+        }
+        let sent = std::time::Instant::now();
+        let Some(epoch) = lease::try_acquire(&mut *inner.client, config)? else {
+            return Ok(None);
         };
-        let renewal = renewal::Renewal::start(self.config.clone(), config, epoch, taken, failed);
+        let renewal = renewal::Renewal::start(
+            self.config.clone(),
+            config.clone(),
+            epoch,
+            sent,
+            failed.clone(),
+        );
         inner.lease = Some(Leading { epoch, renewal });
-        Ok(epoch)
+        Ok(Some(epoch))
+    }
+
+    /// The lease as the database holds it now. Blocking.
+    pub fn leader(&self) -> Result<Leader, StoreError> {
+        lease::current(&mut *self.inner()?.client)
     }
 
     /// The last batch written (0 before any).
