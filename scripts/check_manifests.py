@@ -188,6 +188,20 @@ def main():
                 # A relay keeps no ledger.
                 if "--data-dir" in flags or any(m["mountPath"] == "/var/lib/tollgate" for m in c.get("volumeMounts", [])):
                     problem(cwhere, "a relay (--upstream) is given a data directory")
+            elif "--store" in flags or any(e["name"] == "TOLLGATE_STORE" for e in c.get("env", [])):
+                # A ledger in PostgreSQL: no data directory, the URL (it holds a password) from a
+                # Secret, strict durability, and an address the other replicas can reach.
+                if "--store" in flags:
+                    problem(cwhere, "--store given as an argument: the URL holds a password, take it from a Secret (TOLLGATE_STORE)")
+                for e in c.get("env", []):
+                    if e["name"] == "TOLLGATE_STORE" and "secretKeyRef" not in (e.get("valueFrom") or {}):
+                        problem(cwhere, "TOLLGATE_STORE is not read from a Secret")
+                if "--data-dir" in flags:
+                    problem(cwhere, "a ledger in PostgreSQL is given a data directory")
+                if flags.get("--durability") != "strict":
+                    problem(cwhere, "the ledger does not run with --durability strict")
+                if "--advertise" not in flags:
+                    problem(cwhere, "no --advertise: followers could not reach this replica when it leads")
             else:
                 data = flags.get("--data-dir")
                 if data is None or not any(m["mountPath"] == data for m in c.get("volumeMounts", [])):
