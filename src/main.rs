@@ -329,7 +329,7 @@ async fn follow(
             Duration::from_secs_f64(args.upstream_timeout),
             Arc::new(SystemClock),
         ) {
-            Ok(r) => Arc::new(r),
+            Ok(r) => Arc::new(r.as_follower()),
             Err(e) => {
                 eprintln!("tollgate: the leader's advertised address: {e}");
                 return Err(ExitCode::FAILURE);

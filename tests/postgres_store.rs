@@ -420,3 +420,75 @@ fn a_store_that_is_not_a_postgres_url_is_refused_without_echoing_it() {
     assert!(err.contains("postgres://"), "{err}");
     assert!(!err.contains("hunter2"), "the password was echoed: {err}");
 }
+
+/// The health of `service` at `addr` (an empty service: the server as a whole).
+async fn health(addr: std::net::SocketAddr, service: &str) -> i32 {
+    use tonic_health::pb::health_client::HealthClient;
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+        return -1;
+    };
+    let Ok(channel) = endpoint
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+    else {
+        return -1;
+    };
+    let mut client = HealthClient::new(channel);
+    client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map_or(-1, |r| r.into_inner().status)
+}
+
+/// A follower is ready (its Quota service SERVING) only while its leader is: a paused leader
+/// turns it NOT_SERVING, a resumed one SERVING again; the follower stays alive ("" SERVING)
+/// throughout. A lease far longer than the pause, so nobody takes over meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_readiness_follows_its_leader() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_file(dir.path(), "policy.toml", POLICY);
+    let url = server().database();
+    let args = [
+        "--store",
+        url.as_str(),
+        "--policy",
+        policy.to_str().unwrap(),
+        "--lease-ttl",
+        "60",
+        "--upstream-timeout",
+        "0.5",
+    ];
+    let leader = Serve::new(&dir.path().join("a")).args(args).start();
+    let follower = Serve::new(&dir.path().join("b")).args(args).start();
+    let serving = ServingStatus::Serving as i32;
+    let not_serving = ServingStatus::NotServing as i32;
+    let until = |want: i32, what: &'static str| {
+        let addr = follower.addr;
+        async move {
+            let mut waited = 0;
+            while health(addr, "tollgate.v1.Quota").await != want {
+                waited += 1;
+                assert!(
+                    waited < 300,
+                    "the follower's Quota health never became {what}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    until(serving, "SERVING").await;
+    leader.signal("STOP");
+    until(not_serving, "NOT_SERVING with its leader paused").await;
+    assert_eq!(
+        health(follower.addr, "").await,
+        serving,
+        "the follower stays alive"
+    );
+    leader.signal("CONT");
+    until(serving, "SERVING again with its leader back").await;
+}

@@ -57,6 +57,8 @@ pub struct Relay {
     replaying: AtomicBool,
     /// The deadline of one upstream call; also how long a Reserve keeps retrying.
     timeout: Duration,
+    /// A follower replica's relay (to its leader): ready only while the upstream is.
+    follower: bool,
     clock: Arc<dyn Clock>,
 }
 
@@ -116,8 +118,35 @@ impl Relay {
             orphans: Mutex::new(orphans::Orphans::default()),
             replaying: AtomicBool::new(false),
             timeout,
+            follower: false,
             clock,
         })
+    }
+
+    /// This relay is a follower replica's, to its leader: its Quota and Admin services say
+    /// SERVING only while the leader's do (a sidecar relay stays SERVING through an outage, so
+    /// that its fail modes answer and the app's pod stays ready).
+    pub fn as_follower(mut self) -> Self {
+        self.follower = true;
+        self
+    }
+
+    /// Whether this is a follower replica's relay.
+    pub fn is_follower(&self) -> bool {
+        self.follower
+    }
+
+    /// Whether the upstream's Quota service answers health SERVING within the deadline.
+    pub async fn upstream_serving(&self) -> bool {
+        let mut client = tonic_health::pb::health_client::HealthClient::new(self.channel());
+        let ask = client.check(tonic_health::pb::HealthCheckRequest {
+            service: "tollgate.v1.Quota".into(),
+        });
+        matches!(
+            tokio::time::timeout(self.timeout, ask).await,
+            Ok(Ok(answer)) if answer.get_ref().status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        )
     }
 
     /// The policy in force here (for counting and fail modes).

@@ -93,6 +93,9 @@ pub enum ServeError {
 /// The gRPC service names whose health is reported (besides "", the whole server).
 const SERVICES: [&str; 2] = ["tollgate.v1.Quota", "tollgate.v1.Admin"];
 
+/// How often a follower asks whether its leader serves.
+const LEADER_CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// Serve the ledger on `listener` until `shutdown` completes (see [`serve_backend`]).
 pub async fn serve(
     ledger: Arc<Ledger>,
@@ -235,6 +238,39 @@ pub async fn serve_backend(
         tracing::info!("shutting down: refusing new calls, finishing in-flight ones");
         let _ = began_tx.send(true);
     };
+    // A follower's relay is ready only while its leader is: checked every second, off once
+    // shutdown begins (which sets NOT_SERVING itself). "" (alive) stays SERVING.
+    let leader_watch = match &backend {
+        Backend::Relay(relay) if relay.is_follower() => {
+            let (relay, health, began) = (relay.clone(), health.clone(), began_rx.clone());
+            Some(tokio::spawn(async move {
+                let mut serving = true;
+                loop {
+                    tokio::time::sleep(LEADER_CHECK_EVERY).await;
+                    let now = relay.upstream_serving().await;
+                    if *began.borrow() {
+                        return;
+                    }
+                    if now != serving {
+                        serving = now;
+                        let status = if now {
+                            tonic_health::ServingStatus::Serving
+                        } else {
+                            tonic_health::ServingStatus::NotServing
+                        };
+                        for name in SERVICES {
+                            health.set_service_status(name, status).await;
+                        }
+                        tracing::info!(
+                            leader_serving = now,
+                            "following: readiness follows the leader"
+                        );
+                    }
+                }
+            }))
+        }
+        _ => None,
+    };
     let timeout = options.shutdown_timeout;
     let health_server = health_listener.map(|l| {
         let mut began = began_rx.clone();
@@ -256,6 +292,9 @@ pub async fn serve_backend(
         sweeper.abort();
     }
     summaries.abort();
+    if let Some(w) = leader_watch {
+        w.abort();
+    }
     sampled_log::flush_all(true);
     if let Some(h) = health_server {
         h.abort();
