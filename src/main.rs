@@ -249,6 +249,34 @@ struct ServeArgs {
 /// distinct from 1 (could not start) so that an operator can tell the two apart.
 const FAIL_STOP_EXIT: u8 = 3;
 
+/// How the server is configured beyond its backend, from the flags; `admin_token` apart, since
+/// a follower does not check it.
+fn serve_options(args: &ServeArgs, admin_token: Option<String>) -> ServeOptions {
+    ServeOptions {
+        admin_token,
+        max_prompt_bytes: args.max_prompt_bytes,
+        shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
+        transport: TransportOptions {
+            max_connections: args
+                .max_connections
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            request_arrival_timeout: Duration::from_secs_f64(args.request_arrival_timeout),
+            idle_timeout: Duration::from_secs_f64(args.idle_timeout),
+            max_request_bytes_in_flight: args.max_request_bytes_in_flight,
+        },
+    }
+}
+
+/// Run `work` (a blocking PostgreSQL call) on a blocking thread; a thread that panicked is a
+/// store failure like any other.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Failed(format!("a blocking store call: {e}"))))
+}
+
 /// Print the bound address on stdout (for scripts and tests that start on port 0), once.
 fn announce(addr: SocketAddr, announced: &mut bool) {
     if !*announced {
@@ -288,28 +316,18 @@ async fn follow(
             return Ok(false);
         }
         let (s, l, f) = (store.clone(), lease.clone(), failed.clone());
-        let taken = tokio::task::spawn_blocking(move || s.try_lead(&l, &f))
-            .await
-            .map_err(|e| StoreError::Failed(e.to_string()))
-            .and_then(|r| r);
-        match taken {
+        let taken = blocking(move || s.try_lead(&l, &f)).await;
+        let s = store.clone();
+        let leader = match taken {
             Ok(Some(epoch)) => {
                 tracing::info!(epoch, "took the lease");
                 return Ok(true);
             }
-            Ok(None) => {}
-            Err(e) => {
-                eprintln!("tollgate: cannot read the lease: {e}");
-                return Err(ExitCode::FAILURE);
-            }
-        }
-        let s = store.clone();
-        let leader = match tokio::task::spawn_blocking(move || s.leader()).await {
-            Ok(Ok(l)) => l,
-            Ok(Err(e)) => {
-                eprintln!("tollgate: cannot read the lease: {e}");
-                return Err(ExitCode::FAILURE);
-            }
+            Ok(None) => blocking(move || s.leader()).await,
+            Err(e) => Err(e),
+        };
+        let leader = match leader {
+            Ok(leader) => leader,
             Err(e) => {
                 eprintln!("tollgate: cannot read the lease: {e}");
                 return Err(ExitCode::FAILURE);
@@ -362,7 +380,7 @@ async fn follow(
                 loop {
                     tokio::time::sleep(poll).await;
                     let s = watched.clone();
-                    if let Ok(Ok(l)) = tokio::task::spawn_blocking(move || s.leader()).await {
+                    if let Ok(l) = blocking(move || s.leader()).await {
                         if l.expired || l.epoch != epoch {
                             return;
                         }
@@ -374,19 +392,8 @@ async fn follow(
                 () = lease_moved => {}
             }
         };
-        let options = ServeOptions {
-            admin_token: None,
-            max_prompt_bytes: args.max_prompt_bytes,
-            shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
-            transport: TransportOptions {
-                max_connections: args
-                    .max_connections
-                    .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
-                request_arrival_timeout: Duration::from_secs_f64(args.request_arrival_timeout),
-                idle_timeout: Duration::from_secs_f64(args.idle_timeout),
-                max_request_bytes_in_flight: args.max_request_bytes_in_flight,
-            },
-        };
+        // A follower checks no admin token: the leader checks the Admin calls relayed to it.
+        let options = serve_options(args, None);
         if let Err(e) =
             tollgate::server::serve_backend(Backend::Relay(relay), listener, None, options, until)
                 .await
@@ -659,16 +666,10 @@ fn serve(args: ServeArgs) -> ExitCode {
                     // The PostgreSQL client blocks: connect and load on a blocking thread.
                     Some(url) => {
                         let failed = tollgate::failstop::FailStop::new();
-                        let store = match tokio::task::spawn_blocking(move || {
-                            PostgresStore::connect(&url, recovery).map(Arc::new)
-                        })
-                        .await
-                        {
-                            Ok(Ok(store)) => store,
-                            Ok(Err(e)) => {
-                                eprintln!("tollgate: cannot open the store: {e}");
-                                return ExitCode::FAILURE;
-                            }
+                        let connected =
+                            blocking(move || PostgresStore::connect(&url, recovery).map(Arc::new));
+                        let store = match connected.await {
+                            Ok(store) => store,
                             Err(e) => {
                                 eprintln!("tollgate: cannot open the store: {e}");
                                 return ExitCode::FAILURE;
@@ -713,12 +714,9 @@ fn serve(args: ServeArgs) -> ExitCode {
                             Err(code) => return code,
                         }
                         tracing::info!(store = %store.location(), "leading: loading the ledger");
-                        tokio::task::spawn_blocking(move || {
-                            open_ledger(store, policy, durability, failed)
-                        })
-                        .await
-                        .unwrap_or_else(|e| Err(StoreError::Failed(format!("opening the store: {e}"))))
-                        .map_err(|e| ("the store".to_string(), e))
+                        blocking(move || open_ledger(store, policy, durability, failed))
+                            .await
+                            .map_err(|e| ("the store".to_string(), e))
                     }
                     None => SledStore::open(&args.data_dir, recovery)
                         .and_then(|store| {
@@ -776,19 +774,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
             Backend::Relay(r) => tracing::info!(%addr, upstream = %r.upstream(), "relaying"),
         }
-        let options = ServeOptions {
-            admin_token: args.admin_token,
-            max_prompt_bytes: args.max_prompt_bytes,
-            shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
-            transport: TransportOptions {
-                max_connections: args
-                    .max_connections
-                    .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
-                request_arrival_timeout: Duration::from_secs_f64(args.request_arrival_timeout),
-                idle_timeout: Duration::from_secs_f64(args.idle_timeout),
-                max_request_bytes_in_flight: args.max_request_bytes_in_flight,
-            },
-        };
+        let options = serve_options(&args, args.admin_token.clone());
         let result = tollgate::server::serve_backend(
             backend,
             listener,

@@ -51,14 +51,19 @@ async fn figures(q: &mut Quota, subject: &str) -> (u64, u64, u32) {
 /// Start `serve` and wait until it leads (after a `kill -9`, a new server first follows the
 /// dead one until its lease runs out).
 async fn leading(serve: Serve, url: &str) -> Process {
-    let url = url.to_string();
-    tokio::task::spawn_blocking(move || {
-        let p = serve.start();
-        common::postgres::wait_until_leading(&url, &p.addr.to_string());
-        p
-    })
-    .await
-    .unwrap()
+    let p = tokio::task::spawn_blocking(move || serve.start())
+        .await
+        .unwrap();
+    until_leading(url, &p).await;
+    p
+}
+
+/// Wait until the server `p` holds the lease of the database at `url`.
+async fn until_leading(url: &str, p: &Process) {
+    let (url, address) = (url.to_string(), p.addr.to_string());
+    tokio::task::spawn_blocking(move || common::postgres::wait_until_leading(&url, &address))
+        .await
+        .unwrap();
 }
 
 fn tollgate(args: &[&str]) -> std::process::Output {
@@ -183,13 +188,7 @@ async fn a_follower_relays_to_the_leader_and_takes_over_when_it_dies() {
     );
     leader.kill9();
 
-    let address = follower.addr.to_string();
-    let waiting_url = url.clone();
-    tokio::task::spawn_blocking(move || {
-        common::postgres::wait_until_leading(&waiting_url, &address)
-    })
-    .await
-    .unwrap();
+    until_leading(&url, &follower).await;
     let mut qb = follower.quota().await;
     assert_eq!(figures(&mut qb, "alice").await, (150, 3000, 1));
     commit(&mut qb, &open, 1000, 500).await;
@@ -311,13 +310,7 @@ async fn a_paused_leader_stops_when_it_resumes_and_the_follower_serves() {
     hold(&mut q, "alice", 4000, 0).await;
     let follower = Serve::new(&dir.path().join("b")).args(&args).start();
     leader.signal("STOP");
-    let address = follower.addr.to_string();
-    let waiting_url = url.clone();
-    tokio::task::spawn_blocking(move || {
-        common::postgres::wait_until_leading(&waiting_url, &address)
-    })
-    .await
-    .unwrap();
+    until_leading(&url, &follower).await;
     let mut q2 = follower.quota().await;
     hold(&mut q2, "alice", 6000, 0).await;
     leader.signal("CONT");

@@ -204,11 +204,6 @@ impl Relay {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Reserves given up on and not yet settled upstream.
-    pub fn orphans_waiting(&self) -> usize {
-        self.orphans().len()
-    }
-
     fn now_us(&self) -> u64 {
         self.clock.now_micros()
     }

@@ -50,11 +50,6 @@ impl Orphans {
         self.waiting.drain(..).collect()
     }
 
-    /// How many wait.
-    pub fn len(&self) -> usize {
-        self.waiting.len()
-    }
-
     /// Whether none waits.
     pub fn is_empty(&self) -> bool {
         self.waiting.is_empty()

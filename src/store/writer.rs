@@ -251,6 +251,7 @@ impl Round {
     /// tripped, or tripped here), nothing is written and every waiter is told why.
     fn write_and_sync(&mut self, store: &dyn Store, failed: &FailStop) {
         let batch = self.waiting.take();
+        let started = Instant::now();
         let mut result = match failed.reason() {
             Some(reason) => Err(StoreError::Failed(reason.to_string())),
             None if batch.is_empty() => Ok(()),
@@ -260,6 +261,9 @@ impl Round {
         self.slots.clear();
         if result.is_ok() && self.unsynced_since.is_some() {
             result = store.flush();
+            // One group made durable, whatever the backend splits between write and flush
+            // (sled: an append, then the sync; PostgreSQL: the committing statement).
+            crate::telemetry::flush_took(started.elapsed());
         }
         self.unsynced_since = None;
         if let Err(e) = &result {

@@ -201,11 +201,6 @@ impl PostgresStore {
     pub fn leader(&self) -> Result<Leader, StoreError> {
         lease::current(&mut *self.inner()?.client)
     }
-
-    /// The last batch written (0 before any).
-    pub fn batch(&self) -> Result<i64, StoreError> {
-        Ok(self.inner()?.batch)
-    }
 }
 
 /// The lease held: its epoch, and the renewal thread (stopped when the store is dropped).
@@ -351,7 +346,6 @@ impl Store for PostgresStore {
             }
         }
         let inner = &mut *inner;
-        let started = std::time::Instant::now();
         let Some(epoch) = inner.lease.as_ref().map(|l| l.epoch) else {
             return Err(StoreError::Failed(
                 "written without the lease: a server writes only while it leads".into(),
@@ -360,8 +354,6 @@ impl Store for PostgresStore {
         let result = inner
             .client
             .query_opt(&inner.write, &[&keys, &values, &removed, &epoch]);
-        // The statement's commit is this backend's flush (the metric of every backend's).
-        crate::telemetry::flush_took(started.elapsed());
         match result {
             Ok(None) => {
                 let why = format!(

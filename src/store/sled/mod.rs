@@ -284,14 +284,12 @@ impl SledStore {
 
     /// Flush everything written so far to stable storage, then record it in the watermark.
     fn flush_and_mark(&self) -> Result<(), StoreError> {
-        let started = std::time::Instant::now();
         // Read before the flush: the flush covers every batch written before it began.
         let tally = self.state()?.tally;
         self.sync_sled()?;
         if let Some(w) = &mut self.state()?.watermark {
             w.record(tally)?;
         }
-        crate::telemetry::flush_took(started.elapsed());
         Ok(())
     }
 
