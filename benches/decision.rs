@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 
 use tollgate::clock::SystemClock;
 use tollgate::engine::{Bounds, Decision, Engine, ReservationId, ReserveInput, Usage};
-use tollgate::ledger::Ledger;
+use tollgate::ledger::LocalLedger;
 use tollgate::policy::Policy;
 use tollgate::store::Durability;
 
@@ -210,9 +210,9 @@ fn engine(c: &mut Criterion) {
     g.finish();
 }
 
-fn open_ledger(dir: &Path, durability: Durability) -> Arc<Ledger> {
+fn open_ledger(dir: &Path, durability: Durability) -> Arc<LocalLedger> {
     Arc::new(
-        Ledger::open(
+        LocalLedger::open(
             dir,
             policy(POLICY_ALL_LIMITS),
             bounds(),
@@ -223,7 +223,7 @@ fn open_ledger(dir: &Path, durability: Durability) -> Arc<Ledger> {
     )
 }
 
-async fn reserve_commit(ledger: &Ledger, subject: &str) {
+async fn reserve_commit(ledger: &LocalLedger, subject: &str) {
     let now = ledger.now_micros();
     let reserved = ledger.reserve(input(subject, now)).await.unwrap();
     let id = reserved.reservation_id.expect("allowed");
@@ -232,7 +232,7 @@ async fn reserve_commit(ledger: &Ledger, subject: &str) {
 
 /// Untimed, between batches: purge settled records past the bound, and let the writer catch up
 /// (relaxed durability answers before the disk does).
-async fn tidy(ledger: &Ledger) {
+async fn tidy(ledger: &LocalLedger) {
     while ledger.housekeeping().await.unwrap().purged > 0 {}
     ledger.flush().await.unwrap();
 }

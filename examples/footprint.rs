@@ -15,7 +15,7 @@
 //! 2. the same with the N committed reservations kept for retries (24 h): the difference is
 //!    what a settled reservation costs (with `Bounds::max_settled = 0` they are purged at once);
 //! 3. restart: the same N subjects written to a sled directory through the real ledger, then
-//!    `Ledger::open` timed from a fresh process state (load plus checks); with `--serve`, also
+//!    `LocalLedger::open` timed from a fresh process state (load plus checks); with `--serve`, also
 //!    the real server started on that directory, timed until its health check says SERVING.
 //!
 //! Figures include the allocator's overhead, as resident memory does.
@@ -27,7 +27,7 @@ use clap::Parser;
 
 use tollgate::clock::ManualClock;
 use tollgate::engine::{Bounds, Decision, Engine, ReservationId, ReserveInput, Usage};
-use tollgate::ledger::Ledger;
+use tollgate::ledger::LocalLedger;
 use tollgate::policy::Policy;
 use tollgate::store::Durability;
 
@@ -177,7 +177,7 @@ fn main() {
             println!("{} holds a store: only reopened", dir.display());
             return;
         }
-        let ledger = Ledger::open(
+        let ledger = LocalLedger::open(
             dir,
             policy.clone(),
             Bounds::default(),
@@ -212,10 +212,10 @@ fn main() {
     });
     let started = Instant::now();
     let (process_cpu, thread_cpu) = (cpu("self"), cpu("thread-self"));
-    let ledger =
-        Ledger::open(dir, policy, Bounds::default(), Durability::Relaxed, clock).expect("reopen");
+    let ledger = LocalLedger::open(dir, policy, Bounds::default(), Durability::Relaxed, clock)
+        .expect("reopen");
     println!(
-        "restart: Ledger::open with {n} subjects and {n} settled reservations took {:.2} s \
+        "restart: LocalLedger::open with {n} subjects and {n} settled reservations took {:.2} s \
          (CPU: {:.2} s in all threads, {:.2} s in the opening thread)",
         started.elapsed().as_secs_f64(),
         cpu("self") - process_cpu,

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use tollgate::clock::SystemClock;
 use tollgate::engine::Bounds;
-use tollgate::ledger::Ledger;
+use tollgate::ledger::LocalLedger;
 use tollgate::policy::Policy;
-use tollgate::relay::Relay;
+use tollgate::relay::ForwardingLedger;
 use tollgate::server::transport::DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT;
 use tollgate::server::validate::DEFAULT_MAX_PROMPT_BYTES;
 use tollgate::server::{Backend, ServeOptions, TransportOptions};
@@ -341,7 +341,7 @@ async fn follow(
         } else {
             format!("http://{}", leader.address)
         };
-        let relay = match Relay::new(
+        let relay = match ForwardingLedger::new(
             &upstream,
             policy.clone(),
             Duration::from_secs_f64(args.upstream_timeout),
@@ -394,9 +394,14 @@ async fn follow(
         };
         // A follower checks no admin token: the leader checks the Admin calls relayed to it.
         let options = serve_options(args, None);
-        if let Err(e) =
-            tollgate::server::serve_backend(Backend::Relay(relay), listener, None, options, until)
-                .await
+        if let Err(e) = tollgate::server::serve_backend(
+            Backend::Forwarding(relay),
+            listener,
+            None,
+            options,
+            until,
+        )
+        .await
         {
             eprintln!("tollgate: following: {e}");
             return Err(ExitCode::FAILURE);
@@ -410,8 +415,8 @@ fn open_ledger(
     policy: Arc<Policy>,
     durability: Durability,
     failed: tollgate::failstop::FailStop,
-) -> Result<Ledger, StoreError> {
-    Ledger::open_store(
+) -> Result<LocalLedger, StoreError> {
+    LocalLedger::open_store(
         store,
         policy,
         Bounds::default(),
@@ -630,7 +635,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
         let backend = match &args.upstream {
             Some(url) => {
-                let relay = match Relay::new(
+                let relay = match ForwardingLedger::new(
                     url,
                     policy,
                     Duration::from_secs_f64(args.upstream_timeout),
@@ -645,7 +650,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                 if args.admin_token.is_some() {
                     tracing::warn!("relay mode: --admin-token is not used here; the upstream checks Admin calls");
                 }
-                Backend::Relay(relay)
+                Backend::Forwarding(relay)
             }
             None => {
                 let recovery = if args.accept_data_loss {
@@ -735,7 +740,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                 if args.admin_token.as_deref().is_none_or(str::is_empty) {
                     tracing::warn!("no --admin-token: every Admin call will be refused");
                 }
-                Backend::Ledger(ledger)
+                Backend::Local(ledger)
             }
         };
         let reloader = args.policy.clone().map(|path| {
@@ -769,10 +774,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         };
         announce(addr, &mut announced);
         match &backend {
-            Backend::Ledger(_) => {
+            Backend::Local(_) => {
                 tracing::info!(%addr, durability = ?args.durability, "serving")
             }
-            Backend::Relay(r) => tracing::info!(%addr, upstream = %r.upstream(), "relaying"),
+            Backend::Forwarding(r) => tracing::info!(%addr, upstream = %r.upstream(), "relaying"),
         }
         let options = serve_options(&args, args.admin_token.clone());
         let result = tollgate::server::serve_backend(

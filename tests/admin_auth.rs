@@ -7,7 +7,7 @@ use tonic::Code;
 
 use tollgate::clock::ManualClock;
 use tollgate::engine::Bounds;
-use tollgate::ledger::Ledger;
+use tollgate::ledger::LocalLedger;
 use tollgate::policy::Policy;
 use tollgate::proto::admin_client::AdminClient;
 use tollgate::proto::{GetSubjectRequest, ResetUsageRequest, SetSubjectRequest};
@@ -17,7 +17,7 @@ use tollgate::store::Durability;
 async fn without_a_configured_token_every_admin_call_is_unauthenticated() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Arc::new(
-        Ledger::open(
+        LocalLedger::open(
             dir.path(),
             Arc::new(Policy::embedded_default()),
             Bounds::default(),

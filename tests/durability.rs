@@ -22,7 +22,7 @@ use tonic::{Code, Status};
 
 use tollgate::clock::{utc_day, Clock, ManualClock, SystemClock};
 use tollgate::engine::{Bounds, EngineError, ReservationId, ReserveInput, Usage};
-use tollgate::ledger::{Ledger, LedgerError};
+use tollgate::ledger::{LedgerError, LocalLedger};
 use tollgate::policy::Policy;
 use tollgate::proto::quota_client::QuotaClient;
 use tollgate::proto::{CommitRequest, Decision, GetSubjectRequest, GetUsageResponse};
@@ -689,7 +689,7 @@ async fn a_refused_call_keeps_the_expiries_it_made() {
         let open = || {
             let mut tries = 0;
             loop {
-                match Ledger::open(
+                match LocalLedger::open(
                     dir.path(),
                     policy.clone(),
                     Bounds::default(),

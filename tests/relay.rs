@@ -23,7 +23,7 @@ use tollgate::proto::{
     ChatMessage, CountTokensRequest, Decision, ExtendRequest, GetSubjectRequest, GetUsageRequest,
     ReserveRequest, ReserveResponse, ResetUsageRequest, SetSubjectRequest,
 };
-use tollgate::relay::Relay;
+use tollgate::relay::ForwardingLedger;
 use tollgate::server::{serve_backend, Backend, ServeOptions};
 
 /// The relay's answer (denied_by / shadow_denied_by) when the central service is unreachable.
@@ -46,14 +46,15 @@ impl TestRelay {
         clock: Arc<ManualClock>,
     ) -> Self {
         let policy = Arc::new(Policy::from_toml(policy_toml, "relay.toml").expect("relay policy"));
-        let relay = Arc::new(Relay::new(upstream, policy, timeout, clock).expect("relay"));
+        let relay =
+            Arc::new(ForwardingLedger::new(upstream, policy, timeout, clock).expect("relay"));
         let (listener, addr) = tollgate::server::bind("127.0.0.1:0".parse().unwrap())
             .await
             .expect("bind");
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
             serve_backend(
-                Backend::Relay(relay),
+                Backend::Forwarding(relay),
                 listener,
                 None,
                 ServeOptions::default(),

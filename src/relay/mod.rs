@@ -1,4 +1,5 @@
-//! Relay mode (`tollgate serve --upstream URL`): a sidecar that keeps no ledger.
+//! The forwarding ledger: relay mode (`tollgate serve --upstream URL`), a sidecar that keeps
+//! no ledger, and a follower replica, which forwards to its leader.
 //!
 //! A sidecar that kept its own ledger would give every user N times their quota across N pods.
 //! A relay instead validates requests and counts prompt tokens locally (the CPU-heavy part,
@@ -14,24 +15,21 @@
 //! Extend are answered here. Commit, Refund and the rest of other holds answer UNAVAILABLE (the
 //! app retries them; they are idempotent).
 
+mod forward;
 mod local;
 mod orphans;
-mod service;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
+pub use forward::UPSTREAM_UNAVAILABLE;
 use local::{LocalHold, LocalHolds};
-pub use service::{RelayAdmin, RelayQuota};
 
 use crate::clock::Clock;
-use crate::ledger::LedgerError;
 use crate::policy::{Policy, PolicyCell};
-use crate::server::reload::PolicyHolder;
 
 /// The deadline of one call to the upstream when `--upstream-timeout` is not given: far above
 /// a healthy central service's sub-millisecond answers, short enough that an app's call is not
@@ -42,19 +40,18 @@ pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// cleared and refilled by the next answers.
 pub const MAX_REMEMBERED_TIERS: usize = 100_000;
 
-/// What a relay shares between its Quota and Admin services.
+/// A [`Ledger`](crate::ledger::Ledger) that forwards every call to the tollgate that decides
+/// (`forward.rs`), and answers by the tier's fail mode when that one cannot be reached.
 ///
 /// Why std locks: no `.await` is held under any of them, and each guards a map lookup.
-pub struct Relay {
+pub struct ForwardingLedger {
     channel: Channel,
     upstream: String,
     policy: PolicyCell,
     tiers: Mutex<HashMap<String, String>>,
     local: Mutex<LocalHolds>,
     /// Reserves given up on, to settle once the upstream answers (`orphans.rs`).
-    orphans: Mutex<orphans::Orphans>,
-    /// Whether a task is settling them.
-    replaying: AtomicBool,
+    orphans: Arc<orphans::Settler>,
     /// The deadline of one upstream call; also how long a Reserve keeps retrying.
     timeout: Duration,
     /// A follower replica's relay (to its leader): ready only while the upstream is.
@@ -62,9 +59,9 @@ pub struct Relay {
     clock: Arc<dyn Clock>,
 }
 
-impl std::fmt::Debug for Relay {
+impl std::fmt::Debug for ForwardingLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Relay")
+        f.debug_struct("ForwardingLedger")
             .field("upstream", &self.upstream)
             .finish_non_exhaustive()
     }
@@ -83,7 +80,7 @@ pub enum RelayError {
     },
 }
 
-impl Relay {
+impl ForwardingLedger {
     /// A relay to `upstream` (e.g. `http://tollgate-central:50051`). The connection is made
     /// lazily and remade as needed, so a relay starts, and answers as its fail mode says,
     /// even while the central service is down.
@@ -110,13 +107,12 @@ impl Relay {
             .keep_alive_while_idle(true)
             .connect_lazy();
         Ok(Self {
+            orphans: Arc::new(orphans::Settler::new(channel.clone())),
             channel,
             upstream: upstream.to_string(),
             policy: PolicyCell::new(policy),
             tiers: Mutex::new(HashMap::new()),
             local: Mutex::new(LocalHolds::default()),
-            orphans: Mutex::new(orphans::Orphans::default()),
-            replaying: AtomicBool::new(false),
             timeout,
             follower: false,
             clock,
@@ -150,8 +146,13 @@ impl Relay {
     }
 
     /// The policy in force here (for counting and fail modes).
-    pub fn policy(&self) -> Arc<Policy> {
+    pub fn current_policy(&self) -> Arc<Policy> {
         self.policy.get()
+    }
+
+    /// Put a new policy in force here (a reload).
+    pub fn set_policy(&self, policy: Arc<Policy>) {
+        self.policy.set(policy);
     }
 
     /// The upstream URL.
@@ -198,24 +199,8 @@ impl Relay {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn orphans(&self) -> std::sync::MutexGuard<'_, orphans::Orphans> {
-        self.orphans
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     fn now_us(&self) -> u64 {
         self.clock.now_micros()
-    }
-}
-
-impl PolicyHolder for Relay {
-    fn current(&self) -> Result<Arc<Policy>, LedgerError> {
-        Ok(self.policy())
-    }
-    fn replace(&self, policy: Arc<Policy>) -> Result<(), LedgerError> {
-        self.policy.set(policy);
-        Ok(())
     }
 }
 

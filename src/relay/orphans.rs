@@ -14,11 +14,13 @@
 //! upstream answers, and dropped once it answers anything but "unreachable".
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::{unreachable, Relay};
+use tonic::transport::Channel;
+
+use super::unreachable;
 use crate::proto::quota_client::QuotaClient;
 use crate::proto::{RefundRequest, ReserveRequest};
 
@@ -56,8 +58,35 @@ impl Orphans {
     }
 }
 
+/// The Reserves waiting and the task that settles them, shared with that task.
+#[derive(Debug)]
+pub struct Settler {
+    /// The upstream.
+    channel: Channel,
+    orphans: Mutex<Orphans>,
+    /// Whether a task is settling them.
+    replaying: AtomicBool,
+}
+
+impl Settler {
+    /// Nothing waiting yet; settled over `channel`.
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            channel,
+            orphans: Mutex::new(Orphans::default()),
+            replaying: AtomicBool::new(false),
+        }
+    }
+
+    fn orphans(&self) -> MutexGuard<'_, Orphans> {
+        self.orphans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Remember a Reserve given up on, and make sure a task settles the waiting ones.
-pub fn remember(relay: &Arc<Relay>, request: ReserveRequest) {
+pub fn remember(relay: &Arc<Settler>, request: ReserveRequest) {
     if relay.orphans().push(request) {
         tracing::warn!(
             max = MAX_ORPHANS,
@@ -71,8 +100,8 @@ pub fn remember(relay: &Arc<Relay>, request: ReserveRequest) {
 
 /// Ask the upstream about each waiting Reserve with its key, and refund what it holds for it,
 /// until none waits.
-async fn settle(relay: Arc<Relay>) {
-    let mut client = QuotaClient::new(relay.channel());
+async fn settle(relay: Arc<Settler>) {
+    let mut client = QuotaClient::new(relay.channel.clone());
     loop {
         tokio::time::sleep(REPLAY_EVERY).await;
         let batch = relay.orphans().take();

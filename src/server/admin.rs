@@ -1,4 +1,5 @@
-//! The `tollgate.v1.Admin` service and the bearer-token check in front of it.
+//! The `tollgate.v1.Admin` service (validate, then hand the call to the [`Ledger`]) and the
+//! bearer-token check in front of it.
 
 use std::sync::Arc;
 
@@ -7,20 +8,20 @@ use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
 use super::validate;
-use crate::ledger::Ledger;
-use crate::policy::Overrides;
+use crate::ledger::{Authorization, ExportStream, Ledger};
 use crate::proto;
 use crate::telemetry;
 
-/// Serves SetSubject, GetSubject and ResetUsage.
+/// Serves SetSubject, GetSubject, ResetUsage and Export.
 #[derive(Debug, Clone)]
 pub struct AdminService {
-    ledger: Arc<Ledger>,
+    ledger: Arc<dyn Ledger>,
 }
 
 impl AdminService {
-    /// A service over `ledger`.
-    pub fn new(ledger: Arc<Ledger>) -> Self {
+    /// A service over `ledger`. Over the local ledger it is served behind [`AdminAuth`]; over
+    /// a forwarding one, the tollgate that decides checks the token the call carries.
+    pub fn new(ledger: Arc<dyn Ledger>) -> Self {
         Self { ledger }
     }
 }
@@ -73,32 +74,9 @@ impl Interceptor for AdminAuth {
     }
 }
 
-fn from_proto(o: proto::LimitOverrides) -> Overrides {
-    Overrides {
-        tokens_per_minute: o.tokens_per_minute,
-        burst_tokens: o.burst_tokens,
-        requests_per_minute: o.requests_per_minute,
-        tokens_per_day: o.tokens_per_day,
-        tokens_per_month: o.tokens_per_month,
-        max_concurrent: o.max_concurrent,
-        usd_per_day: o.micro_usd_per_day,
-        usd_per_month: o.micro_usd_per_month,
-        downgrade_tokens_per_day: o.downgrade_tokens_per_day,
-    }
-}
-
-fn to_proto(o: &Overrides) -> proto::LimitOverrides {
-    proto::LimitOverrides {
-        tokens_per_minute: o.tokens_per_minute,
-        burst_tokens: o.burst_tokens,
-        requests_per_minute: o.requests_per_minute,
-        tokens_per_day: o.tokens_per_day,
-        tokens_per_month: o.tokens_per_month,
-        max_concurrent: o.max_concurrent,
-        micro_usd_per_day: o.usd_per_day,
-        micro_usd_per_month: o.usd_per_month,
-        downgrade_tokens_per_day: o.downgrade_tokens_per_day,
-    }
+/// The `authorization` a call came with, for a forwarding ledger to pass on.
+fn authorization<T>(request: &Request<T>) -> Authorization {
+    request.metadata().get("authorization").cloned()
 }
 
 /// The handlers, each timed by the trait impl below.
@@ -107,48 +85,41 @@ impl AdminService {
         &self,
         request: Request<proto::SetSubjectRequest>,
     ) -> Result<Response<proto::SetSubjectResponse>, Status> {
+        let authorization = authorization(&request);
         let req = request.into_inner();
         validate::subject(&req.subject)?;
         validate::tier(&req.tier)?;
-        let group = validate::group(&req.group)?;
-        let overrides = req.overrides.map(from_proto).unwrap_or_default();
+        validate::group(&req.group)?;
         self.ledger
-            .set_subject(&req.subject, &req.tier, group, overrides.clone())
-            .await?;
-        tracing::info!(subject = %req.subject, tier = %req.tier, group = %req.group, ?overrides, "subject set");
-        Ok(Response::new(proto::SetSubjectResponse {
-            subject: req.subject,
-            tier: req.tier,
-            overrides: Some(to_proto(&overrides)),
-            group: req.group,
-        }))
+            .set_subject(authorization, req)
+            .await
+            .map(Response::new)
     }
 
     async fn get_subject_call(
         &self,
         request: Request<proto::GetSubjectRequest>,
     ) -> Result<Response<proto::GetSubjectResponse>, Status> {
+        let authorization = authorization(&request);
         let subject = request.into_inner().subject;
         validate::subject(&subject)?;
-        let (tier, assigned, overrides, group) = self.ledger.subject_config(&subject)?;
-        Ok(Response::new(proto::GetSubjectResponse {
-            subject,
-            tier,
-            assigned,
-            overrides: Some(to_proto(&overrides)),
-            group: group.unwrap_or_default(),
-        }))
+        self.ledger
+            .get_subject(authorization, subject)
+            .await
+            .map(Response::new)
     }
 
     async fn reset_usage_call(
         &self,
         request: Request<proto::ResetUsageRequest>,
     ) -> Result<Response<proto::ResetUsageResponse>, Status> {
+        let authorization = authorization(&request);
         let subject = request.into_inner().subject;
         validate::subject(&subject)?;
-        self.ledger.reset_usage(&subject).await?;
-        tracing::info!(%subject, "usage reset");
-        Ok(Response::new(proto::ResetUsageResponse { subject }))
+        self.ledger
+            .reset_usage(authorization, subject)
+            .await
+            .map(Response::new)
     }
 }
 
@@ -175,18 +146,15 @@ impl proto::admin_server::Admin for AdminService {
         telemetry::timed("ResetUsage", self.reset_usage_call(request)).await
     }
 
-    type ExportStream = super::export::ExportStream;
+    type ExportStream = ExportStream;
 
     async fn export(
         &self,
-        _request: Request<proto::ExportRequest>,
+        request: Request<proto::ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
-        telemetry::timed("Export", async {
-            // Everything decided before the call, denials' counters included (the sweeper
-            // persists those in batches), is in the store the export reads.
-            self.ledger.flush().await?;
-            super::export::start(&self.ledger).await.map(Response::new)
-        })
-        .await
+        let authorization = authorization(&request);
+        telemetry::timed("Export", self.ledger.export(authorization))
+            .await
+            .map(Response::new)
     }
 }

@@ -4,12 +4,9 @@
 mod admin;
 pub mod codec;
 pub mod content_type;
-mod export;
 pub mod prompt;
 mod quota;
 pub mod reload;
-pub mod sampled_log;
-mod status;
 pub mod transport;
 pub mod validate;
 
@@ -25,8 +22,9 @@ pub use admin::{AdminAuth, AdminService};
 pub use quota::QuotaService;
 pub use transport::{Transport, TransportOptions};
 
-use crate::ledger::{Housekeeping, Ledger};
+use crate::ledger::{Housekeeping, Ledger, LocalLedger};
 use crate::proto;
+use crate::relay::ForwardingLedger;
 use crate::telemetry;
 use crate::tokens::TokenCounter;
 
@@ -65,14 +63,16 @@ impl Default for ServeOptions {
     }
 }
 
-/// What answers the Quota and Admin calls: the ledger of this process, or a relay to the
-/// central one.
+/// What answers the Quota and Admin calls: the ledger of this process, or one that forwards
+/// to the tollgate that decides. Both are served by the same [`QuotaService`] and
+/// [`AdminService`]; the variants say what else each needs (a sweeper and a final flush, or a
+/// watch on the leader's health).
 #[derive(Debug, Clone)]
 pub enum Backend {
     /// The authoritative ledger.
-    Ledger(Arc<Ledger>),
-    /// Relay mode: no ledger here; forward to the upstream.
-    Relay(Arc<crate::relay::Relay>),
+    Local(Arc<LocalLedger>),
+    /// Relay mode or a follower: no ledger here; forward to the upstream.
+    Forwarding(Arc<ForwardingLedger>),
 }
 
 /// Why the server could not run.
@@ -98,12 +98,12 @@ const LEADER_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Serve the ledger on `listener` until `shutdown` completes (see [`serve_backend`]).
 pub async fn serve(
-    ledger: Arc<Ledger>,
+    ledger: Arc<LocalLedger>,
     listener: TcpListener,
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    serve_backend(Backend::Ledger(ledger), listener, None, options, shutdown).await
+    serve_backend(Backend::Local(ledger), listener, None, options, shutdown).await
 }
 
 /// Serve `backend` on `listener` (and grpc.health.v1 alone on `health_listener`, so a server
@@ -151,36 +151,30 @@ pub async fn serve_backend(
     let routes = Routes::new(health_service.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
+    let ledger: Arc<dyn Ledger> = match &backend {
+        Backend::Local(l) => l.clone(),
+        Backend::Forwarding(f) => f.clone(),
+    };
+    let routes = routes.add_service(
+        proto::quota_server::QuotaServer::new(QuotaService::new(
+            ledger.clone(),
+            prompts,
+            options.max_prompt_bytes,
+        ))
+        .max_decoding_message_size(max_message),
+    );
+    let admin = AdminService::new(ledger);
     let (routes, sweeper) = match &backend {
-        Backend::Ledger(ledger) => (
-            routes
-                .add_service(
-                    proto::quota_server::QuotaServer::new(QuotaService::new(
-                        ledger.clone(),
-                        prompts,
-                        options.max_prompt_bytes,
-                    ))
-                    .max_decoding_message_size(max_message),
-                )
-                .add_service(proto::admin_server::AdminServer::with_interceptor(
-                    AdminService::new(ledger.clone()),
-                    AdminAuth::new(options.admin_token),
-                )),
-            Some(tokio::spawn(sweep(ledger.clone()))),
+        Backend::Local(local) => (
+            routes.add_service(proto::admin_server::AdminServer::with_interceptor(
+                admin,
+                AdminAuth::new(options.admin_token),
+            )),
+            Some(tokio::spawn(sweep(local.clone()))),
         ),
-        Backend::Relay(relay) => (
-            routes
-                .add_service(
-                    proto::quota_server::QuotaServer::new(crate::relay::RelayQuota::new(
-                        relay.clone(),
-                        prompts,
-                        options.max_prompt_bytes,
-                    ))
-                    .max_decoding_message_size(max_message),
-                )
-                .add_service(proto::admin_server::AdminServer::new(
-                    crate::relay::RelayAdmin::new(relay.clone()),
-                )),
+        // The tollgate that decides checks the token the call carries.
+        Backend::Forwarding(_) => (
+            routes.add_service(proto::admin_server::AdminServer::new(admin)),
             None,
         ),
     };
@@ -188,11 +182,11 @@ pub async fn serve_backend(
     // The counts of sampled log lines are logged when their window ends, even if the flood
     // that filled it has stopped.
     let summaries = tokio::spawn(async {
-        let mut tick = tokio::time::interval(sampled_log::INTERVAL);
+        let mut tick = tokio::time::interval(crate::sampled_log::INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            sampled_log::flush_all(false);
+            crate::sampled_log::flush_all(false);
         }
     });
 
@@ -201,8 +195,8 @@ pub async fn serve_backend(
     let (began_tx, began_rx) = tokio::sync::watch::channel(false);
     let mut health_for_shutdown = health.clone();
     let fail_stop = match &backend {
-        Backend::Ledger(ledger) => Some(ledger.fail_stop().clone()),
-        Backend::Relay(_) => None,
+        Backend::Local(ledger) => Some(ledger.fail_stop().clone()),
+        Backend::Forwarding(_) => None,
     };
     let fault: Arc<std::sync::OnceLock<String>> = Arc::default();
     let fault_seen = fault.clone();
@@ -241,7 +235,7 @@ pub async fn serve_backend(
     // A follower's relay is ready only while its leader is: checked every second, off once
     // shutdown begins (which sets NOT_SERVING itself). "" (alive) stays SERVING.
     let leader_watch = match &backend {
-        Backend::Relay(relay) if relay.is_follower() => {
+        Backend::Forwarding(relay) if relay.is_follower() => {
             let (relay, health, began) = (relay.clone(), health.clone(), began_rx.clone());
             Some(tokio::spawn(async move {
                 let mut serving = true;
@@ -295,7 +289,7 @@ pub async fn serve_backend(
     if let Some(w) = leader_watch {
         w.abort();
     }
-    sampled_log::flush_all(true);
+    crate::sampled_log::flush_all(true);
     if let Some(h) = health_server {
         h.abort();
     }
@@ -303,7 +297,7 @@ pub async fn serve_backend(
         // The writer refuses everything after the fault: there is nothing more to flush.
         return Err(ServeError::FailStop(reason.clone()));
     }
-    if let Backend::Ledger(ledger) = &backend {
+    if let Backend::Local(ledger) = &backend {
         // Everything decided, answered or not, reaches the disk before the process exits.
         match ledger.flush().await {
             Ok(()) => tracing::info!("store flushed"),
@@ -316,8 +310,8 @@ pub async fn serve_backend(
 impl reload::PolicyHolder for Backend {
     fn current(&self) -> Result<Arc<crate::policy::Policy>, crate::ledger::LedgerError> {
         match self {
-            Backend::Ledger(l) => l.current(),
-            Backend::Relay(r) => r.current(),
+            Backend::Local(l) => l.current(),
+            Backend::Forwarding(f) => Ok(f.current_policy()),
         }
     }
     fn replace(
@@ -325,15 +319,18 @@ impl reload::PolicyHolder for Backend {
         policy: Arc<crate::policy::Policy>,
     ) -> Result<(), crate::ledger::LedgerError> {
         match self {
-            Backend::Ledger(l) => l.replace(policy),
-            Backend::Relay(r) => r.replace(policy),
+            Backend::Local(l) => l.replace(policy),
+            Backend::Forwarding(f) => {
+                f.set_policy(policy);
+                Ok(())
+            }
         }
     }
 }
 
 /// The sweeper: expires due holds and purges old records, so they never pile up even when no
 /// request arrives to trigger it.
-async fn sweep(ledger: Arc<Ledger>) {
+async fn sweep(ledger: Arc<LocalLedger>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

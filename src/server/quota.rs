@@ -1,20 +1,20 @@
-//! The `tollgate.v1.Quota` service: a thin adapter from gRPC to the ledger.
+//! The `tollgate.v1.Quota` service: validate, count prompt tokens, and hand the call to the
+//! [`Ledger`] (the local one, or one that forwards to the tollgate that decides).
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::prompt::PromptCounter;
-use super::validate::{self, to_duration, to_timestamp};
-use crate::engine::{Decision, LimitStatus, ScopeKey};
+use super::validate;
 use crate::ledger::Ledger;
 use crate::proto;
 use crate::telemetry as metrics;
 
-/// Serves Reserve, Commit, Refund, GetUsage and CountTokens.
+/// Serves Reserve, Commit, Refund, Extend, GetUsage and CountTokens.
 #[derive(Debug, Clone)]
 pub struct QuotaService {
-    ledger: Arc<Ledger>,
+    ledger: Arc<dyn Ledger>,
     prompts: PromptCounter,
     max_prompt_bytes: usize,
 }
@@ -22,27 +22,13 @@ pub struct QuotaService {
 impl QuotaService {
     /// A service over `ledger`, counting prompts with `prompts`, refusing prompts over
     /// `max_prompt_bytes` of text.
-    pub fn new(ledger: Arc<Ledger>, prompts: PromptCounter, max_prompt_bytes: usize) -> Self {
+    pub fn new(ledger: Arc<dyn Ledger>, prompts: PromptCounter, max_prompt_bytes: usize) -> Self {
         Self {
             ledger,
             prompts,
             max_prompt_bytes,
         }
     }
-}
-
-pub(super) fn limits(statuses: Vec<LimitStatus>) -> Vec<proto::LimitStatus> {
-    statuses
-        .into_iter()
-        .map(|s| proto::LimitStatus {
-            name: s.name.to_string(),
-            limit: s.limit,
-            remaining: s.remaining,
-            reset_after: Some(to_duration(s.reset_after_us)),
-            scope: s.scope.name().to_string(),
-            scope_id: s.scope_id.to_string(),
-        })
-        .collect()
 }
 
 /// The handlers, each timed by the trait impl below.
@@ -54,36 +40,9 @@ impl QuotaService {
         let call = validate::reserve(request.into_inner(), self.max_prompt_bytes)?;
         let input = self
             .prompts
-            .reserve_input(call, || Ok(self.ledger.policy()?))
+            .reserve_input(call, || self.ledger.policy())
             .await?;
-        let subject = input.subject.clone();
-        let dry_run = input.dry_run;
-        let o = self.ledger.reserve(input).await?;
-        let decision = match o.decision {
-            Decision::Allowed => proto::Decision::Allowed,
-            Decision::Downgraded => proto::Decision::Downgraded,
-            Decision::Denied => proto::Decision::Denied,
-        };
-        record_reserve(&subject, &o, dry_run);
-        Ok(Response::new(proto::ReserveResponse {
-            decision: decision as i32,
-            reservation_id: o
-                .reservation_id
-                .map(|id| id.to_string())
-                .unwrap_or_default(),
-            model: o.model,
-            reserved_tokens: o.reserved_tokens,
-            denied_by: o.denied_by.unwrap_or_default(),
-            retry_after: o.retry_after_us.map(to_duration),
-            limits: limits(o.limits),
-            expires_at: o.expires_us.map(to_timestamp),
-            prompt_tokens: o.prompt_tokens,
-            replayed: o.replayed,
-            shadow_denied_by: o.shadow_denied_by.unwrap_or_default(),
-            reserved_micro_usd: o.reserved_usd,
-            saved_micro_usd: o.saved_usd,
-            tier: o.tier,
-        }))
+        self.ledger.reserve(input).await.map(Response::new)
     }
 
     async fn commit_call(
@@ -91,19 +50,7 @@ impl QuotaService {
         request: Request<proto::CommitRequest>,
     ) -> Result<Response<proto::CommitResponse>, Status> {
         let (id, usage) = validate::commit(request.get_ref())?;
-        let o = self.ledger.commit(id, usage).await?;
-        if !o.replayed {
-            metrics::add(metrics::TOKENS_CHARGED, o.settlement.charged_tokens);
-            metrics::add(metrics::TOKENS_RELEASED, o.settlement.released_tokens);
-            metrics::add(metrics::SPENT, o.settlement.charged_usd);
-        }
-        Ok(Response::new(proto::CommitResponse {
-            charged_tokens: o.settlement.charged_tokens,
-            released_tokens: o.settlement.released_tokens,
-            debt_tokens: o.settlement.debt_tokens,
-            charged_micro_usd: o.settlement.charged_usd,
-            limits: limits(o.limits),
-        }))
+        self.ledger.commit(id, usage).await.map(Response::new)
     }
 
     async fn refund_call(
@@ -111,15 +58,28 @@ impl QuotaService {
         request: Request<proto::RefundRequest>,
     ) -> Result<Response<proto::RefundResponse>, Status> {
         let id = validate::reservation_id(&request.get_ref().reservation_id)?;
-        let o = self.ledger.refund(id).await?;
-        if !o.replayed {
-            metrics::add(metrics::TOKENS_RELEASED, o.released_tokens);
-        }
-        Ok(Response::new(proto::RefundResponse {
-            released_tokens: o.released_tokens,
-        }))
+        self.ledger.refund(id).await.map(Response::new)
     }
 
+    async fn extend_call(
+        &self,
+        request: Request<proto::ExtendRequest>,
+    ) -> Result<Response<proto::ExtendResponse>, Status> {
+        let req = request.into_inner();
+        let id = validate::reservation_id(&req.reservation_id)?;
+        let hold_us = validate::required_hold(req.hold.as_ref())?;
+        self.ledger.extend(id, hold_us).await.map(Response::new)
+    }
+
+    async fn get_usage_call(
+        &self,
+        request: Request<proto::GetUsageRequest>,
+    ) -> Result<Response<proto::GetUsageResponse>, Status> {
+        let query = validate::usage_query(request.get_ref())?;
+        self.ledger.usage(query).await.map(Response::new)
+    }
+
+    /// Answered here, whatever the ledger: counting needs only the policy.
     async fn count_tokens_call(
         &self,
         request: Request<proto::CountTokensRequest>,
@@ -133,52 +93,6 @@ impl QuotaService {
         )
         .await
         .map(Response::new)
-    }
-
-    async fn extend_call(
-        &self,
-        request: Request<proto::ExtendRequest>,
-    ) -> Result<Response<proto::ExtendResponse>, Status> {
-        let req = request.into_inner();
-        let id = validate::reservation_id(&req.reservation_id)?;
-        let hold_us = validate::required_hold(req.hold.as_ref())?;
-        let expires_us = self.ledger.extend(id, hold_us).await?;
-        Ok(Response::new(proto::ExtendResponse {
-            expires_at: Some(to_timestamp(expires_us)),
-        }))
-    }
-
-    async fn get_usage_call(
-        &self,
-        request: Request<proto::GetUsageRequest>,
-    ) -> Result<Response<proto::GetUsageResponse>, Status> {
-        let query = validate::usage_query(request.get_ref())?;
-        let u = self.ledger.usage(&query).await?;
-        Ok(Response::new(proto::GetUsageResponse {
-            scope: u.scope.name().to_string(),
-            subject: u.subject,
-            tier: u.tier,
-            group: u.group.unwrap_or_default(),
-            client_ip: query
-                .client_ip
-                .map(|ip| ScopeKey::Ip(ip).id().to_string())
-                .unwrap_or_default(),
-            spent_micro_usd: u.spent_usd,
-            spent_micro_usd_month: u.spent_usd_month,
-            saved_micro_usd: u.saved_usd,
-            saved_micro_usd_month: u.saved_usd_month,
-            denials: u.denials,
-            downgrades: u.downgrades,
-            downgraded_tokens: u.downgraded_tokens,
-            held_micro_usd: u.held_usd,
-            used_tokens: u.used_tokens,
-            held_tokens: u.held_tokens,
-            requests: u.requests,
-            open_holds: u.open_holds,
-            limits: limits(u.limits),
-            used_tokens_month: u.used_tokens_month,
-            shadow_denials: u.shadow_denials,
-        }))
     }
 }
 
@@ -224,58 +138,5 @@ impl proto::quota_server::Quota for QuotaService {
         request: Request<proto::GetUsageRequest>,
     ) -> Result<Response<proto::GetUsageResponse>, Status> {
         metrics::timed("GetUsage", self.get_usage_call(request)).await
-    }
-}
-
-/// Log and count one Reserve's decision. Never the prompt: only counts and names. Denials and
-/// shadow-mode allowances are sampled (see [`sampled_log`](super::sampled_log)): a flood of
-/// them must not flood the logs; the metrics count every one.
-fn record_reserve(subject: &str, o: &crate::engine::ReserveOutcome, dry_run: bool) {
-    let denied_by = o.denied_by.as_deref().unwrap_or("");
-    let decision = o.decision.name();
-    if o.decision == Decision::Denied {
-        if super::sampled_log::DENIALS.sample(denied_by) {
-            tracing::info!(
-                %subject,
-                tier = %o.tier,
-                denied_by,
-                prompt_tokens = o.prompt_tokens,
-                dry_run,
-                "reserve denied"
-            );
-        }
-    } else {
-        tracing::debug!(
-            %subject,
-            tier = %o.tier,
-            decision,
-            model = %o.model,
-            reserved_tokens = o.reserved_tokens,
-            replayed = o.replayed,
-            dry_run,
-            "reserve decided"
-        );
-    }
-    if let Some(would) = o
-        .shadow_denied_by
-        .as_deref()
-        .filter(|_| !dry_run && !o.replayed)
-    {
-        if super::sampled_log::SHADOW_ALLOWED.sample(would) {
-            tracing::info!(
-                %subject,
-                tier = %o.tier,
-                would_deny = %would,
-                "shadow mode: allowed a Reserve that would have been denied"
-            );
-        }
-    }
-    if dry_run || o.replayed {
-        return;
-    }
-    metrics::decision(&o.tier, decision, denied_by);
-    metrics::add(metrics::SAVED, o.saved_usd);
-    if o.reservation_id.is_some() {
-        metrics::add(metrics::TOKENS_HELD, o.reserved_tokens);
     }
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{LedgerError, LocalLedger};
 use crate::policy::Policy;
 
 /// Whatever holds the policy in force: the ledger, or a relay's shared policy.
@@ -15,7 +15,7 @@ pub trait PolicyHolder: Send + Sync + 'static {
     fn replace(&self, policy: Arc<Policy>) -> Result<(), LedgerError>;
 }
 
-impl PolicyHolder for Ledger {
+impl PolicyHolder for LocalLedger {
     fn current(&self) -> Result<Arc<Policy>, LedgerError> {
         self.policy()
     }

@@ -1,8 +1,6 @@
 //! Every request field checked for shape and bounds before the engine is reached. A failure
 //! names the field and the rule, and nothing has changed.
 
-use std::time::Duration;
-
 use tonic::Status;
 
 use crate::engine::{ReservationId, ReserveInput, Usage};
@@ -372,22 +370,4 @@ pub fn commit(req: &proto::CommitRequest) -> Result<(ReservationId, Usage), Stat
             usage_unknown: req.usage_unknown,
         },
     ))
-}
-
-/// Microseconds as a protobuf Duration.
-pub fn to_duration(us: u64) -> prost_types::Duration {
-    let d = Duration::from_micros(us);
-    prost_types::Duration {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
-}
-
-/// Microseconds since the epoch as a protobuf Timestamp.
-pub fn to_timestamp(us: u64) -> prost_types::Timestamp {
-    let d = to_duration(us);
-    prost_types::Timestamp {
-        seconds: d.seconds,
-        nanos: d.nanos,
-    }
 }

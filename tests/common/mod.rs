@@ -22,7 +22,7 @@ use tonic::{Request, Status};
 
 use tollgate::clock::ManualClock;
 use tollgate::engine::Bounds;
-use tollgate::ledger::Ledger;
+use tollgate::ledger::LocalLedger;
 use tollgate::policy::Policy;
 use tollgate::proto::admin_client::AdminClient;
 use tollgate::proto::quota_client::QuotaClient;
@@ -56,7 +56,7 @@ pub const WELL_FORMED_UNKNOWN_ID: &str = "0192a8a4-1c2b-7cc0-8d1e-0123456789ab";
 pub struct TestServer {
     pub addr: SocketAddr,
     pub clock: Arc<ManualClock>,
-    pub ledger: Arc<Ledger>,
+    pub ledger: Arc<LocalLedger>,
     pub dir: Arc<tempfile::TempDir>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<()>>,
@@ -138,7 +138,7 @@ impl TestServer {
                     // which released its lease.
                     let lease = LeaseConfig::new("test".into(), Duration::from_secs(30));
                     store.lead(lease, failed.clone(), |_| {})?;
-                    Ledger::open_store(
+                    LocalLedger::open_store(
                         Arc::new(store),
                         policy,
                         bounds,
@@ -153,7 +153,7 @@ impl TestServer {
             }
             None => {
                 retry("open ledger", || {
-                    Ledger::open(
+                    LocalLedger::open(
                         dir.path(),
                         policy.clone(),
                         bounds,
@@ -242,7 +242,7 @@ impl TestServer {
     }
 }
 
-async fn wait_unique(mut ledger: Arc<Ledger>) -> Ledger {
+async fn wait_unique(mut ledger: Arc<LocalLedger>) -> LocalLedger {
     for _ in 0..500 {
         match Arc::try_unwrap(ledger) {
             Ok(l) => return l,

@@ -10,7 +10,7 @@ use std::io::{self, Write};
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
 
-use crate::ledger::Ledger;
+use crate::ledger::LocalLedger;
 use crate::proto::ExportChunk;
 use crate::store::export::{write_export, ExportError};
 use crate::store::StoreError;
@@ -21,7 +21,7 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 pub const CHANNEL_CHUNKS: usize = 4;
 
 /// What the response streams.
-pub type ExportStream = tokio_stream::wrappers::ReceiverStream<Result<ExportChunk, Status>>;
+pub type ExportChunks = tokio_stream::wrappers::ReceiverStream<Result<ExportChunk, Status>>;
 
 /// Buffers the export and sends it in chunks of whole lines.
 struct ChunkSink {
@@ -73,7 +73,7 @@ fn status(e: &ExportError) -> Status {
 
 /// Start streaming an export of `ledger`'s store. The reader is started on a blocking thread:
 /// a networked store connects to start one.
-pub async fn start(ledger: &Ledger) -> Result<ExportStream, Status> {
+pub async fn start(ledger: &LocalLedger) -> Result<ExportChunks, Status> {
     let store = std::sync::Arc::clone(ledger.store());
     let mut reader = tokio::task::spawn_blocking(move || store.reader())
         .await
@@ -101,5 +101,5 @@ pub async fn start(ledger: &Ledger) -> Result<ExportStream, Status> {
             }
         }
     });
-    Ok(ExportStream::new(rx))
+    Ok(ExportChunks::new(rx))
 }

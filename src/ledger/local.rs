@@ -82,7 +82,7 @@ impl Wait {
 /// Why a `std::sync::Mutex` and not a tokio one: no `.await` is ever held under it, and the
 /// work under it is about a microsecond (see `benches/decision.rs`), so a blocking lock is both
 /// correct and cheaper than an async one.
-pub struct Ledger {
+pub struct LocalLedger {
     engine: Mutex<Engine>,
     /// The engine's policy, readable without the engine lock.
     policy: PolicyCell,
@@ -122,15 +122,15 @@ impl Drop for EngineGuard<'_> {
     }
 }
 
-impl std::fmt::Debug for Ledger {
+impl std::fmt::Debug for LocalLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ledger")
+        f.debug_struct("LocalLedger")
             .field("writer", &self.writer)
             .finish_non_exhaustive()
     }
 }
 
-impl Ledger {
+impl LocalLedger {
     /// Open the data directory (sled), load everything in it, and start the writer. A store
     /// that has lost acknowledged records is refused ([`StoreError::DataLoss`]).
     pub fn open(
@@ -455,7 +455,7 @@ mod tests {
     async fn a_panic_under_the_engine_lock_trips_the_fail_stop() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Arc::new(
-            Ledger::open(
+            LocalLedger::open(
                 dir.path(),
                 Arc::new(Policy::embedded_default()),
                 Bounds::default(),

@@ -1,17 +1,18 @@
-//! The Quota and Admin services of a relay: validate and count here, decide upstream.
+//! The forwarding ledger's calls: each sent to the upstream, which decides; a Reserve it
+//! cannot reach is retried with its key, then answered by the tier's fail mode.
 
 use std::sync::Arc;
 
-use tonic::{Request, Response, Status};
+use tonic::{Request, Status};
 
-use super::{unreachable, LocalHold, Relay};
+use super::{unreachable, ForwardingLedger, LocalHold};
 use crate::clock::MICROS_PER_SECOND;
-use crate::engine::{ReservationId, Settlement, Usage};
+use crate::engine::{ReservationId, ReserveInput, Settlement, Usage, UsageQuery};
+use crate::ledger::{Authorization, ExportStream, Ledger};
 use crate::proto::admin_client::AdminClient;
 use crate::proto::quota_client::QuotaClient;
-use crate::server::prompt::PromptCounter;
-use crate::server::sampled_log::UPSTREAM_FALLBACKS;
-use crate::server::validate::{self, to_duration, to_timestamp};
+use crate::proto::{to_duration, to_timestamp};
+use crate::sampled_log::UPSTREAM_FALLBACKS;
 use crate::telemetry as metrics;
 use crate::{policy, proto};
 
@@ -26,38 +27,18 @@ const RETRY_FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_milli
 /// without the upstream.
 pub const UPSTREAM_UNAVAILABLE: &str = "upstream_unavailable";
 
-/// Quota in relay mode.
-#[derive(Debug, Clone)]
-pub struct RelayQuota {
-    relay: Arc<Relay>,
-    prompts: PromptCounter,
-    max_prompt_bytes: usize,
-}
-
-impl RelayQuota {
-    /// The Quota service of `relay`, counting prompts with `prompts`.
-    pub fn new(relay: Arc<Relay>, prompts: PromptCounter, max_prompt_bytes: usize) -> Self {
-        Self {
-            relay,
-            prompts,
-            max_prompt_bytes,
-        }
-    }
-
+impl ForwardingLedger {
     fn client(&self) -> QuotaClient<tonic::transport::Channel> {
-        QuotaClient::new(self.relay.channel())
+        QuotaClient::new(self.channel())
     }
 
-    async fn reserve_call(
-        &self,
-        request: Request<proto::ReserveRequest>,
-    ) -> Result<Response<proto::ReserveResponse>, Status> {
-        let call = validate::reserve(request.into_inner(), self.max_prompt_bytes)?;
-        let policy = self.relay.policy();
-        let input = self
-            .prompts
-            .reserve_input(call, || Ok(policy.clone()))
-            .await?;
+    fn admin(&self) -> AdminClient<tonic::transport::Channel> {
+        AdminClient::new(self.channel())
+    }
+
+    /// Reserve upstream; by the tier's fail mode if it cannot be reached.
+    async fn forward_reserve(&self, input: ReserveInput) -> Result<proto::ReserveResponse, Status> {
+        let policy = self.current_policy();
         // Every forwarded Reserve has a key, so that a retry, and the settling of one given up
         // on (`orphans.rs`), find the hold the first attempt made instead of making another.
         let key = input
@@ -93,7 +74,7 @@ impl RelayQuota {
         let answer = loop {
             match self.client().reserve(forwarded.clone()).await {
                 Err(status)
-                    if unreachable(&status) && started.elapsed() + backoff < self.relay.timeout =>
+                    if unreachable(&status) && started.elapsed() + backoff < self.timeout =>
                 {
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
@@ -103,17 +84,16 @@ impl RelayQuota {
         };
         match answer {
             Ok(answer) => {
-                self.relay
-                    .remember_tier(&input.subject, &answer.get_ref().tier);
+                let answer = answer.into_inner();
+                self.remember_tier(&input.subject, &answer.tier);
                 Ok(answer)
             }
             Err(status) if unreachable(&status) => {
                 // The upstream may hold tokens for it: settle that once it answers again.
                 if !input.dry_run {
-                    super::orphans::remember(&self.relay, forwarded);
+                    super::orphans::remember(&self.orphans, forwarded);
                 }
                 self.without_upstream(&input, &policy, &status)
-                    .map(Response::new)
             }
             Err(status) => Err(status),
         }
@@ -123,13 +103,13 @@ impl RelayQuota {
     /// says.
     fn without_upstream(
         &self,
-        input: &crate::engine::ReserveInput,
+        input: &ReserveInput,
         policy: &policy::Policy,
         status: &Status,
     ) -> Result<proto::ReserveResponse, Status> {
-        let tier = self.relay.tier_of(&input.subject, policy);
+        let tier = self.tier_of(&input.subject, policy);
         let limits = policy.resolve(Some(&tier)).limits.clone();
-        let now = self.relay.now_us();
+        let now = self.now_us();
         let tokens = input.prompt_tokens + input.max_output_tokens;
         let denied = proto::ReserveResponse {
             decision: proto::Decision::Denied as i32,
@@ -166,7 +146,7 @@ impl RelayQuota {
             .map(|k| (input.subject.clone(), k));
         if let Some((subject, k)) = &key {
             // A retry during the outage replays the hold the first attempt got here.
-            if let Some((id, hold)) = self.relay.local().by_key(subject, k) {
+            if let Some((id, hold)) = self.local().by_key(subject, k) {
                 return Ok(proto::ReserveResponse {
                     decision: proto::Decision::Allowed as i32,
                     reservation_id: id.to_string(),
@@ -184,7 +164,7 @@ impl RelayQuota {
         let id = ReservationId::generate(now);
         let expires_us = now.saturating_add(hold_us);
         if !input.dry_run {
-            let remembered = self.relay.local().insert(
+            let remembered = self.local().insert(
                 id,
                 LocalHold {
                     tokens,
@@ -229,24 +209,13 @@ impl RelayQuota {
         })
     }
 
-    async fn commit_call(
-        &self,
-        request: Request<proto::CommitRequest>,
-    ) -> Result<Response<proto::CommitResponse>, Status> {
-        let (id, usage) = validate::commit(request.get_ref())?;
-        if let Some(answer) = self.commit_local(id, usage)? {
-            return Ok(Response::new(answer));
-        }
-        self.client().commit(request.into_inner()).await
-    }
-
     /// Commit a fail-open hold here (it is not known upstream).
     fn commit_local(
         &self,
         id: ReservationId,
         usage: Usage,
     ) -> Result<Option<proto::CommitResponse>, Status> {
-        let mut local = self.relay.local();
+        let mut local = self.local();
         let Some(hold) = local.get_mut(id) else {
             return Ok(None);
         };
@@ -273,14 +242,11 @@ impl RelayQuota {
         }))
     }
 
-    async fn refund_call(
-        &self,
-        request: Request<proto::RefundRequest>,
-    ) -> Result<Response<proto::RefundResponse>, Status> {
-        let id = validate::reservation_id(&request.get_ref().reservation_id)?;
+    /// Refund a fail-open hold here (it is not known upstream).
+    fn refund_local(&self, id: ReservationId) -> Result<Option<proto::RefundResponse>, Status> {
         {
-            let mut local = self.relay.local();
-            let now = self.relay.now_us();
+            let mut local = self.local();
+            let now = self.now_us();
             if let Some(hold) = local.get_mut(id) {
                 if hold.committed.is_some() {
                     return Err(Status::failed_precondition(format!(
@@ -293,23 +259,23 @@ impl RelayQuota {
                     )));
                 }
                 hold.refunded = true;
-                return Ok(Response::new(proto::RefundResponse {
+                return Ok(Some(proto::RefundResponse {
                     released_tokens: hold.tokens,
                 }));
             }
         }
-        self.client().refund(request.into_inner()).await
+        Ok(None)
     }
 
-    async fn extend_call(
+    /// Extend a fail-open hold here (it is not known upstream).
+    fn extend_local(
         &self,
-        request: Request<proto::ExtendRequest>,
-    ) -> Result<Response<proto::ExtendResponse>, Status> {
-        let id = validate::reservation_id(&request.get_ref().reservation_id)?;
-        let hold_us = validate::required_hold(request.get_ref().hold.as_ref())?;
+        id: ReservationId,
+        hold_us: u64,
+    ) -> Result<Option<proto::ExtendResponse>, Status> {
         {
-            let now = self.relay.now_us();
-            let mut local = self.relay.local();
+            let now = self.now_us();
+            let mut local = self.local();
             if let Some(hold) = local.get_mut(id) {
                 if hold.committed.is_some() || hold.refunded || hold.expires_us <= now {
                     return Err(Status::failed_precondition(format!(
@@ -330,164 +296,139 @@ impl RelayQuota {
                     )));
                 }
                 hold.expires_us = wanted;
-                return Ok(Response::new(proto::ExtendResponse {
+                return Ok(Some(proto::ExtendResponse {
                     expires_at: Some(to_timestamp(hold.expires_us)),
                 }));
             }
         }
-        self.client().extend(request.into_inner()).await
-    }
-
-    async fn get_usage_call(
-        &self,
-        request: Request<proto::GetUsageRequest>,
-    ) -> Result<Response<proto::GetUsageResponse>, Status> {
-        validate::usage_query(request.get_ref())?;
-        let answer = self.client().get_usage(request.into_inner()).await?;
-        if answer.get_ref().scope == "subject" {
-            self.relay
-                .remember_tier(&answer.get_ref().subject, &answer.get_ref().tier);
-        }
-        Ok(answer)
-    }
-
-    async fn count_tokens_call(
-        &self,
-        request: Request<proto::CountTokensRequest>,
-    ) -> Result<Response<proto::CountTokensResponse>, Status> {
-        let policy = self.relay.policy();
-        crate::server::prompt::count_tokens(
-            &self.prompts,
-            &policy,
-            request.into_inner(),
-            self.max_prompt_bytes,
-        )
-        .await
-        .map(Response::new)
+        Ok(None)
     }
 }
 
-#[tonic::async_trait]
-impl proto::quota_server::Quota for RelayQuota {
-    async fn reserve(
-        &self,
-        request: Request<proto::ReserveRequest>,
-    ) -> Result<Response<proto::ReserveResponse>, Status> {
-        metrics::timed("Reserve", self.reserve_call(request)).await
-    }
-
-    async fn commit(
-        &self,
-        request: Request<proto::CommitRequest>,
-    ) -> Result<Response<proto::CommitResponse>, Status> {
-        metrics::timed("Commit", self.commit_call(request)).await
-    }
-
-    async fn refund(
-        &self,
-        request: Request<proto::RefundRequest>,
-    ) -> Result<Response<proto::RefundResponse>, Status> {
-        metrics::timed("Refund", self.refund_call(request)).await
-    }
-
-    async fn extend(
-        &self,
-        request: Request<proto::ExtendRequest>,
-    ) -> Result<Response<proto::ExtendResponse>, Status> {
-        metrics::timed("Extend", self.extend_call(request)).await
-    }
-
-    async fn get_usage(
-        &self,
-        request: Request<proto::GetUsageRequest>,
-    ) -> Result<Response<proto::GetUsageResponse>, Status> {
-        metrics::timed("GetUsage", self.get_usage_call(request)).await
-    }
-
-    async fn count_tokens(
-        &self,
-        request: Request<proto::CountTokensRequest>,
-    ) -> Result<Response<proto::CountTokensResponse>, Status> {
-        metrics::timed("CountTokens", self.count_tokens_call(request)).await
-    }
-}
-
-/// Admin in relay mode: every call forwarded with its `authorization` header, which the
-/// central service checks (a relay holds no admin token of its own).
-#[derive(Debug, Clone)]
-pub struct RelayAdmin {
-    relay: Arc<Relay>,
-}
-
-impl RelayAdmin {
-    /// The Admin service of `relay`.
-    pub fn new(relay: Arc<Relay>) -> Self {
-        Self { relay }
-    }
-
-    fn client(&self) -> AdminClient<tonic::transport::Channel> {
-        AdminClient::new(self.relay.channel())
-    }
-}
-
-/// `request`'s message in a new request that carries its `authorization` header.
-fn with_credentials<T>(request: Request<T>) -> Request<T> {
-    let auth = request.metadata().get("authorization").cloned();
-    let mut forwarded = Request::new(request.into_inner());
-    if let Some(auth) = auth {
+/// An Admin call's message in a request that carries the caller's `authorization`, which the
+/// tollgate that decides checks.
+fn with_credentials<T>(message: T, authorization: Authorization) -> Request<T> {
+    let mut forwarded = Request::new(message);
+    if let Some(auth) = authorization {
         forwarded.metadata_mut().insert("authorization", auth);
     }
     forwarded
 }
 
 #[tonic::async_trait]
-impl proto::admin_server::Admin for RelayAdmin {
+impl Ledger for ForwardingLedger {
+    fn policy(&self) -> Result<Arc<policy::Policy>, Status> {
+        Ok(self.current_policy())
+    }
+
+    async fn reserve(&self, input: ReserveInput) -> Result<proto::ReserveResponse, Status> {
+        self.forward_reserve(input).await
+    }
+
+    async fn commit(
+        &self,
+        id: ReservationId,
+        usage: Usage,
+    ) -> Result<proto::CommitResponse, Status> {
+        if let Some(answer) = self.commit_local(id, usage)? {
+            return Ok(answer);
+        }
+        let request = proto::CommitRequest {
+            reservation_id: id.to_string(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            usage_unknown: usage.usage_unknown,
+        };
+        Ok(self.client().commit(request).await?.into_inner())
+    }
+
+    async fn refund(&self, id: ReservationId) -> Result<proto::RefundResponse, Status> {
+        if let Some(answer) = self.refund_local(id)? {
+            return Ok(answer);
+        }
+        let request = proto::RefundRequest {
+            reservation_id: id.to_string(),
+        };
+        Ok(self.client().refund(request).await?.into_inner())
+    }
+
+    async fn extend(
+        &self,
+        id: ReservationId,
+        hold_us: u64,
+    ) -> Result<proto::ExtendResponse, Status> {
+        if let Some(answer) = self.extend_local(id, hold_us)? {
+            return Ok(answer);
+        }
+        let request = proto::ExtendRequest {
+            reservation_id: id.to_string(),
+            hold: Some(to_duration(hold_us)),
+        };
+        Ok(self.client().extend(request).await?.into_inner())
+    }
+
+    async fn usage(&self, query: UsageQuery) -> Result<proto::GetUsageResponse, Status> {
+        let request = proto::GetUsageRequest {
+            subject: query.subject.unwrap_or_default(),
+            group: query.group.unwrap_or_default(),
+            client_ip: query.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        };
+        let answer = self.client().get_usage(request).await?.into_inner();
+        if answer.scope == "subject" {
+            self.remember_tier(&answer.subject, &answer.tier);
+        }
+        Ok(answer)
+    }
+
     async fn set_subject(
         &self,
-        request: Request<proto::SetSubjectRequest>,
-    ) -> Result<Response<proto::SetSubjectResponse>, Status> {
-        let answer = metrics::timed(
-            "SetSubject",
-            self.client().set_subject(with_credentials(request)),
-        )
-        .await?;
-        self.relay
-            .remember_tier(&answer.get_ref().subject, &answer.get_ref().tier);
+        authorization: Authorization,
+        request: proto::SetSubjectRequest,
+    ) -> Result<proto::SetSubjectResponse, Status> {
+        let answer = self
+            .admin()
+            .set_subject(with_credentials(request, authorization))
+            .await?
+            .into_inner();
+        self.remember_tier(&answer.subject, &answer.tier);
         Ok(answer)
     }
 
     async fn get_subject(
         &self,
-        request: Request<proto::GetSubjectRequest>,
-    ) -> Result<Response<proto::GetSubjectResponse>, Status> {
-        let answer = metrics::timed(
-            "GetSubject",
-            self.client().get_subject(with_credentials(request)),
-        )
-        .await?;
-        self.relay
-            .remember_tier(&answer.get_ref().subject, &answer.get_ref().tier);
+        authorization: Authorization,
+        subject: String,
+    ) -> Result<proto::GetSubjectResponse, Status> {
+        let request = proto::GetSubjectRequest { subject };
+        let answer = self
+            .admin()
+            .get_subject(with_credentials(request, authorization))
+            .await?
+            .into_inner();
+        self.remember_tier(&answer.subject, &answer.tier);
         Ok(answer)
     }
 
     async fn reset_usage(
         &self,
-        request: Request<proto::ResetUsageRequest>,
-    ) -> Result<Response<proto::ResetUsageResponse>, Status> {
-        metrics::timed(
-            "ResetUsage",
-            self.client().reset_usage(with_credentials(request)),
-        )
-        .await
+        authorization: Authorization,
+        subject: String,
+    ) -> Result<proto::ResetUsageResponse, Status> {
+        let request = proto::ResetUsageRequest { subject };
+        Ok(self
+            .admin()
+            .reset_usage(with_credentials(request, authorization))
+            .await?
+            .into_inner())
     }
 
-    type ExportStream = tonic::Streaming<proto::ExportChunk>;
-
-    /// The central service's export, streamed through.
-    async fn export(
-        &self,
-        request: Request<proto::ExportRequest>,
-    ) -> Result<Response<Self::ExportStream>, Status> {
-        metrics::timed("Export", self.client().export(with_credentials(request))).await
+    /// The upstream's export, streamed through.
+    async fn export(&self, authorization: Authorization) -> Result<ExportStream, Status> {
+        let chunks = self
+            .admin()
+            .export(with_credentials(proto::ExportRequest {}, authorization))
+            .await?
+            .into_inner();
+        Ok(Box::pin(chunks))
     }
 }
