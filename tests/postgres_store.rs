@@ -294,7 +294,8 @@ fn a_deposed_leader_cannot_write() {
 
 /// A leader paused (SIGSTOP) past its lease: the follower takes over and serves; the old
 /// leader, resumed, stops (exit 3, naming the lease) instead of deciding from a ledger that is
-/// no longer the database's.
+/// no longer the database's, and none of the calls that waited for it is answered OK (writes,
+/// denials, dry runs and reads alike), nor does any of its holds land.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_stops_when_it_resumes_and_the_follower_serves() {
     let dir = tempfile::tempdir().unwrap();
@@ -310,6 +311,36 @@ async fn a_paused_leader_stops_when_it_resumes_and_the_follower_serves() {
     hold(&mut q, "alice", 4000, 0).await;
     let follower = Serve::new(&dir.path().join("b")).args(&args).start();
     leader.signal("STOP");
+    // Calls sent to the paused leader wait in its socket: holds (which would write), a denial
+    // and a dry run (answered from memory), a read. None of them may be answered OK.
+    let mut pending = Vec::new();
+    for n in 0..4 {
+        let mut q = q.clone();
+        let mut req = reserve("bob", 1000, 0);
+        req.idempotency_key = format!("bob-{n}");
+        pending.push(tokio::spawn(async move {
+            format!("{:?}", q.reserve(req).await.map(|r| r.into_inner()))
+        }));
+    }
+    let mut denied = reserve("alice", 7000, 0);
+    let mut dry = reserve("alice", 1, 0);
+    dry.dry_run = true;
+    for req in [denied.clone(), dry] {
+        let mut q = q.clone();
+        pending.push(tokio::spawn(async move {
+            format!("{:?}", q.reserve(req).await.map(|r| r.into_inner()))
+        }));
+    }
+    {
+        let mut q = q.clone();
+        pending.push(tokio::spawn(async move {
+            let ask = tollgate::proto::GetUsageRequest {
+                subject: "alice".into(),
+                ..Default::default()
+            };
+            format!("{:?}", q.get_usage(ask).await.map(|r| r.into_inner()))
+        }));
+    }
     until_leading(&url, &follower).await;
     let mut q2 = follower.quota().await;
     hold(&mut q2, "alice", 6000, 0).await;
@@ -319,9 +350,19 @@ async fn a_paused_leader_stops_when_it_resumes_and_the_follower_serves() {
         .expect("the resumed leader stops");
     assert_eq!(exit.code(), Some(3), "log:\n{}", leader.log_text());
     assert!(leader.log_text().contains("lease"), "{}", leader.log_text());
-    // The budget was spent once: 10,000 of 10,000 held, and nothing more is allowed.
+    for call in pending {
+        let answer = call.await.unwrap();
+        assert!(
+            answer.starts_with("Err("),
+            "a call pending on the deposed leader was answered: {answer}"
+        );
+    }
+    // None of its holds landed, and the budget was spent once: 10,000 of 10,000 held, and
+    // nothing more is allowed.
+    assert_eq!(figures(&mut q2, "bob").await, (0, 0, 0));
     assert_eq!(figures(&mut q2, "alice").await, (0, 10000, 2));
-    let r = rsv(&mut q2, reserve("alice", 1, 0)).await;
+    denied.prompt_tokens = Some(1);
+    let r = rsv(&mut q2, denied).await;
     assert_eq!(decision(&r), Decision::Denied);
 }
 

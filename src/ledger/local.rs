@@ -256,7 +256,19 @@ impl LocalLedger {
             }
             (Wait::Own | Wait::Earlier, Ticket::Ready) => {}
         }
+        self.may_answer()?;
         Ok(result?)
+    }
+
+    /// Whether the store lets this process answer from memory ([`Store::may_answer`]): a
+    /// leader whose lease may have run out answers nothing, not even a denial or a read, which
+    /// a follower may by now decide otherwise. It then stops (fail-stop) and comes back as a
+    /// standby.
+    fn may_answer(&self) -> Result<(), LedgerError> {
+        self.writer.store().may_answer().map_err(|e| {
+            self.failed.trip(e.to_string());
+            e.into()
+        })
     }
 
     /// How long the answer to a call on an existing hold (Commit, Refund, Extend) waits: a
@@ -334,6 +346,7 @@ impl LocalLedger {
         let (result, _ticket, _) = self
             .decide(|e, now, _| Ok(e.usage(query, now)), |_| Wait::Nothing)
             .await?;
+        self.may_answer()?;
         Ok(result?)
     }
 
@@ -374,7 +387,9 @@ impl LocalLedger {
         &self,
         subject: &str,
     ) -> Result<(String, bool, Overrides, Option<String>), LedgerError> {
-        Ok(self.lock()?.subject_config(subject))
+        let config = self.lock()?.subject_config(subject);
+        self.may_answer()?;
+        Ok(config)
     }
 
     /// Forget a subject's usage, durably.

@@ -78,6 +78,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Start a consistent read of every record, as of the last batch written, while writes go
     /// on (an export).
     fn reader(&self) -> Result<Box<dyn RecordReader>, StoreError>;
+
+    /// Whether this process may still answer from the state it holds in memory. A store that
+    /// one process owns (sled) always may. A shared one may refuse: PostgreSQL's leader once its
+    /// lease could have run out, since a follower may be deciding by then. Checked before every
+    /// answer, so that a leader paused past its lease (SIGSTOP, a stalled VM) answers none of
+    /// the calls that waited for it: not the writes, which the epoch fences anyway, and not the
+    /// denials and reads either, which would come from a ledger that is no longer the one in
+    /// force. Must be cheap: it is on every call's path.
+    fn may_answer(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Every record of a store as of one batch, in key order, in chunks; see [`Store::reader`].
@@ -161,6 +172,9 @@ pub enum StoreError {
     /// The backend failed (sled, a database connection).
     #[error("storage: {0}")]
     Backend(Box<dyn std::error::Error + Send + Sync>),
+    /// This replica no longer leads (its lease ran out or was taken): it must not answer.
+    #[error("not the leader: {0}")]
+    NotLeader(String),
     /// The data directory (the watermark, or syncing) failed.
     #[error("storage: {0}")]
     Io(#[from] std::io::Error),

@@ -83,6 +83,9 @@ pub struct PostgresStore {
     location: String,
     recovery: Recovery,
     inner: Mutex<Inner>,
+    /// Whether the lease taken still holds: set once, when it is taken; read without the lock
+    /// before every answer ([`Store::may_answer`]).
+    authority: std::sync::OnceLock<renewal::Authority>,
 }
 
 struct Inner {
@@ -127,6 +130,7 @@ impl PostgresStore {
             config,
             location,
             recovery,
+            authority: std::sync::OnceLock::new(),
             inner: Mutex::new(Inner {
                 client: ClientOnAnyThread(Some(client)),
                 write,
@@ -193,6 +197,7 @@ impl PostgresStore {
             sent,
             failed.clone(),
         );
+        let _ = self.authority.set(renewal.authority(config));
         inner.lease = Some(Leading { epoch, renewal });
         Ok(Some(epoch))
     }
@@ -414,5 +419,19 @@ impl Store for PostgresStore {
     fn reader(&self) -> Result<Box<dyn RecordReader>, StoreError> {
         let client = connect(&self.config, &self.location)?;
         Ok(Box::new(reader::PostgresReader::start(client)?))
+    }
+
+    fn may_answer(&self) -> Result<(), StoreError> {
+        match self.authority.get() {
+            Some(lease) if lease.holds() => Ok(()),
+            Some(_) => Err(StoreError::NotLeader(format!(
+                "the lease of {} may have run out (not renewed in time, or taken by another replica)",
+                self.location
+            ))),
+            None => Err(StoreError::NotLeader(format!(
+                "this replica does not hold the lease of {}",
+                self.location
+            ))),
+        }
     }
 }

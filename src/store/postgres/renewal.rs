@@ -27,6 +27,26 @@ pub struct Renewal {
     shared: Arc<Shared>,
 }
 
+/// Whether the lease still holds, as the holder counts it: read on every answer, so two
+/// atomic loads and a clock read, no lock.
+#[derive(Clone)]
+pub struct Authority {
+    shared: Arc<Shared>,
+    /// How long after a renewal was sent the holder may decide ([`LeaseConfig::decide_for`]).
+    limit: Duration,
+}
+
+impl Authority {
+    /// Whether the lease still holds (and the renewal has not been stopped or lost).
+    pub fn holds(&self) -> bool {
+        if self.shared.stopped.load(Ordering::Relaxed) {
+            return false;
+        }
+        let renewed = Duration::from_millis(self.shared.renewed_ms.load(Ordering::Relaxed));
+        self.shared.base.elapsed().saturating_sub(renewed) < self.limit
+    }
+}
+
 struct Shared {
     stop: Mutex<bool>,
     wake: Condvar,
@@ -82,6 +102,14 @@ impl Renewal {
         Self { shared }
     }
 
+    /// The check that the lease still holds.
+    pub fn authority(&self, config: &LeaseConfig) -> Authority {
+        Authority {
+            shared: self.shared.clone(),
+            limit: config.decide_for(),
+        }
+    }
+
     /// Stop both threads (the lease is then released or left to expire by the caller).
     pub fn stop(&self) {
         self.shared.stopped.store(true, Ordering::Relaxed);
@@ -125,6 +153,7 @@ fn renew_loop(
                 shared.renewed_ms.fetch_max(ms, Ordering::Relaxed);
             }
             Ok(false) => {
+                shared.stopped.store(true, Ordering::Relaxed);
                 failed.trip(format!(
                     "lost the lease: another replica took over (this one's epoch was {epoch}); a restart comes back as a standby"
                 ));
