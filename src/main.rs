@@ -10,7 +10,7 @@ use tollgate::clock::SystemClock;
 use tollgate::engine::Bounds;
 use tollgate::ledger::LocalLedger;
 use tollgate::policy::Policy;
-use tollgate::relay::ForwardingLedger;
+use tollgate::relay::{channel_to, ForwardingLedger, Settler};
 use tollgate::server::transport::DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT;
 use tollgate::server::validate::DEFAULT_MAX_PROMPT_BYTES;
 use tollgate::server::{Backend, ServeOptions, TransportOptions};
@@ -309,6 +309,7 @@ async fn follow(
     socket: &std::net::TcpListener,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
     announced: &mut bool,
+    settler: &Arc<Settler>,
 ) -> Result<bool, ExitCode> {
     let poll = PostgresStore::poll_every(lease);
     loop {
@@ -347,7 +348,7 @@ async fn follow(
             Duration::from_secs_f64(args.upstream_timeout),
             Arc::new(SystemClock),
         ) {
-            Ok(r) => Arc::new(r.as_follower()),
+            Ok(r) => Arc::new(r.as_follower().settling_with(settler.clone())),
             Err(e) => {
                 eprintln!("tollgate: the leader's advertised address: {e}");
                 return Err(ExitCode::FAILURE);
@@ -701,6 +702,30 @@ fn serve(args: ServeArgs) -> ExitCode {
                         };
                         let lease =
                             LeaseConfig::new(advertise, Duration::from_secs_f64(args.lease_ttl));
+                        // Reserves given up on while following (the leader died under them)
+                        // are settled with the next leader, or with this replica once it leads:
+                        // through its own port, like any call.
+                        let upstream_timeout = Duration::from_secs_f64(args.upstream_timeout);
+                        let to_self = socket
+                            .local_addr()
+                            .map(|mut a| {
+                                if a.ip().is_unspecified() {
+                                    a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                                }
+                                format!("http://{a}")
+                            })
+                            .map_err(|e| e.to_string())
+                            .and_then(|url| {
+                                channel_to(&url, upstream_timeout).map_err(|e| e.to_string())
+                            });
+                        let to_self = match to_self {
+                            Ok(channel) => channel,
+                            Err(e) => {
+                                eprintln!("tollgate: cannot reach this replica's own port: {e}");
+                                return ExitCode::FAILURE;
+                            }
+                        };
+                        let settler = Arc::new(Settler::new(to_self.clone()));
                         let following = follow(
                             &store,
                             &lease,
@@ -710,11 +735,12 @@ fn serve(args: ServeArgs) -> ExitCode {
                             &socket,
                             &mut shutdown,
                             &mut announced,
+                            &settler,
                         )
                         .await;
                         bound = Some(socket);
                         match following {
-                            Ok(true) => {}
+                            Ok(true) => settler.point_at(to_self),
                             Ok(false) => return ExitCode::SUCCESS,
                             Err(code) => return code,
                         }

@@ -27,6 +27,7 @@ use tonic::transport::{Channel, Endpoint};
 
 pub use forward::UPSTREAM_UNAVAILABLE;
 use local::{LocalHold, LocalHolds};
+pub use orphans::Settler;
 
 use crate::clock::Clock;
 use crate::policy::{Policy, PolicyCell};
@@ -90,22 +91,7 @@ impl ForwardingLedger {
         timeout: Duration,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, RelayError> {
-        let bad = |reason: String| RelayError::BadUrl {
-            url: upstream.to_string(),
-            reason,
-        };
-        if !(upstream.starts_with("http://") || upstream.starts_with("https://")) {
-            return Err(bad("it must start with http:// or https://".into()));
-        }
-        let channel = Endpoint::from_shared(upstream.to_string())
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        let channel = channel_to(upstream, timeout)?;
         Ok(Self {
             orphans: Arc::new(orphans::Settler::new(channel.clone())),
             channel,
@@ -117,6 +103,14 @@ impl ForwardingLedger {
             follower: false,
             clock,
         })
+    }
+
+    /// Settle the Reserves given up on with `settler` (one that outlives this ledger: see
+    /// [`Settler`]), pointed at this ledger's upstream from now.
+    pub fn settling_with(mut self, settler: Arc<Settler>) -> Self {
+        settler.point_at(self.channel.clone());
+        self.orphans = settler;
+        self
     }
 
     /// This relay is a follower replica's, to its leader: its Quota and Admin services say
@@ -202,6 +196,27 @@ impl ForwardingLedger {
     fn now_us(&self) -> u64 {
         self.clock.now_micros()
     }
+}
+
+/// A channel to the tollgate at `upstream`, with `timeout` on connecting and on each call.
+/// Lazy: the connection is made on the first call and remade as needed.
+pub fn channel_to(upstream: &str, timeout: Duration) -> Result<Channel, RelayError> {
+    let bad = |reason: String| RelayError::BadUrl {
+        url: upstream.to_string(),
+        reason,
+    };
+    if !(upstream.starts_with("http://") || upstream.starts_with("https://")) {
+        return Err(bad("it must start with http:// or https://".into()));
+    }
+    Ok(Endpoint::from_shared(upstream.to_string())
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
 }
 
 /// Whether an error from the upstream means it could not be reached (rather than an answer).

@@ -59,10 +59,16 @@ impl Orphans {
 }
 
 /// The Reserves waiting and the task that settles them, shared with that task.
+///
+/// Why the upstream can change: a follower replica forwards to whichever replica leads, and
+/// that changes on a failover. The Reserves it gave up on while the old leader died must be
+/// settled with the new one (which loaded the old one's holds), or by this replica itself
+/// once it leads: so one `Settler` lives as long as the process and is pointed at each new
+/// upstream in turn ([`Settler::point_at`]).
 #[derive(Debug)]
 pub struct Settler {
     /// The upstream.
-    channel: Channel,
+    channel: Mutex<Channel>,
     orphans: Mutex<Orphans>,
     /// Whether a task is settling them.
     replaying: AtomicBool,
@@ -72,10 +78,29 @@ impl Settler {
     /// Nothing waiting yet; settled over `channel`.
     pub fn new(channel: Channel) -> Self {
         Self {
-            channel,
+            channel: Mutex::new(channel),
             orphans: Mutex::new(Orphans::default()),
             replaying: AtomicBool::new(false),
         }
+    }
+
+    /// Settle the waiting Reserves, and those given up on from now, with the tollgate at
+    /// `channel` (a new leader, or this process once it leads); starts settling any waiting.
+    pub fn point_at(self: &Arc<Self>, channel: Channel) {
+        *self
+            .channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = channel;
+        if !self.orphans().is_empty() && !self.replaying.swap(true, Ordering::AcqRel) {
+            tokio::spawn(settle(self.clone()));
+        }
+    }
+
+    fn channel(&self) -> Channel {
+        self.channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn orphans(&self) -> MutexGuard<'_, Orphans> {
@@ -101,9 +126,9 @@ pub fn remember(relay: &Arc<Settler>, request: ReserveRequest) {
 /// Ask the upstream about each waiting Reserve with its key, and refund what it holds for it,
 /// until none waits.
 async fn settle(relay: Arc<Settler>) {
-    let mut client = QuotaClient::new(relay.channel.clone());
     loop {
         tokio::time::sleep(REPLAY_EVERY).await;
+        let mut client = QuotaClient::new(relay.channel());
         let batch = relay.orphans().take();
         let mut still = Vec::new();
         for request in batch {
