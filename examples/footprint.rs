@@ -6,6 +6,8 @@
 //! # The restart alone, on a directory kept for reruns, and the real server on it:
 //! cargo build --release
 //! cargo run --release --example footprint -- --restart-only --data-dir /tmp/m1 --serve target/release/tollgate
+//! # ...and the same ledger moved to PostgreSQL (export, import), the server timed on it too:
+//! cargo run --release --example footprint -- --restart-only --data-dir /tmp/m1 --serve target/release/tollgate --store postgres://...
 //! ```
 //!
 //! Three phases, each measured as the change in resident memory (`VmRSS` of
@@ -50,6 +52,10 @@ struct Args {
     /// `serve --data-dir`, until its health check answers SERVING (what an operator waits for).
     #[arg(long)]
     serve: Option<std::path::PathBuf>,
+    /// With --serve: then move the directory's ledger into this PostgreSQL database (`tollgate
+    /// export`, then `tollgate import --replace`) and time the server on it the same way.
+    #[arg(long, requires = "serve")]
+    store: Option<String>,
 }
 
 const POLICY: &str = r#"
@@ -223,22 +229,66 @@ fn main() {
     );
     drop(ledger);
     if let Some(bin) = &args.serve {
-        runtime.block_on(time_serve(bin, dir));
+        let on_sled = [std::ffi::OsStr::new("--data-dir"), dir.as_os_str()];
+        runtime.block_on(time_serve(bin, &on_sled, "sled"));
+        if let Some(url) = &args.store {
+            let file = temp.path().join("export.jsonl");
+            let started = Instant::now();
+            run(
+                bin,
+                &[
+                    "export".as_ref(),
+                    "--data-dir".as_ref(),
+                    dir.as_os_str(),
+                    "--out".as_ref(),
+                    file.as_os_str(),
+                ],
+            );
+            let exported = started.elapsed();
+            run(
+                bin,
+                &[
+                    "import".as_ref(),
+                    "--store".as_ref(),
+                    url.as_ref(),
+                    "--replace".as_ref(),
+                    file.as_os_str(),
+                ],
+            );
+            println!(
+                "moved to PostgreSQL: export {:.2} s, import {:.2} s",
+                exported.as_secs_f64(),
+                (started.elapsed() - exported).as_secs_f64()
+            );
+            let on_postgres = [std::ffi::OsStr::new("--store"), url.as_ref()];
+            runtime.block_on(time_serve(bin, &on_postgres, "PostgreSQL"));
+        }
     }
     drop(runtime);
 }
 
-/// Start `bin serve --data-dir dir` on a free loopback port, and print how long it took to
-/// print its address and to answer its health check SERVING; then stop it (SIGTERM).
-async fn time_serve(bin: &std::path::Path, dir: &std::path::Path) {
+/// Run `bin` with `args` to its end; panics unless it succeeds.
+fn run(bin: &std::path::Path, args: &[&std::ffi::OsStr]) {
+    let status = std::process::Command::new(bin)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run tollgate");
+    assert!(status.success(), "tollgate {args:?}: {status}");
+}
+
+/// Start `bin serve` with `store` (its store's flags) on a free loopback port, and print how
+/// long it took to print its address and for its Quota service to answer health SERVING
+/// (on PostgreSQL, a replica that follows says SERVING for "" only); then stop it (SIGTERM).
+async fn time_serve(bin: &std::path::Path, store: &[&std::ffi::OsStr], name: &str) {
     use std::io::BufRead;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
     let started = Instant::now();
     let mut child = std::process::Command::new(bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(store)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -259,7 +309,7 @@ async fn time_serve(bin: &std::path::Path, dir: &std::path::Path) {
     loop {
         let status = health
             .check(HealthCheckRequest {
-                service: String::new(),
+                service: "tollgate.v1.Quota".into(),
             })
             .await
             .map(|r| r.into_inner().status());
@@ -269,7 +319,7 @@ async fn time_serve(bin: &std::path::Path, dir: &std::path::Path) {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     println!(
-        "serve: `tollgate serve` printed its address after {:.2} s, health SERVING after {:.2} s",
+        "serve on {name}: `tollgate serve` printed its address after {:.2} s, health SERVING after {:.2} s",
         listening.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );

@@ -3,11 +3,16 @@
 # target/bench/results.md): req/s and p50/p99/p99.9 latency of each call, beside those of
 # grpc.health.v1.Health/Check measured on the same server just before, and their ratio.
 #
-#   scripts/bench.sh                    # about 6 minutes: each run 5 s measured after 1 s warm-up
-#   BENCH_SECONDS=1 scripts/bench.sh    # about 2 minutes, noisy: to check the script itself
+#   scripts/bench.sh                    # about 8 minutes: each run 5 s measured after 1 s warm-up
+#   BENCH_SECONDS=1 scripts/bench.sh    # about 3 minutes, noisy: to check the script itself
+#   BENCH_STORES=sled scripts/bench.sh  # sled only (default: "sled postgres")
 #
 # How, and why so:
-# - One server per durability (strict, relaxed), on a free loopback port, with a policy no run
+# - The stores side by side in one run: every call on sled; on PostgreSQL (a server of its own,
+#   scripts/lib/postgres.sh, fsync and synchronous_commit on) the calls that write (Reserve, and
+#   Reserve+Commit pairs): the others never touch the store. PostgreSQL's own CPU is not in the
+#   server CPU column, which counts tollgate's.
+# - One server per store and durability (strict, relaxed), on a free loopback port, with a policy no run
 #   can reach (every limit set, so every check runs; every Reserve ALLOWED). Reserves hold for
 #   1 ms: each hold is expired by the next calls (and charged), so a flood has somewhere to go.
 # - h2load (a C client, cheap per call) sends one fixed body per call, written from proto/'s
@@ -60,6 +65,13 @@ fi
 for tool in curl python3 timeout; do
   command -v "$tool" >/dev/null || fail "$tool is required"
 done
+stores=${BENCH_STORES:-sled postgres}
+for store in $stores; do
+  [[ $store == sled || $store == postgres ]] || fail "BENCH_STORES: sled or postgres (got '$store')"
+done
+[ -n "${BENCH_STORES:-}" ] && command_line="BENCH_STORES='$stores' $command_line"
+# shellcheck source=scripts/lib/postgres.sh
+source scripts/lib/postgres.sh
 
 cargo build --release --bin tollgate --example grpc_body --example load
 bin=$target_dir/release/tollgate
@@ -73,6 +85,7 @@ cleanup() {
     kill "$server_pid" 2>/dev/null || true
     wait "$server_pid" 2>/dev/null || true
   fi
+  pg_stop "$out_dir/raw/postgres.log"
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -154,14 +167,17 @@ probe() {
   esac
 }
 
+# start_server DURABILITY LABEL: on PostgreSQL when LABEL starts with pg- (a fresh database).
 start_server() {
-  local durability=$1 attempt server_log
+  local durability=$1 label=$2 attempt server_log store_args=()
   # The metrics port is picked before the server binds it: retry if someone took it meanwhile.
   for attempt in 1 2 3; do
     metrics_port=$(free_port)
     rm -rf "$work/data"
-    server_log=$out_dir/raw/server-$durability
+    [[ $label == pg-* ]] && store_args=(--store "$(pg_fresh_db bench)")
+    server_log=$out_dir/raw/server-$label
     "$bin" serve --listen 127.0.0.1:0 --data-dir "$work/data" --policy "$work/policy.toml" \
+      "${store_args[@]}" \
       --durability "$durability" --metrics-listen "127.0.0.1:$metrics_port" \
       >"$server_log.out" 2>"$server_log.err" &
     server_pid=$!
@@ -372,23 +388,33 @@ measure_pairs() {
 
 load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 started_at=$(date -u '+%Y-%m-%d %H:%M UTC')
-for durability in strict relaxed; do
-  echo "== $durability" >&2
-  start_server "$durability"
+[[ " $stores " == *" postgres "* ]] && pg_start
+runs=()
+for store in $stores; do
+  for durability in strict relaxed; do
+    if [ "$store" = postgres ]; then runs+=("pg-$durability"); else runs+=("$durability"); fi
+  done
+done
+for label in "${runs[@]}"; do
+  durability=${label#pg-}
+  echo "== $label" >&2
+  start_server "$durability" "$label"
   for shape in "${shapes[@]}"; do
     for call in "${calls[@]}"; do
-      measure "$health_call" "$shape" "$durability"
+      # On PostgreSQL only what writes: the plain Reserve.
+      [[ $label == pg-* && ${call%%|*} != Reserve ]] && continue
+      measure "$health_call" "$shape" "$label"
       health=("${run[@]}")
-      measure "$call" "$shape" "$durability"
+      measure "$call" "$shape" "$label"
       measured=("${run[@]}")
       # results.tsv: name durability shape req/s p50 p99 p99.9 server-cpu health-req/s
       # health-p50
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "${call%%|*}" "$durability" "$shape" \
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "${call%%|*}" "$label" "$shape" \
         "${measured[@]}" "${health[0]}" "${health[1]}" >>"$results"
     done
   done
   for shape in "${pair_shapes[@]}"; do
-    measure_pairs "$shape" "$durability"
+    measure_pairs "$shape" "$label"
   done
   stop_server
 done
@@ -409,23 +435,23 @@ git diff --quiet HEAD 2>/dev/null || revision="$revision (with uncommitted chang
   echo "same server just before each row's call; ratio = req/s ÷ Health/Check's req/s. Server CPU"
   echo "is its user + system time over the measured run ÷ the calls it answered in it."
   echo
-  echo "| call | durability | shape | req/s | p50 | p99 | p99.9 | server CPU µs/call | Health/Check req/s | Health/Check p50 | ratio |"
-  echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-  awk -F'\t' '{ sub(/x/, "×", $3)
-    printf "| %s | %s | %s | %.0f | %d | %d | %d | %s | %.0f | %d | %.2f |\n",
-      $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $4 / $9 }' "$results"
+  echo "| call | store | durability | shape | req/s | p50 | p99 | p99.9 | server CPU µs/call | Health/Check req/s | Health/Check p50 | ratio |"
+  echo "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+  awk -F'\t' '{ sub(/x/, "×", $3); store = sub(/^pg-/, "", $2) ? "PostgreSQL" : "sled"
+    printf "| %s | %s | %s | %s | %.0f | %d | %d | %d | %s | %.0f | %d | %.2f |\n",
+      $1, store, $2, $3, $4, $5, $6, $7, $8, $9, $10, $4 / $9 }' "$results"
   echo
   echo "Reserve+Commit pairs through \`examples/load.rs\` (a tonic client on the same cores; 64"
   echo "subjects; each call's own CPU time per call, client and server). calls/s counts Reserves and"
   echo "Commits; ratio = calls/s ÷ h2load's Health/Check req/s just before (different clients)."
   echo
-  echo "| durability | shape | calls/s | pair p50 | Reserve p50 | Reserve p99 | Reserve p99.9 | client CPU µs/call | server CPU µs/call | Health/Check req/s | ratio |"
-  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-  awk -F'\t' '{ sub(/x/, "×", $2)
-    printf "| %s | %s | %.0f | %d | %d | %d | %d | %s | %s | %.0f | %.2f |\n",
-      $1, $2, $3, $5, $6, $7, $8, $9, $10, $11, $3 / $11 }' "$pairs"
+  echo "| store | durability | shape | calls/s | pair p50 | Reserve p50 | Reserve p99 | Reserve p99.9 | client CPU µs/call | server CPU µs/call | Health/Check req/s | ratio |"
+  echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  awk -F'\t' '{ sub(/x/, "×", $2); store = sub(/^pg-/, "", $1) ? "PostgreSQL" : "sled"
+    printf "| %s | %s | %s | %.0f | %d | %d | %d | %d | %s | %s | %.0f | %.2f |\n",
+      store, $1, $2, $3, $5, $6, $7, $8, $9, $10, $11, $3 / $11 }' "$pairs"
   echo
-  echo "Goals of issue 10 at 8×32 (ratio to Health/Check) and 1×1 (p50 above Health/Check's):"
+  echo "Goals of issue 10 on sled at 8×32 (ratio to Health/Check) and 1×1 (p50 above Health/Check's):"
   echo
   awk -F'\t' '
     function goal(text, value, met) {
