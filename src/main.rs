@@ -11,6 +11,7 @@ use tollgate::engine::Bounds;
 use tollgate::ledger::LocalLedger;
 use tollgate::policy::Policy;
 use tollgate::relay::{channel_to, ForwardingLedger, Settler};
+use tollgate::server::transport::tls::{TlsConfig, TlsFiles};
 use tollgate::server::transport::DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT;
 use tollgate::server::validate::DEFAULT_MAX_PROMPT_BYTES;
 use tollgate::server::{Backend, ServeOptions, TransportOptions};
@@ -189,6 +190,19 @@ struct ServeArgs {
     /// Policy file (TOML). Without it, the embedded default policy serves.
     #[arg(long, env = "TOLLGATE_POLICY")]
     policy: Option<PathBuf>,
+    /// TLS on --listen: the certificate chain (PEM, leaf first). Read again when it changes
+    /// (certificate rotation), without dropping connections. Needs --tls-key. --health-listen
+    /// stays plaintext, for kubelet probes.
+    #[arg(long, env = "TOLLGATE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM). Never logged.
+    #[arg(long, env = "TOLLGATE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// mTLS: the CA certificates (PEM) that must sign every client's certificate; a client
+    /// without one, or with one another CA signed, is refused during the handshake. Needs
+    /// --tls-cert. Read again when it changes.
+    #[arg(long, env = "TOLLGATE_CLIENT_CA", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
     /// Bearer token that Admin calls must carry. Without it, every Admin call is refused.
     #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -264,6 +278,7 @@ fn serve_options(args: &ServeArgs, admin_token: Option<String>) -> ServeOptions 
             idle_timeout: Duration::from_secs_f64(args.idle_timeout),
             max_request_bytes_in_flight: args.max_request_bytes_in_flight,
         },
+        tls: TLS.get().cloned().flatten(),
     }
 }
 
@@ -597,11 +612,29 @@ fn count_tokens(args: CountTokensArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The port's TLS, loaded once at start and shared by every phase (following, leading).
+static TLS: std::sync::OnceLock<Option<Arc<TlsConfig>>> = std::sync::OnceLock::new();
+
 fn serve(args: ServeArgs) -> ExitCode {
     let policy = match load_policy(args.policy.as_deref()) {
         Ok(p) => Arc::new(p),
         Err(code) => return code,
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match TlsConfig::load(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.client_ca.clone(),
+        }) {
+            Ok(tls) => Some(Arc::new(tls)),
+            Err(e) => {
+                eprintln!("tollgate: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
+    let _ = TLS.set(tls);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -623,6 +656,12 @@ fn serve(args: ServeArgs) -> ExitCode {
             });
             rx
         };
+        // Certificate rotation is watched from the start, whatever phase serves.
+        let _tls_reloader = TLS
+            .get()
+            .cloned()
+            .flatten()
+            .map(tollgate::server::transport::tls::spawn_reloader);
         // Whether the address has been printed (once, by the first phase that listens).
         let mut announced = false;
         // The socket bound by an earlier phase (following), if any.

@@ -50,6 +50,9 @@ pub struct ServeOptions {
     pub shutdown_timeout: Duration,
     /// Connections and requests on the port: bounds and timeouts.
     pub transport: TransportOptions,
+    /// TLS (mTLS with a client CA) on the gRPC port; the health-only port stays plaintext,
+    /// for kubelet probes.
+    pub tls: Option<Arc<transport::tls::TlsConfig>>,
 }
 
 impl Default for ServeOptions {
@@ -59,6 +62,7 @@ impl Default for ServeOptions {
             max_prompt_bytes: validate::DEFAULT_MAX_PROMPT_BYTES,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             transport: TransportOptions::default(),
+            tls: None,
         }
     }
 }
@@ -280,6 +284,7 @@ pub async fn serve_backend(
     });
     // Serves until shutdown begins, then drains: at most `timeout` for the calls in flight.
     Transport::new(&options.transport, max_message)
+        .with_tls(options.tls.clone())
         .serve(listener, routes, begin, timeout)
         .await;
     if let Some(sweeper) = sweeper {

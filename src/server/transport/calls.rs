@@ -24,6 +24,7 @@ use tower::Service;
 use super::arrival::{ArrivingBody, ConnectionBudget};
 use super::connections::{CallGuard, Connection};
 use super::metadata;
+use super::tls::PeerIdentity;
 
 /// Routes, behind the per-call bounds of one connection.
 #[derive(Clone)]
@@ -31,6 +32,8 @@ pub(super) struct CallService {
     routes: Routes,
     connection: Arc<Connection>,
     budget: ConnectionBudget,
+    /// Who the peer proved to be (mTLS), handed to every call in its extensions.
+    peer: Option<Arc<PeerIdentity>>,
 }
 
 impl CallService {
@@ -38,8 +41,10 @@ impl CallService {
         routes: Routes,
         connection: Arc<Connection>,
         budget: ConnectionBudget,
+        peer: Option<Arc<PeerIdentity>>,
     ) -> Self {
         Self {
+            peer,
             routes,
             connection,
             budget,
@@ -65,7 +70,10 @@ impl Service<Request<Incoming>> for CallService {
             return Box::pin(std::future::ready(Ok(answered(status.into_http(), call))));
         }
         let budget = &self.budget;
-        let request = request.map(|body| Body::new(ArrivingBody::new(body, budget)));
+        let mut request = request.map(|body| Body::new(ArrivingBody::new(body, budget)));
+        if let Some(peer) = &self.peer {
+            request.extensions_mut().insert(peer.clone());
+        }
         let answer = self.routes.call(request);
         Box::pin(async move {
             let response = answer.await?;

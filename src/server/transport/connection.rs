@@ -31,12 +31,16 @@ use super::arrival;
 use super::calls::CallService;
 use super::connections::{Connection, Slot};
 use super::heard::{Heard, Listened};
+use super::tls::{PeerIdentity, TlsConfig};
 use super::CLOSE_GRACE;
 use crate::server::content_type::GrpcOnlyLayer;
+use tokio_util::either::Either;
 
 /// What every connection of a listener shares.
 pub(super) struct Shared {
     pub(super) http: http2::Builder<TokioExecutor>,
+    /// TLS on this port, if configured.
+    pub(super) tls: Option<Arc<TlsConfig>>,
     pub(super) routes: Routes,
     pub(super) arrival: arrival::Bounds,
     pub(super) idle_timeout: Duration,
@@ -53,10 +57,42 @@ pub(super) async fn serve(
 ) {
     let connection = slot.connection().clone();
     let (io, heard) = Listened::new(stream);
+    // With TLS, the handshake first: within the arrival timeout (a peer that opens a
+    // connection and never finishes its handshake holds nothing for longer), and not past the
+    // start of shutdown. A failed handshake (a plaintext client, no client certificate or one
+    // another CA signed) closes the connection; rustls has sent its alert.
+    let (io, peer) = match &shared.tls {
+        None => (Either::Left(io), None),
+        Some(tls) => {
+            let handshake =
+                tokio::time::timeout(shared.arrival.timeout(), tls.acceptor().accept(io));
+            let done = tokio::select! {
+                done = handshake => done,
+                () = draining.cancelled() => return,
+            };
+            match done {
+                Ok(Ok(stream)) => {
+                    let peer = PeerIdentity::of(stream.get_ref().1.peer_certificates());
+                    (Either::Right(stream), peer.map(Arc::new))
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed: connection closed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        "no TLS handshake within the arrival timeout: connection dropped"
+                    );
+                    return;
+                }
+            }
+        }
+    };
     let service = GrpcOnlyLayer.layer(CallService::new(
         shared.routes.clone(),
         connection.clone(),
         shared.arrival.for_connection(),
+        peer,
     ));
     let conn = shared
         .http

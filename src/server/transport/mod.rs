@@ -31,6 +31,7 @@ mod framing;
 mod heard;
 mod log_limit;
 mod metadata;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -133,6 +134,7 @@ pub struct Transport {
     connections: Arc<Connections>,
     arrival: arrival::Bounds,
     idle_timeout: Duration,
+    tls: Option<Arc<tls::TlsConfig>>,
 }
 
 impl Transport {
@@ -197,7 +199,14 @@ impl Transport {
                 options.request_arrival_timeout,
             ),
             idle_timeout: options.idle_timeout,
+            tls: None,
         }
+    }
+
+    /// Serve TLS (and, with a client CA, mTLS) on this port.
+    pub fn with_tls(mut self, tls: Option<Arc<tls::TlsConfig>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Serve `routes` on `listener` until `shutdown` completes; then stop accepting (the
@@ -213,6 +222,7 @@ impl Transport {
     ) {
         let shared = Arc::new(connection::Shared {
             http: self.http.clone(),
+            tls: self.tls.clone(),
             routes: routes.prepare(),
             arrival: self.arrival.clone(),
             idle_timeout: self.idle_timeout,

@@ -1,0 +1,282 @@
+//! TLS and mTLS on the gRPC port, through the real binary with certificates made here: a
+//! client that trusts the CA is served; a plaintext client is refused on the TLS port; with
+//! --client-ca a client without a certificate, or with one another CA signed, is refused and
+//! one signed by it is served; a certificate rotated on disk is used by new connections
+//! without a restart, while an open connection keeps working.
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tollgate::proto::quota_client::QuotaClient;
+use tollgate::proto::Decision;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+const POLICY: &str = r#"
+default_tier = "free"
+
+[tiers.free]
+tokens_per_day = 100000
+hold_seconds = 3600
+"#;
+
+/// A server on a fresh data directory in `dir`, with the test policy and `args`.
+fn serve(dir: &Path, args: &[&str]) -> Serve {
+    let policy = write_file(dir, "policy.toml", POLICY);
+    Serve::new(&dir.join("data")).policy(&policy).args(args)
+}
+
+/// A certificate authority made for one test.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        Self {
+            issuer: CertifiedIssuer::self_signed(params, key).unwrap(),
+        }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A certificate for `sans` signed by this CA: (certificate PEM, key PEM).
+    fn leaf(&self, sans: &[&str]) -> (String, String) {
+        let params =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// The server's files in `dir`: its certificate and key, signed by `ca` for localhost.
+fn server_files(dir: &Path, ca: &Ca) -> (PathBuf, PathBuf) {
+    let (cert, key) = ca.leaf(&["localhost"]);
+    (
+        write_file(dir, "server.pem", &cert),
+        write_file(dir, "server.key", &key),
+    )
+}
+
+/// A TLS client trusting `ca_pem`, with a client certificate if given.
+async fn client(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    identity: Option<&(String, String)>,
+) -> Result<QuotaClient<Channel>, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = Channel::from_shared(format!("https://localhost:{}", addr.port()))
+        .unwrap()
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    Ok(QuotaClient::new(channel))
+}
+
+/// Whether a Reserve through `q` is answered (any decision).
+async fn answered(q: Result<QuotaClient<Channel>, tonic::transport::Error>) -> Result<(), String> {
+    let mut q = q.map_err(|e| format!("connect: {e:?}"))?;
+    q.reserve(reserve("alice", 10, 10))
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("{s:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_a_client_that_trusts_the_ca_and_refuses_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let (cert, key) = server_files(dir.path(), &ca);
+    let p = serve(
+        dir.path(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    )
+    .start();
+    let mut q = client(p.addr, &ca.pem(), None).await.expect("TLS connect");
+    let r = rsv(&mut q, reserve("alice", 100, 100)).await;
+    assert_eq!(decision(&r), Decision::Allowed);
+
+    // A plaintext client on the TLS port gets no answer.
+    let plain = Channel::from_shared(p.url())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await;
+    if let Ok(channel) = plain {
+        let refused = QuotaClient::new(channel)
+            .reserve(reserve("alice", 1, 1))
+            .await;
+        assert!(
+            refused.is_err(),
+            "a plaintext call was answered: {refused:?}"
+        );
+    }
+    // A client that trusts another CA refuses the server (and is not served).
+    let other = Ca::new("another CA");
+    assert!(answered(client(p.addr, &other.pem(), None).await)
+        .await
+        .is_err());
+    // Nothing the refused clients did reached the ledger: alice has one hold.
+    assert_eq!(usage(&mut q, "alice").await.open_holds, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_refuses_clients_without_a_certificate_signed_by_the_client_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("server CA");
+    let clients_ca = Ca::new("clients CA");
+    let rogue_ca = Ca::new("rogue CA");
+    let (cert, key) = server_files(dir.path(), &ca);
+    let client_ca = write_file(dir.path(), "clients-ca.pem", &clients_ca.pem());
+    let p = serve(
+        dir.path(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--client-ca",
+            client_ca.to_str().unwrap(),
+        ],
+    )
+    .start();
+    let good = clients_ca.leaf(&["chat-app.internal"]);
+    let rogue = rogue_ca.leaf(&["chat-app.internal"]);
+
+    let none = answered(client(p.addr, &ca.pem(), None).await).await;
+    assert!(none.is_err(), "a client without a certificate was served");
+    let other = answered(client(p.addr, &ca.pem(), Some(&rogue)).await).await;
+    assert!(
+        other.is_err(),
+        "a certificate another CA signed was accepted"
+    );
+    answered(client(p.addr, &ca.pem(), Some(&good)).await)
+        .await
+        .expect("a client certificate signed by --client-ca is served");
+    let mut q = client(p.addr, &ca.pem(), Some(&good)).await.unwrap();
+    assert_eq!(
+        usage(&mut q, "alice").await.open_holds,
+        1,
+        "only the accepted client's Reserve reached the ledger"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_rotated_on_disk_is_used_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_ca = Ca::new("old CA");
+    let new_ca = Ca::new("new CA");
+    let (cert, key) = server_files(dir.path(), &old_ca);
+    let log = dir.path().join("server.log");
+    let p = serve(
+        dir.path(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    )
+    .env("RUST_LOG", "info")
+    .log_to(&log)
+    .start();
+    let mut open = client(p.addr, &old_ca.pem(), None).await.unwrap();
+    rsv(&mut open, reserve("alice", 1, 1)).await;
+    assert!(answered(client(p.addr, &new_ca.pem(), None).await)
+        .await
+        .is_err());
+
+    // A half-written rotation (a key that does not parse) is refused; the old one stays.
+    replace_file(&key, "not a key");
+    let started = Instant::now();
+    while !p.log_text().contains("the changed files are refused") {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{}",
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    answered(client(p.addr, &old_ca.pem(), None).await)
+        .await
+        .expect("the previous certificate still serves");
+
+    // The rotation, as cert-manager writes it: new certificate and key.
+    let (new_cert, new_key) = new_ca.leaf(&["localhost"]);
+    replace_file(&key, &new_key);
+    replace_file(&cert, &new_cert);
+    let started = Instant::now();
+    loop {
+        if answered(client(p.addr, &new_ca.pem(), None).await)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the rotated certificate was not used: {}",
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // New connections get the new certificate only; the open connection kept its session.
+    assert!(answered(client(p.addr, &old_ca.pem(), None).await)
+        .await
+        .is_err());
+    rsv(&mut open, reserve("alice", 1, 1)).await;
+    // Two through the open connection, one through the old certificate after the refused
+    // rotation, one through the new certificate.
+    assert_eq!(usage(&mut open, "alice").await.open_holds, 4);
+    assert!(!p.log_text().contains("BEGIN"), "key material in the log");
+}
+
+#[test]
+fn a_key_that_does_not_match_is_refused_at_start_without_echoing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let (cert, _) = server_files(dir.path(), &ca);
+    let (_, other_key) = ca.leaf(&["localhost"]);
+    let key = write_file(dir.path(), "other.key", &other_key);
+    let log = dir.path().join("refused.log");
+    let refused = Serve::new(&dir.path().join("data"))
+        .args([
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ])
+        .log_to(&log)
+        .try_start();
+    assert!(refused.is_err(), "a key of another certificate was served");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("--tls-cert and --tls-key") && !text.contains("PRIVATE KEY"),
+        "{text}"
+    );
+}
