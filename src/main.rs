@@ -11,6 +11,7 @@ use tollgate::engine::Bounds;
 use tollgate::ledger::LocalLedger;
 use tollgate::policy::Policy;
 use tollgate::relay::{channel_to, ForwardingLedger, Settler};
+use tollgate::sampled_log::SubjectLogging;
 use tollgate::server::transport::tls::{TlsConfig, TlsFiles};
 use tollgate::server::transport::DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT;
 use tollgate::server::validate::DEFAULT_MAX_PROMPT_BYTES;
@@ -38,6 +39,10 @@ struct Cli {
     /// Log format on stderr: "text" (readable) or "json" (one object a line, for clusters).
     #[arg(long, global = true, env = "TOLLGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// How subjects appear in the log: as given, or hashed (`sha256:` and 16 hex digits of
+    /// their SHA-256), since a subject is often an API key or an e-mail address.
+    #[arg(long, global = true, env = "TOLLGATE_LOG_SUBJECTS", value_enum, default_value_t = SubjectLogging::AsGiven)]
+    log_subjects: SubjectLogging,
     #[command(subcommand)]
     command: Command,
 }
@@ -68,6 +73,10 @@ enum Command {
     /// Restore an export into a data directory that holds no store (or, with --replace, whose
     /// store is deleted first), checking every line, the counts and the checksum first.
     Import(ImportArgs),
+    /// Print the SHA-256 (hex) of a token read from stdin (one line; the line end is not
+    /// part of it): what a `[callers]` or `[operators]` entry's token_sha256 holds. Read from
+    /// stdin, not an argument, so the token stays out of shell history and `ps`.
+    HashToken,
 }
 
 #[derive(Debug, clap::Args)]
@@ -486,6 +495,13 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Everything tollgate creates (the data directory, sled's files, the watermark, exports)
+    // is the owner's alone: subjects are often API keys.
+    // SAFETY: umask only sets this process's file-mode mask; no memory is involved.
+    unsafe {
+        libc::umask(0o077);
+    }
+    tollgate::sampled_log::log_subjects(cli.log_subjects);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
@@ -509,6 +525,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::CountTokens(args) => count_tokens(args),
         Command::CheckPolicy(args) => check_policy(&args.file),
+        Command::HashToken => hash_token(),
         Command::Usage(args) => usage::print(args.addr, args.subject, args.group, args.client_ip),
         Command::Export(args) => backup::export(
             args.data_dir,
@@ -523,6 +540,28 @@ fn main() -> ExitCode {
             (None, None) => unreachable!("clap requires --data-dir or --store"),
         },
     }
+}
+
+fn hash_token() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("tollgate: reading the token from stdin: {e}");
+        return ExitCode::FAILURE;
+    }
+    let token = line.trim_end_matches(['\n', '\r']);
+    if token.is_empty() {
+        eprintln!("tollgate: no token on stdin");
+        return ExitCode::from(2);
+    }
+    let digest = tollgate::policy::callers::hash_token(token);
+    println!(
+        "{}",
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    ExitCode::SUCCESS
 }
 
 fn check_policy(file: &std::path::Path) -> ExitCode {
@@ -634,6 +673,12 @@ fn serve(args: ServeArgs) -> ExitCode {
         },
         _ => None,
     };
+    if !args.listen.ip().is_loopback() && !policy.access().callers_required() {
+        tracing::warn!(
+            listen = %args.listen,
+            "listening beyond loopback with no caller authentication: anyone who reaches the port can spend and read any budget; name the app servers in [callers] of the policy"
+        );
+    }
     let _ = TLS.set(tls);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -211,3 +211,47 @@ mod tests {
         );
     }
 }
+
+/// How subjects appear in the log (`--log-subjects`). A subject is often an API key or an
+/// e-mail address: an operator may not want it in log storage that more people can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SubjectLogging {
+    /// As given.
+    #[default]
+    AsGiven,
+    /// As `sha256:` and the first 16 hex digits of its SHA-256: the same subject always
+    /// shows the same way, so its lines can still be followed, and grep finds them by hashing
+    /// the subject (`printf %s SUBJECT | sha256sum`).
+    Hashed,
+}
+
+static SUBJECT_LOGGING: std::sync::OnceLock<SubjectLogging> = std::sync::OnceLock::new();
+
+/// Set how subjects are logged, once, at start.
+pub fn log_subjects(mode: SubjectLogging) {
+    let _ = SUBJECT_LOGGING.set(mode);
+}
+
+/// `subject` as the log shows it (see [`SubjectLogging`]).
+pub fn subject(subject: &str) -> LoggedSubject<'_> {
+    LoggedSubject(subject)
+}
+
+/// A subject, displayed as `--log-subjects` says.
+pub struct LoggedSubject<'a>(&'a str);
+
+impl std::fmt::Display for LoggedSubject<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match SUBJECT_LOGGING.get().copied().unwrap_or_default() {
+            SubjectLogging::AsGiven => f.write_str(self.0),
+            SubjectLogging::Hashed => {
+                let digest = crate::policy::callers::hash_token(self.0);
+                f.write_str("sha256:")?;
+                for b in &digest[..8] {
+                    write!(f, "{b:02x}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tonic::Status;
 
-use super::{Authorization, ExportStream, Ledger, LocalLedger};
+use super::{CallContext, ExportStream, Ledger, LocalLedger};
 use crate::engine::{
     Decision, LimitStatus, ReservationId, ReserveInput, ReserveOutcome, ScopeKey, Usage, UsageQuery,
 };
@@ -47,6 +47,29 @@ fn from_proto(o: proto::LimitOverrides) -> Overrides {
     }
 }
 
+/// The overrides set, as `name=value` pairs for the audit log ("none" when none is set).
+fn overrides_text(o: &Overrides) -> String {
+    let set: Vec<String> = [
+        ("tokens_per_minute", o.tokens_per_minute),
+        ("burst_tokens", o.burst_tokens),
+        ("requests_per_minute", o.requests_per_minute),
+        ("tokens_per_day", o.tokens_per_day),
+        ("tokens_per_month", o.tokens_per_month),
+        ("max_concurrent", o.max_concurrent.map(u64::from)),
+        ("micro_usd_per_day", o.usd_per_day),
+        ("micro_usd_per_month", o.usd_per_month),
+        ("downgrade_tokens_per_day", o.downgrade_tokens_per_day),
+    ]
+    .into_iter()
+    .filter_map(|(name, v)| v.map(|v| format!("{name}={v}")))
+    .collect();
+    if set.is_empty() {
+        "none".into()
+    } else {
+        set.join(",")
+    }
+}
+
 fn to_proto(o: &Overrides) -> proto::LimitOverrides {
     proto::LimitOverrides {
         tokens_per_minute: o.tokens_per_minute,
@@ -69,7 +92,11 @@ impl Ledger for LocalLedger {
         Ok(LocalLedger::policy(self)?)
     }
 
-    async fn reserve(&self, input: ReserveInput) -> Result<proto::ReserveResponse, Status> {
+    async fn reserve(
+        &self,
+        _cx: &CallContext,
+        input: ReserveInput,
+    ) -> Result<proto::ReserveResponse, Status> {
         let subject = input.subject.clone();
         let dry_run = input.dry_run;
         let o = LocalLedger::reserve(self, input).await?;
@@ -102,6 +129,7 @@ impl Ledger for LocalLedger {
 
     async fn commit(
         &self,
+        _cx: &CallContext,
         id: ReservationId,
         usage: Usage,
     ) -> Result<proto::CommitResponse, Status> {
@@ -120,7 +148,11 @@ impl Ledger for LocalLedger {
         })
     }
 
-    async fn refund(&self, id: ReservationId) -> Result<proto::RefundResponse, Status> {
+    async fn refund(
+        &self,
+        _cx: &CallContext,
+        id: ReservationId,
+    ) -> Result<proto::RefundResponse, Status> {
         let o = LocalLedger::refund(self, id).await?;
         if !o.replayed {
             metrics::add(metrics::TOKENS_RELEASED, o.released_tokens);
@@ -132,6 +164,7 @@ impl Ledger for LocalLedger {
 
     async fn extend(
         &self,
+        _cx: &CallContext,
         id: ReservationId,
         hold_us: u64,
     ) -> Result<proto::ExtendResponse, Status> {
@@ -141,7 +174,11 @@ impl Ledger for LocalLedger {
         })
     }
 
-    async fn usage(&self, query: UsageQuery) -> Result<proto::GetUsageResponse, Status> {
+    async fn usage(
+        &self,
+        _cx: &CallContext,
+        query: UsageQuery,
+    ) -> Result<proto::GetUsageResponse, Status> {
         let u = LocalLedger::usage(self, &query).await?;
         Ok(proto::GetUsageResponse {
             scope: u.scope.name().to_string(),
@@ -172,11 +209,12 @@ impl Ledger for LocalLedger {
 
     async fn set_subject(
         &self,
-        _authorization: Authorization,
+        cx: &CallContext,
         request: proto::SetSubjectRequest,
     ) -> Result<proto::SetSubjectResponse, Status> {
         let group = (!request.group.is_empty()).then(|| request.group.clone());
         let overrides = request.overrides.map(from_proto).unwrap_or_default();
+        let (old_tier, _, old_overrides, old_group) = self.subject_config(&request.subject)?;
         LocalLedger::set_subject(
             self,
             &request.subject,
@@ -185,7 +223,15 @@ impl Ledger for LocalLedger {
             overrides.clone(),
         )
         .await?;
-        tracing::info!(subject = %request.subject, tier = %request.tier, group = %request.group, ?overrides, "subject set");
+        // The audit line: who changed what, old -> new.
+        tracing::info!(
+            operator = %cx.operator.as_deref().unwrap_or("-"),
+            subject = %crate::sampled_log::subject(&request.subject),
+            tier = %format!("{old_tier} -> {}", request.tier),
+            group = %format!("{} -> {}", old_group.as_deref().unwrap_or("-"), if request.group.is_empty() { "-" } else { &request.group }),
+            overrides = %format!("{} -> {}", overrides_text(&old_overrides), overrides_text(&overrides)),
+            "subject set"
+        );
         Ok(proto::SetSubjectResponse {
             subject: request.subject,
             tier: request.tier,
@@ -196,7 +242,7 @@ impl Ledger for LocalLedger {
 
     async fn get_subject(
         &self,
-        _authorization: Authorization,
+        _cx: &CallContext,
         subject: String,
     ) -> Result<proto::GetSubjectResponse, Status> {
         let (tier, assigned, overrides, group) = self.subject_config(&subject)?;
@@ -211,18 +257,26 @@ impl Ledger for LocalLedger {
 
     async fn reset_usage(
         &self,
-        _authorization: Authorization,
+        cx: &CallContext,
         subject: String,
     ) -> Result<proto::ResetUsageResponse, Status> {
         LocalLedger::reset_usage(self, &subject).await?;
-        tracing::info!(%subject, "usage reset");
+        tracing::info!(
+            operator = %cx.operator.as_deref().unwrap_or("-"),
+            subject = %crate::sampled_log::subject(&subject),
+            "usage reset"
+        );
         Ok(proto::ResetUsageResponse { subject })
     }
 
-    async fn export(&self, _authorization: Authorization) -> Result<ExportStream, Status> {
+    async fn export(&self, cx: &CallContext) -> Result<ExportStream, Status> {
         // Everything decided before the call, denials' counters included (the sweeper
         // persists those in batches), is in the store the export reads.
         self.flush().await?;
+        tracing::info!(
+            operator = %cx.operator.as_deref().unwrap_or("-"),
+            "export started"
+        );
         let chunks = super::export::start(self).await?;
         Ok(Box::pin(chunks))
     }
@@ -232,6 +286,7 @@ impl Ledger for LocalLedger {
 /// shadow-mode allowances are sampled (see [`sampled_log`]): a flood of them must not flood
 /// the logs; the metrics count every one.
 fn record_reserve(subject: &str, o: &ReserveOutcome, dry_run: bool) {
+    let subject = sampled_log::subject(subject);
     let denied_by = o.denied_by.as_deref().unwrap_or("");
     let decision = o.decision.name();
     if o.decision == Decision::Denied {

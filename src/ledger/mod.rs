@@ -33,10 +33,18 @@ pub use local::{Housekeeping, LedgerError, LocalLedger};
 pub type ExportStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::ExportChunk, Status>> + Send>>;
 
-/// The `authorization` an Admin call came with. The local ledger's server checks it before
-/// the call reaches the ledger; a forwarding ledger passes it on, and the tollgate that decides
-/// checks it there (a relay or follower holds no admin token of its own).
-pub type Authorization = Option<AsciiMetadataValue>;
+/// Who a call is from, as the server established it, and what a forwarding ledger passes on.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    /// The `authorization` metadata the call came with. The server checks it before the call
+    /// reaches a ledger; a forwarding ledger passes it on, and the tollgate that decides checks
+    /// it again there (a relay or follower holds no admin token of its own).
+    pub authorization: Option<AsciiMetadataValue>,
+    /// The operator an Admin call was authenticated as: named in the audit log.
+    pub operator: Option<String>,
+    /// The caller (`[callers]`) a Quota call was authenticated as.
+    pub caller: Option<String>,
+}
 
 /// Decides, or asks the one that decides: the calls of the Quota and Admin services, taken
 /// after validation (and, for Reserve, after prompt counting).
@@ -54,49 +62,63 @@ pub trait Ledger: Send + Sync + std::fmt::Debug + 'static {
     fn policy(&self) -> Result<Arc<Policy>, Status>;
 
     /// Reserve (or, with `dry_run`, only decide) `input`'s tokens.
-    async fn reserve(&self, input: ReserveInput) -> Result<proto::ReserveResponse, Status>;
+    async fn reserve(
+        &self,
+        cx: &CallContext,
+        input: ReserveInput,
+    ) -> Result<proto::ReserveResponse, Status>;
 
     /// Settle a hold with the usage the provider reported.
     async fn commit(
         &self,
+        cx: &CallContext,
         id: ReservationId,
         usage: Usage,
     ) -> Result<proto::CommitResponse, Status>;
 
     /// Release a hold whose call never happened.
-    async fn refund(&self, id: ReservationId) -> Result<proto::RefundResponse, Status>;
+    async fn refund(
+        &self,
+        cx: &CallContext,
+        id: ReservationId,
+    ) -> Result<proto::RefundResponse, Status>;
 
     /// Keep a hold for `hold_us` more from now.
     async fn extend(
         &self,
+        cx: &CallContext,
         id: ReservationId,
         hold_us: u64,
     ) -> Result<proto::ExtendResponse, Status>;
 
     /// One scope's usage.
-    async fn usage(&self, query: UsageQuery) -> Result<proto::GetUsageResponse, Status>;
+    async fn usage(
+        &self,
+        cx: &CallContext,
+        query: UsageQuery,
+    ) -> Result<proto::GetUsageResponse, Status>;
 
     /// Assign a subject its tier, group and overrides (fields already validated).
     async fn set_subject(
         &self,
-        authorization: Authorization,
+        cx: &CallContext,
         request: proto::SetSubjectRequest,
     ) -> Result<proto::SetSubjectResponse, Status>;
 
     /// A subject's tier, group and overrides.
     async fn get_subject(
         &self,
-        authorization: Authorization,
+        cx: &CallContext,
         subject: String,
     ) -> Result<proto::GetSubjectResponse, Status>;
 
     /// Forget a subject's usage.
     async fn reset_usage(
         &self,
-        authorization: Authorization,
+        cx: &CallContext,
         subject: String,
     ) -> Result<proto::ResetUsageResponse, Status>;
 
     /// Stream the whole state, as `tollgate export` writes it.
-    async fn export(&self, authorization: Authorization) -> Result<ExportStream, Status>;
+    async fn export(&self, cx: &CallContext) -> Result<ExportStream, Status>;
 }

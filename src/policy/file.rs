@@ -72,6 +72,8 @@ struct PolicyFile {
     groups: BTreeMap<String, Spanned<TierFile>>,
     ip: Option<Spanned<TierFile>>,
     global: Option<Spanned<TierFile>>,
+    callers: Option<Spanned<BTreeMap<String, super::callers::CallerFile>>>,
+    operators: Option<Spanned<BTreeMap<String, super::callers::OperatorFile>>>,
 }
 
 #[derive(Deserialize)]
@@ -315,6 +317,17 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         Some(v) => v.into_inner(),
         None => DEFAULT_MAX_COMMIT_TOKENS,
     };
+    let access_span = file
+        .callers
+        .as_ref()
+        .map(Spanned::span)
+        .or_else(|| file.operators.as_ref().map(Spanned::span))
+        .unwrap_or(0..0);
+    let access = super::callers::access(
+        file.callers.map(Spanned::into_inner).unwrap_or_default(),
+        file.operators.map(Spanned::into_inner).unwrap_or_default(),
+    )
+    .map_err(|reason| src.error(access_span, reason))?;
     let policy = Policy::new(
         file.enforce.unwrap_or(true),
         file.default_tier.into_inner(),
@@ -322,7 +335,8 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         models,
         scopes,
         max_commit_tokens,
-    );
+    )
+    .with_access(access);
     // The same lookup a Reserve makes: an exact entry, a dated snapshot of one, or the
     // built-in table.
     for tier in policy.tiers() {

@@ -1,6 +1,7 @@
 //! The policy: which tiers exist and what each allows. Parsed from TOML and validated once, so
 //! the engine only ever sees a [`Policy`] that makes sense.
 
+pub mod callers;
 mod file;
 mod money;
 mod scopes;
@@ -319,6 +320,8 @@ pub struct Policy {
     /// Every model a tier downgrades to, once, with its encoding: worked out at load, since
     /// each Reserve with a prompt to count needs it.
     downgrades: Vec<(String, Encoding)>,
+    /// Who may call: `[callers]` and `[operators]`.
+    access: Arc<callers::Access>,
 }
 
 impl Policy {
@@ -358,6 +361,7 @@ impl Policy {
             scopes,
             max_commit_tokens,
             downgrades: Vec::new(),
+            access: Arc::default(),
         };
         let mut downgrades: Vec<(String, Encoding)> = policy
             .tiers
@@ -369,6 +373,17 @@ impl Policy {
         downgrades.dedup();
         policy.downgrades = downgrades;
         policy
+    }
+
+    /// This policy with `access` as its callers and operators.
+    pub(crate) fn with_access(mut self, access: callers::Access) -> Self {
+        self.access = Arc::new(access);
+        self
+    }
+
+    /// Who may call the Quota and Admin APIs.
+    pub fn access(&self) -> &Arc<callers::Access> {
+        &self.access
     }
 
     /// The limits of groups, client IPs and the whole fleet.

@@ -8,7 +8,7 @@ use tonic::{Request, Status};
 use super::{unreachable, ForwardingLedger, LocalHold};
 use crate::clock::MICROS_PER_SECOND;
 use crate::engine::{ReservationId, ReserveInput, Settlement, Usage, UsageQuery};
-use crate::ledger::{Authorization, ExportStream, Ledger};
+use crate::ledger::{CallContext, ExportStream, Ledger};
 use crate::proto::admin_client::AdminClient;
 use crate::proto::quota_client::QuotaClient;
 use crate::proto::{to_duration, to_timestamp};
@@ -37,7 +37,11 @@ impl ForwardingLedger {
     }
 
     /// Reserve upstream; by the tier's fail mode if it cannot be reached.
-    async fn forward_reserve(&self, input: ReserveInput) -> Result<proto::ReserveResponse, Status> {
+    async fn forward_reserve(
+        &self,
+        cx: &CallContext,
+        input: ReserveInput,
+    ) -> Result<proto::ReserveResponse, Status> {
         let policy = self.current_policy();
         // Every forwarded Reserve has a key, so that a retry, and the settling of one given up
         // on (`orphans.rs`), find the hold the first attempt made instead of making another.
@@ -72,7 +76,11 @@ impl ForwardingLedger {
         let started = std::time::Instant::now();
         let mut backoff = RETRY_FIRST_BACKOFF;
         let answer = loop {
-            match self.client().reserve(forwarded.clone()).await {
+            match self
+                .client()
+                .reserve(with_credentials(forwarded.clone(), cx))
+                .await
+            {
                 Err(status)
                     if unreachable(&status) && started.elapsed() + backoff < self.timeout =>
                 {
@@ -91,7 +99,7 @@ impl ForwardingLedger {
             Err(status) if unreachable(&status) => {
                 // The upstream may hold tokens for it: settle that once it answers again.
                 if !input.dry_run {
-                    super::orphans::remember(&self.orphans, forwarded);
+                    super::orphans::remember(&self.orphans, forwarded, cx.authorization.clone());
                 }
                 self.without_upstream(&input, &policy, &status)
             }
@@ -125,7 +133,7 @@ impl ForwardingLedger {
                 metrics::upstream_failure(&tier, "closed");
             }
             if UPSTREAM_FALLBACKS.sample("closed") {
-                tracing::warn!(subject = %input.subject, %tier, error = %status.message(), "upstream unreachable: denied (fail closed)");
+                tracing::warn!(subject = %crate::sampled_log::subject(&input.subject), %tier, error = %status.message(), "upstream unreachable: denied (fail closed)");
             }
             return Ok(denied);
         }
@@ -181,7 +189,7 @@ impl ForwardingLedger {
             if !remembered {
                 metrics::upstream_failure(&tier, "closed");
                 if UPSTREAM_FALLBACKS.sample("open_table_full") {
-                    tracing::warn!(subject = %input.subject, %tier, "upstream unreachable and the fail-open table is full: denied");
+                    tracing::warn!(subject = %crate::sampled_log::subject(&input.subject), %tier, "upstream unreachable and the fail-open table is full: denied");
                 }
                 return Ok(denied);
             }
@@ -190,7 +198,7 @@ impl ForwardingLedger {
             metrics::upstream_failure(&tier, "open");
         }
         if UPSTREAM_FALLBACKS.sample("open") {
-            tracing::warn!(subject = %input.subject, %tier, tokens, error = %status.message(), "upstream unreachable: allowed (fail open)");
+            tracing::warn!(subject = %crate::sampled_log::subject(&input.subject), %tier, tokens, error = %status.message(), "upstream unreachable: allowed (fail open)");
         }
         Ok(proto::ReserveResponse {
             decision: proto::Decision::Allowed as i32,
@@ -305,12 +313,14 @@ impl ForwardingLedger {
     }
 }
 
-/// An Admin call's message in a request that carries the caller's `authorization`, which the
-/// tollgate that decides checks.
-fn with_credentials<T>(message: T, authorization: Authorization) -> Request<T> {
+/// A call's message in a request that carries the caller's `authorization`, which the
+/// tollgate that decides checks again (its `[callers]` and `[operators]`).
+fn with_credentials<T>(message: T, cx: &CallContext) -> Request<T> {
     let mut forwarded = Request::new(message);
-    if let Some(auth) = authorization {
-        forwarded.metadata_mut().insert("authorization", auth);
+    if let Some(auth) = &cx.authorization {
+        forwarded
+            .metadata_mut()
+            .insert("authorization", auth.clone());
     }
     forwarded
 }
@@ -321,12 +331,17 @@ impl Ledger for ForwardingLedger {
         Ok(self.current_policy())
     }
 
-    async fn reserve(&self, input: ReserveInput) -> Result<proto::ReserveResponse, Status> {
-        self.forward_reserve(input).await
+    async fn reserve(
+        &self,
+        cx: &CallContext,
+        input: ReserveInput,
+    ) -> Result<proto::ReserveResponse, Status> {
+        self.forward_reserve(cx, input).await
     }
 
     async fn commit(
         &self,
+        cx: &CallContext,
         id: ReservationId,
         usage: Usage,
     ) -> Result<proto::CommitResponse, Status> {
@@ -339,21 +354,34 @@ impl Ledger for ForwardingLedger {
             completion_tokens: usage.completion_tokens,
             usage_unknown: usage.usage_unknown,
         };
-        Ok(self.client().commit(request).await?.into_inner())
+        Ok(self
+            .client()
+            .commit(with_credentials(request, cx))
+            .await?
+            .into_inner())
     }
 
-    async fn refund(&self, id: ReservationId) -> Result<proto::RefundResponse, Status> {
+    async fn refund(
+        &self,
+        cx: &CallContext,
+        id: ReservationId,
+    ) -> Result<proto::RefundResponse, Status> {
         if let Some(answer) = self.refund_local(id)? {
             return Ok(answer);
         }
         let request = proto::RefundRequest {
             reservation_id: id.to_string(),
         };
-        Ok(self.client().refund(request).await?.into_inner())
+        Ok(self
+            .client()
+            .refund(with_credentials(request, cx))
+            .await?
+            .into_inner())
     }
 
     async fn extend(
         &self,
+        cx: &CallContext,
         id: ReservationId,
         hold_us: u64,
     ) -> Result<proto::ExtendResponse, Status> {
@@ -364,16 +392,28 @@ impl Ledger for ForwardingLedger {
             reservation_id: id.to_string(),
             hold: Some(to_duration(hold_us)),
         };
-        Ok(self.client().extend(request).await?.into_inner())
+        Ok(self
+            .client()
+            .extend(with_credentials(request, cx))
+            .await?
+            .into_inner())
     }
 
-    async fn usage(&self, query: UsageQuery) -> Result<proto::GetUsageResponse, Status> {
+    async fn usage(
+        &self,
+        cx: &CallContext,
+        query: UsageQuery,
+    ) -> Result<proto::GetUsageResponse, Status> {
         let request = proto::GetUsageRequest {
             subject: query.subject.unwrap_or_default(),
             group: query.group.unwrap_or_default(),
             client_ip: query.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
         };
-        let answer = self.client().get_usage(request).await?.into_inner();
+        let answer = self
+            .client()
+            .get_usage(with_credentials(request, cx))
+            .await?
+            .into_inner();
         if answer.scope == "subject" {
             self.remember_tier(&answer.subject, &answer.tier);
         }
@@ -382,12 +422,12 @@ impl Ledger for ForwardingLedger {
 
     async fn set_subject(
         &self,
-        authorization: Authorization,
+        cx: &CallContext,
         request: proto::SetSubjectRequest,
     ) -> Result<proto::SetSubjectResponse, Status> {
         let answer = self
             .admin()
-            .set_subject(with_credentials(request, authorization))
+            .set_subject(with_credentials(request, cx))
             .await?
             .into_inner();
         self.remember_tier(&answer.subject, &answer.tier);
@@ -396,13 +436,13 @@ impl Ledger for ForwardingLedger {
 
     async fn get_subject(
         &self,
-        authorization: Authorization,
+        cx: &CallContext,
         subject: String,
     ) -> Result<proto::GetSubjectResponse, Status> {
         let request = proto::GetSubjectRequest { subject };
         let answer = self
             .admin()
-            .get_subject(with_credentials(request, authorization))
+            .get_subject(with_credentials(request, cx))
             .await?
             .into_inner();
         self.remember_tier(&answer.subject, &answer.tier);
@@ -411,22 +451,22 @@ impl Ledger for ForwardingLedger {
 
     async fn reset_usage(
         &self,
-        authorization: Authorization,
+        cx: &CallContext,
         subject: String,
     ) -> Result<proto::ResetUsageResponse, Status> {
         let request = proto::ResetUsageRequest { subject };
         Ok(self
             .admin()
-            .reset_usage(with_credentials(request, authorization))
+            .reset_usage(with_credentials(request, cx))
             .await?
             .into_inner())
     }
 
     /// The upstream's export, streamed through.
-    async fn export(&self, authorization: Authorization) -> Result<ExportStream, Status> {
+    async fn export(&self, cx: &CallContext) -> Result<ExportStream, Status> {
         let chunks = self
             .admin()
-            .export(with_credentials(proto::ExportRequest {}, authorization))
+            .export(with_credentials(proto::ExportRequest {}, cx))
             .await?
             .into_inner();
         Ok(Box::pin(chunks))

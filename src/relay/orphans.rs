@@ -24,6 +24,22 @@ use super::unreachable;
 use crate::proto::quota_client::QuotaClient;
 use crate::proto::{RefundRequest, ReserveRequest};
 
+/// A Reserve given up on, with the `authorization` it was sent with (the upstream checks the
+/// caller of the replay and of its Refund as it did the first attempt's).
+pub type Orphan = (ReserveRequest, Option<tonic::metadata::AsciiMetadataValue>);
+
+/// `message` in a request carrying `authorization`.
+fn authorized<T>(
+    message: T,
+    authorization: &Option<tonic::metadata::AsciiMetadataValue>,
+) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(a) = authorization {
+        request.metadata_mut().insert("authorization", a.clone());
+    }
+    request
+}
+
 /// Most Reserves remembered at once.
 pub const MAX_ORPHANS: usize = 10_000;
 
@@ -33,12 +49,12 @@ pub const REPLAY_EVERY: Duration = Duration::from_millis(500);
 /// The Reserves waiting, oldest first.
 #[derive(Debug, Default)]
 pub struct Orphans {
-    waiting: VecDeque<ReserveRequest>,
+    waiting: VecDeque<Orphan>,
 }
 
 impl Orphans {
     /// Remember `request`; whether an older one was dropped to make room.
-    pub fn push(&mut self, request: ReserveRequest) -> bool {
+    pub fn push(&mut self, request: Orphan) -> bool {
         let dropped = self.waiting.len() >= MAX_ORPHANS;
         if dropped {
             self.waiting.pop_front();
@@ -48,7 +64,7 @@ impl Orphans {
     }
 
     /// Take every one waiting.
-    pub fn take(&mut self) -> Vec<ReserveRequest> {
+    pub fn take(&mut self) -> Vec<Orphan> {
         self.waiting.drain(..).collect()
     }
 
@@ -111,8 +127,12 @@ impl Settler {
 }
 
 /// Remember a Reserve given up on, and make sure a task settles the waiting ones.
-pub fn remember(relay: &Arc<Settler>, request: ReserveRequest) {
-    if relay.orphans().push(request) {
+pub fn remember(
+    relay: &Arc<Settler>,
+    request: ReserveRequest,
+    authorization: Option<tonic::metadata::AsciiMetadataValue>,
+) {
+    if relay.orphans().push((request, authorization)) {
         tracing::warn!(
             max = MAX_ORPHANS,
             "relay: too many Reserves wait for the upstream; the oldest is dropped (its hold, if any, expires upstream)"
@@ -131,30 +151,32 @@ async fn settle(relay: Arc<Settler>) {
         let mut client = QuotaClient::new(relay.channel());
         let batch = relay.orphans().take();
         let mut still = Vec::new();
-        for request in batch {
-            match client.reserve(request.clone()).await {
+        for orphan in batch {
+            let (request, authorization) = &orphan;
+            match client
+                .reserve(authorized(request.clone(), authorization))
+                .await
+            {
                 Ok(answer) => {
                     let id = answer.into_inner().reservation_id;
                     if id.is_empty() {
                         continue; // denied: nothing is held
                     }
-                    match client
-                        .refund(RefundRequest {
-                            reservation_id: id.clone(),
-                        })
-                        .await
-                    {
+                    let refund = RefundRequest {
+                        reservation_id: id.clone(),
+                    };
+                    match client.refund(authorized(refund, authorization)).await {
                         Ok(_) => tracing::info!(
-                            subject = %request.subject,
+                            subject = %crate::sampled_log::subject(&request.subject),
                             reservation = %id,
                             "relay: refunded a hold made upstream by a Reserve whose answer was lost"
                         ),
-                        Err(status) if unreachable(&status) => still.push(request),
+                        Err(status) if unreachable(&status) => still.push(orphan),
                         // Settled meanwhile (expired, or committed by a caller's retry).
                         Err(_) => {}
                     }
                 }
-                Err(status) if unreachable(&status) => still.push(request),
+                Err(status) if unreachable(&status) => still.push(orphan),
                 Err(_) => {}
             }
         }

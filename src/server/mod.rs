@@ -2,6 +2,7 @@
 //! so grpcurl and Kubernetes probes work without proto files.
 
 mod admin;
+pub mod auth;
 pub mod codec;
 pub mod content_type;
 pub mod prompt;
@@ -167,12 +168,12 @@ pub async fn serve_backend(
         ))
         .max_decoding_message_size(max_message),
     );
-    let admin = AdminService::new(ledger);
+    let admin = AdminService::new(ledger.clone());
     let (routes, sweeper) = match &backend {
         Backend::Local(local) => (
             routes.add_service(proto::admin_server::AdminServer::with_interceptor(
                 admin,
-                AdminAuth::new(options.admin_token),
+                AdminAuth::new(options.admin_token, ledger),
             )),
             Some(tokio::spawn(sweep(local.clone()))),
         ),

@@ -5,9 +5,12 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::auth;
 use super::prompt::PromptCounter;
+use super::transport::tls::PeerIdentity;
 use super::validate;
-use crate::ledger::Ledger;
+use crate::ledger::{CallContext, Ledger};
+use crate::policy::callers::Caller;
 use crate::proto;
 use crate::telemetry as metrics;
 
@@ -33,50 +36,89 @@ impl QuotaService {
 
 /// The handlers, each timed by the trait impl below.
 impl QuotaService {
+    /// Who `request` is from (none: the policy has no `[callers]`), refused unless it may make
+    /// `call`; and the context a forwarding ledger passes on.
+    fn authenticate<T>(
+        &self,
+        request: &Request<T>,
+        call: &str,
+    ) -> Result<(CallContext, Option<Caller>), Status> {
+        let policy = self.ledger.policy()?;
+        let peer = request.extensions().get::<Arc<PeerIdentity>>();
+        let caller = auth::caller(policy.access(), request.metadata(), peer)?.cloned();
+        auth::may_call(caller.as_ref(), call)?;
+        let cx = CallContext {
+            authorization: request.metadata().get("authorization").cloned(),
+            operator: None,
+            caller: caller.as_ref().map(|c| c.name.clone()),
+        };
+        Ok((cx, caller))
+    }
+
     async fn reserve_call(
         &self,
         request: Request<proto::ReserveRequest>,
     ) -> Result<Response<proto::ReserveResponse>, Status> {
+        let (cx, caller) = self.authenticate(&request, "Reserve")?;
         let call = validate::reserve(request.into_inner(), self.max_prompt_bytes)?;
+        auth::may_name(caller.as_ref(), &call.input.subject)?;
+        auth::may_use_group(caller.as_ref(), call.input.group.as_deref())?;
         let input = self
             .prompts
             .reserve_input(call, || self.ledger.policy())
             .await?;
-        self.ledger.reserve(input).await.map(Response::new)
+        self.ledger.reserve(&cx, input).await.map(Response::new)
     }
 
     async fn commit_call(
         &self,
         request: Request<proto::CommitRequest>,
     ) -> Result<Response<proto::CommitResponse>, Status> {
+        let (cx, _) = self.authenticate(&request, "Commit")?;
         let (id, usage) = validate::commit(request.get_ref())?;
-        self.ledger.commit(id, usage).await.map(Response::new)
+        self.ledger.commit(&cx, id, usage).await.map(Response::new)
     }
 
     async fn refund_call(
         &self,
         request: Request<proto::RefundRequest>,
     ) -> Result<Response<proto::RefundResponse>, Status> {
+        let (cx, _) = self.authenticate(&request, "Refund")?;
         let id = validate::reservation_id(&request.get_ref().reservation_id)?;
-        self.ledger.refund(id).await.map(Response::new)
+        self.ledger.refund(&cx, id).await.map(Response::new)
     }
 
     async fn extend_call(
         &self,
         request: Request<proto::ExtendRequest>,
     ) -> Result<Response<proto::ExtendResponse>, Status> {
+        let (cx, _) = self.authenticate(&request, "Extend")?;
         let req = request.into_inner();
         let id = validate::reservation_id(&req.reservation_id)?;
         let hold_us = validate::required_hold(req.hold.as_ref())?;
-        self.ledger.extend(id, hold_us).await.map(Response::new)
+        self.ledger
+            .extend(&cx, id, hold_us)
+            .await
+            .map(Response::new)
     }
 
     async fn get_usage_call(
         &self,
         request: Request<proto::GetUsageRequest>,
     ) -> Result<Response<proto::GetUsageResponse>, Status> {
+        let (cx, caller) = self.authenticate(&request, "GetUsage")?;
         let query = validate::usage_query(request.get_ref())?;
-        self.ledger.usage(query).await.map(Response::new)
+        match (&query.subject, &query.group) {
+            (Some(subject), group) => {
+                auth::may_name(caller.as_ref(), subject)?;
+                if group.is_some() {
+                    auth::may_use_group(caller.as_ref(), group.as_deref())?;
+                }
+            }
+            (None, Some(group)) => auth::may_use_group(caller.as_ref(), Some(group))?,
+            (None, None) => auth::may_read_shared(caller.as_ref())?,
+        }
+        self.ledger.usage(&cx, query).await.map(Response::new)
     }
 
     /// Answered here, whatever the ledger: counting needs only the policy.
@@ -84,6 +126,7 @@ impl QuotaService {
         &self,
         request: Request<proto::CountTokensRequest>,
     ) -> Result<Response<proto::CountTokensResponse>, Status> {
+        self.authenticate(&request, "CountTokens")?;
         let policy = self.ledger.policy()?;
         super::prompt::count_tokens(
             &self.prompts,

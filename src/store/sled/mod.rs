@@ -61,6 +61,34 @@ const TALLY_KEY: &[u8] = b"!tally";
 /// sled's data file in the data directory (sled 0.34 keeps its log there).
 pub const SLED_FILE: &str = "db";
 
+/// Make `dir` the owner's alone (0700), and every file in it (0600): subjects are often API
+/// keys, and a directory made by an older build, or before the umask, was world-readable.
+fn owner_only(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let tighten = |path: &Path, mode: u32| -> std::io::Result<bool> {
+        let meta = std::fs::symlink_metadata(path)?;
+        if meta.file_type().is_symlink() || meta.permissions().mode() & 0o077 == 0 {
+            return Ok(false);
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        Ok(true)
+    };
+    let mut changed = tighten(dir, 0o700)?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let mode = if entry.file_type()?.is_dir() {
+            0o700
+        } else {
+            0o600
+        };
+        changed |= tighten(&entry.path(), mode)?;
+    }
+    if changed {
+        tracing::info!(dir = %dir.display(), "data directory made the owner's alone (0700, files 0600)");
+    }
+    Ok(())
+}
+
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
         StoreError::Backend(Box::new(e))
@@ -121,7 +149,9 @@ impl SledStore {
         if dir.join(restore::MARKER).exists() {
             return Err(StoreError::ImportUnfinished(dir.to_path_buf()));
         }
-        Self::open_unchecked(dir, recovery)
+        let store = Self::open_unchecked(dir, recovery)?;
+        owner_only(dir)?;
+        Ok(store)
     }
 
     /// Open the store an import is writing (whose marker [`Store::open`] refuses).
