@@ -75,6 +75,17 @@ fn refused<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, say
     }
 }
 
+/// The real binary with the test policy, `extra` arguments and its log kept.
+fn start(dir: &std::path::Path, extra: &[&str]) -> Process {
+    let policy = write_file(dir, "policy.toml", &policy());
+    Serve::new(&dir.join("data"))
+        .policy(&policy)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .log_to(&dir.join("server.log"))
+        .start()
+}
+
 async fn open_holds(q: &mut Quota, subject: &str) -> u32 {
     let ask = GetUsageRequest {
         subject: subject.into(),
@@ -90,13 +101,7 @@ async fn open_holds(q: &mut Quota, subject: &str) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_are_authenticated_and_kept_to_their_rights() {
     let dir = tempfile::tempdir().unwrap();
-    let policy = write_file(dir.path(), "policy.toml", &policy());
-    let log = dir.path().join("server.log");
-    let p = Serve::new(&dir.path().join("data"))
-        .policy(&policy)
-        .env("RUST_LOG", "info")
-        .log_to(&log)
-        .start();
+    let p = start(dir.path(), &[]);
     let mut q = p.quota().await;
 
     // No credentials, a wrong token, a near miss, two headers, another scheme.
@@ -193,13 +198,7 @@ async fn callers_are_authenticated_and_kept_to_their_rights() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_are_named_in_the_admin_log_with_what_changed() {
     let dir = tempfile::tempdir().unwrap();
-    let policy = write_file(dir.path(), "policy.toml", &policy());
-    let log = dir.path().join("server.log");
-    let p = Serve::new(&dir.path().join("data"))
-        .policy(&policy)
-        .env("RUST_LOG", "info")
-        .log_to(&log)
-        .start();
+    let p = start(dir.path(), &[]);
     let mut admin = tollgate::proto::admin_client::AdminClient::new(
         tonic::transport::Channel::from_shared(p.url())
             .unwrap()
@@ -243,14 +242,7 @@ async fn operators_are_named_in_the_admin_log_with_what_changed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subjects_can_be_logged_hashed() {
     let dir = tempfile::tempdir().unwrap();
-    let policy = write_file(dir.path(), "policy.toml", &policy());
-    let log = dir.path().join("server.log");
-    let p = Serve::new(&dir.path().join("data"))
-        .policy(&policy)
-        .args(["--log-subjects", "hashed"])
-        .env("RUST_LOG", "info")
-        .log_to(&log)
-        .start();
+    let p = start(dir.path(), &["--log-subjects", "hashed"]);
     let mut a = p.admin().await;
     a.set_subject(set_subject_req("chat:sk-live-secret", "pro"))
         .await

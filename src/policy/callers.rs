@@ -164,14 +164,6 @@ pub(super) struct OperatorFile {
     token_sha256: String,
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-}
-
 fn digest(what: &str, hex: &str) -> Result<Digest32, String> {
     let bytes = hex.as_bytes();
     if bytes.len() != 64 || !bytes.iter().all(u8::is_ascii_hexdigit) {
@@ -200,7 +192,7 @@ pub(super) fn access(
     let mut out = Access::default();
     for (name, c) in callers {
         let what = format!("[callers.{name}]");
-        if !valid_name(&name) {
+        if !super::file::valid_tier_name(&name) {
             return Err(format!(
                 "{what}: a caller's name must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-', '.'"
             ));
@@ -268,7 +260,7 @@ pub(super) fn access(
     }
     for (name, o) in operators {
         let what = format!("[operators.{name}]");
-        if !valid_name(&name) {
+        if !super::file::valid_tier_name(&name) {
             return Err(format!(
                 "{what}: an operator's name must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-', '.'"
             ));

@@ -178,7 +178,8 @@ impl Source<'_> {
     }
 }
 
-fn valid_tier_name(name: &str) -> bool {
+/// A name of a tier, a caller or an operator: 1 to 64 of A-Z, a-z, 0-9, `_`, `-`, `.`.
+pub(super) fn valid_tier_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
