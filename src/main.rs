@@ -10,7 +10,7 @@ use tollgate::clock::SystemClock;
 use tollgate::engine::Bounds;
 use tollgate::ledger::LocalLedger;
 use tollgate::policy::Policy;
-use tollgate::relay::{channel_to, ForwardingLedger, Settler};
+use tollgate::relay::{channel_to, ForwardingLedger, Settler, UpstreamTls};
 use tollgate::sampled_log::SubjectLogging;
 use tollgate::server::transport::tls::{TlsConfig, TlsFiles};
 use tollgate::server::transport::DEFAULT_MAX_REQUEST_BYTES_IN_FLIGHT;
@@ -240,6 +240,21 @@ struct ServeArgs {
     /// When it cannot be reached, each tier's `fail` ("closed" or "open") decides.
     #[arg(long, env = "TOLLGATE_UPSTREAM")]
     upstream: Option<String>,
+    /// TLS to the upstream (an https:// --upstream) and, with --store, to the leader a
+    /// follower relays to: the CA certificate (PEM) that signs its certificate.
+    #[arg(long, env = "TOLLGATE_UPSTREAM_CA")]
+    upstream_ca: Option<PathBuf>,
+    /// With --upstream-ca: the name the upstream's (or leader's) certificate is checked
+    /// against, whatever address is dialed (a follower dials the leader's pod address, which
+    /// no certificate names). Default: the host of the URL.
+    #[arg(long, env = "TOLLGATE_UPSTREAM_SERVER_NAME", requires = "upstream_ca")]
+    upstream_server_name: Option<String>,
+    /// With --upstream-ca: a client certificate (PEM) for mTLS to the upstream or leader.
+    #[arg(long, env = "TOLLGATE_UPSTREAM_CERT", requires_all = ["upstream_ca", "upstream_key"])]
+    upstream_cert: Option<PathBuf>,
+    /// The private key of --upstream-cert (PEM). Never logged.
+    #[arg(long, env = "TOLLGATE_UPSTREAM_KEY", requires = "upstream_cert")]
+    upstream_key: Option<PathBuf>,
     /// Relay mode: the deadline of each call to the upstream, in seconds.
     #[arg(long, env = "TOLLGATE_UPSTREAM_TIMEOUT", default_value_t = 2.0, value_parser = positive_seconds)]
     upstream_timeout: f64,
@@ -361,16 +376,23 @@ async fn follow(
         if leader.expired {
             continue; // taken by someone else since, or free: look again at once
         }
+        // Over TLS when this replica was given the CA of the replicas' certificates.
+        let scheme = if upstream_tls().is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let upstream = if leader.address.contains("://") {
             leader.address.clone()
         } else {
-            format!("http://{}", leader.address)
+            format!("{scheme}://{}", leader.address)
         };
         let relay = match ForwardingLedger::new(
             &upstream,
             policy.clone(),
             Duration::from_secs_f64(args.upstream_timeout),
             Arc::new(SystemClock),
+            upstream_tls(),
         ) {
             Ok(r) => Arc::new(r.as_follower().settling_with(settler.clone())),
             Err(e) => {
@@ -654,6 +676,13 @@ fn count_tokens(args: CountTokensArgs) -> ExitCode {
 /// The port's TLS, loaded once at start and shared by every phase (following, leading).
 static TLS: std::sync::OnceLock<Option<Arc<TlsConfig>>> = std::sync::OnceLock::new();
 
+/// TLS to the upstream or leader, read once at start (see `UpstreamTls`).
+static UPSTREAM_TLS: std::sync::OnceLock<Option<UpstreamTls>> = std::sync::OnceLock::new();
+
+fn upstream_tls() -> Option<&'static UpstreamTls> {
+    UPSTREAM_TLS.get().and_then(Option::as_ref)
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
     let policy = match load_policy(args.policy.as_deref()) {
         Ok(p) => Arc::new(p),
@@ -680,6 +709,23 @@ fn serve(args: ServeArgs) -> ExitCode {
         );
     }
     let _ = TLS.set(tls);
+    let loaded = match &args.upstream_ca {
+        Some(ca) => {
+            let client = args
+                .upstream_cert
+                .as_deref()
+                .zip(args.upstream_key.as_deref());
+            match UpstreamTls::load(ca, args.upstream_server_name.as_deref(), client) {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    eprintln!("tollgate: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        None => None,
+    };
+    let _ = UPSTREAM_TLS.set(loaded);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -725,6 +771,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                     policy,
                     Duration::from_secs_f64(args.upstream_timeout),
                     Arc::new(SystemClock),
+                    upstream_tls(),
                 ) {
                     Ok(r) => Arc::new(r),
                     Err(e) => {
@@ -796,11 +843,14 @@ fn serve(args: ServeArgs) -> ExitCode {
                                 if a.ip().is_unspecified() {
                                     a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
                                 }
-                                format!("http://{a}")
+                                let scheme =
+                                    if upstream_tls().is_some() { "https" } else { "http" };
+                                format!("{scheme}://{a}")
                             })
                             .map_err(|e| e.to_string())
                             .and_then(|url| {
-                                channel_to(&url, upstream_timeout).map_err(|e| e.to_string())
+                                channel_to(&url, upstream_timeout, upstream_tls())
+                                    .map_err(|e| e.to_string())
                             });
                         let to_self = match to_self {
                             Ok(channel) => channel,

@@ -47,7 +47,7 @@ impl TestRelay {
     ) -> Self {
         let policy = Arc::new(Policy::from_toml(policy_toml, "relay.toml").expect("relay policy"));
         let relay =
-            Arc::new(ForwardingLedger::new(upstream, policy, timeout, clock).expect("relay"));
+            Arc::new(ForwardingLedger::new(upstream, policy, timeout, clock, None).expect("relay"));
         let (listener, addr) = tollgate::server::bind("127.0.0.1:0".parse().unwrap())
             .await
             .expect("bind");

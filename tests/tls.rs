@@ -280,3 +280,106 @@ fn a_key_that_does_not_match_is_refused_at_start_without_echoing_it() {
         "{text}"
     );
 }
+
+/// A relay reaches a central tollgate over mTLS (`--upstream https://`, `--upstream-ca`, a
+/// client certificate), and a relay without the client certificate cannot: its Reserves are
+/// answered by the tier's fail mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_reaches_its_upstream_over_mtls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("replicas CA");
+    let (cert, key) = server_files(dir.path(), &ca);
+    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
+    let central = serve(
+        dir.path(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--client-ca",
+            ca_file.to_str().unwrap(),
+        ],
+    )
+    .start();
+    let (relay_cert, relay_key) = ca.leaf(&["relay.internal"]);
+    let relay_cert = write_file(dir.path(), "relay.pem", &relay_cert);
+    let relay_key = write_file(dir.path(), "relay.key", &relay_key);
+    let upstream = format!("https://localhost:{}", central.addr.port());
+    let policy = write_file(dir.path(), "relay-policy.toml", POLICY);
+    let relay = Serve::new(&dir.path().join("relay-data"))
+        .sled_only()
+        .args([
+            "--policy",
+            policy.to_str().unwrap(),
+            "--upstream",
+            &upstream,
+            "--upstream-ca",
+            ca_file.to_str().unwrap(),
+            "--upstream-cert",
+            relay_cert.to_str().unwrap(),
+            "--upstream-key",
+            relay_key.to_str().unwrap(),
+        ])
+        .start();
+    let mut q = relay.quota().await;
+    let r = rsv(&mut q, reserve("alice", 100, 100)).await;
+    assert_eq!(decision(&r), Decision::Allowed, "{r:?}");
+    assert_eq!(usage(&mut q, "alice").await.open_holds, 1);
+
+    // Without the client certificate the central service refuses the relay's handshake.
+    let bare = Serve::new(&dir.path().join("bare-data"))
+        .sled_only()
+        .args([
+            "--policy",
+            policy.to_str().unwrap(),
+            "--upstream",
+            &upstream,
+            "--upstream-ca",
+            ca_file.to_str().unwrap(),
+            "--upstream-timeout",
+            "0.5",
+        ])
+        .start();
+    let mut q = bare.quota().await;
+    let r = rsv(&mut q, reserve("alice", 100, 100)).await;
+    assert_eq!(decision(&r), Decision::Denied, "{r:?}");
+    assert_eq!(r.denied_by, tollgate::relay::UPSTREAM_UNAVAILABLE);
+}
+
+/// A caller known by its mTLS identity: a SAN of its client certificate names it in
+/// `[callers]`; a certificate of the same CA with another SAN is no caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_is_known_by_the_san_of_its_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("mesh CA");
+    let (cert, key) = server_files(dir.path(), &ca);
+    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
+    let policy = write_file(
+        dir.path(),
+        "callers.toml",
+        &format!("{POLICY}\n[callers.chat-app]\nsan = \"spiffe://mesh/chat-app\"\nsubject_prefix = \"chat:\"\n"),
+    );
+    let p = Serve::new(&dir.path().join("data"))
+        .policy(&policy)
+        .args([
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--client-ca",
+            ca_file.to_str().unwrap(),
+        ])
+        .start();
+    let chat = ca.leaf(&["spiffe://mesh/chat-app"]);
+    let other = ca.leaf(&["spiffe://mesh/batch"]);
+    let mut q = client(p.addr, &ca.pem(), Some(&chat)).await.unwrap();
+    let r = rsv(&mut q, reserve("chat:alice", 10, 10)).await;
+    assert_eq!(decision(&r), Decision::Allowed);
+    let refused = q.reserve(reserve("search:bob", 10, 10)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let mut q = client(p.addr, &ca.pem(), Some(&other)).await.unwrap();
+    let refused = q.reserve(reserve("chat:alice", 10, 10)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("names no caller"), "{refused:?}");
+}

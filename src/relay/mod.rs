@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 pub use forward::UPSTREAM_UNAVAILABLE;
 use local::{LocalHold, LocalHolds};
@@ -90,8 +90,9 @@ impl ForwardingLedger {
         policy: Arc<Policy>,
         timeout: Duration,
         clock: Arc<dyn Clock>,
+        tls: Option<&UpstreamTls>,
     ) -> Result<Self, RelayError> {
-        let channel = channel_to(upstream, timeout)?;
+        let channel = channel_to(upstream, timeout, tls)?;
         Ok(Self {
             orphans: Arc::new(orphans::Settler::new(channel.clone())),
             channel,
@@ -198,18 +199,73 @@ impl ForwardingLedger {
     }
 }
 
-/// A channel to the tollgate at `upstream`, with `timeout` on connecting and on each call.
-/// Lazy: the connection is made on the first call and remade as needed.
-pub fn channel_to(upstream: &str, timeout: Duration) -> Result<Channel, RelayError> {
+/// How a relay or follower reaches an upstream over TLS: the CA that signs the upstream's
+/// certificate, the name that certificate is checked against (followers dial a leader's pod
+/// address, which no certificate names), and a client certificate for mTLS. Read once at
+/// start: a follower builds a new channel at each change of leader, a relay keeps one, so
+/// rotating these files needs a restart of the relay.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    config: ClientTlsConfig,
+}
+
+impl UpstreamTls {
+    /// From PEM files: `ca` (required), `server_name` (else the host of the URL), and a
+    /// client certificate and key for mTLS.
+    pub fn load(
+        ca: &std::path::Path,
+        server_name: Option<&str>,
+        client: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<Self, String> {
+        let read = |flag: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("{flag} {}: {e}", p.display()))
+        };
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("--upstream-ca", ca)?));
+        if let Some(name) = server_name {
+            config = config.domain_name(name);
+        }
+        if let Some((cert, key)) = client {
+            let identity =
+                Identity::from_pem(read("--upstream-cert", cert)?, read("--upstream-key", key)?);
+            config = config.identity(identity);
+        }
+        Ok(Self { config })
+    }
+}
+
+/// A channel to the tollgate at `upstream`, with `timeout` on connecting and on each call;
+/// over TLS when `upstream` is https:// (which then needs `tls`). Lazy: the connection is
+/// made on the first call and remade as needed.
+pub fn channel_to(
+    upstream: &str,
+    timeout: Duration,
+    tls: Option<&UpstreamTls>,
+) -> Result<Channel, RelayError> {
     let bad = |reason: String| RelayError::BadUrl {
         url: upstream.to_string(),
         reason,
     };
-    if !(upstream.starts_with("http://") || upstream.starts_with("https://")) {
-        return Err(bad("it must start with http:// or https://".into()));
-    }
-    Ok(Endpoint::from_shared(upstream.to_string())
-        .map_err(|e| bad(e.to_string()))?
+    let endpoint = Endpoint::from_shared(upstream.to_string()).map_err(|e| bad(e.to_string()))?;
+    let endpoint = match (upstream.split_once("://").map(|(s, _)| s), tls) {
+        (Some("http"), None) => endpoint,
+        (Some("http"), Some(_)) => {
+            return Err(bad(
+                "--upstream-ca is given: the upstream must be https://".into()
+            ))
+        }
+        (Some("https"), Some(tls)) => endpoint
+            .tls_config(tls.config.clone())
+            .map_err(|e| bad(e.to_string()))?,
+        (Some("https"), None) => {
+            return Err(bad(
+                "an https:// upstream needs --upstream-ca (the CA that signs its certificate)"
+                    .into(),
+            ))
+        }
+        _ => return Err(bad("it must start with http:// or https://".into())),
+    };
+    Ok(endpoint
         .connect_timeout(timeout)
         .timeout(timeout)
         .tcp_nodelay(true)
@@ -220,9 +276,16 @@ pub fn channel_to(upstream: &str, timeout: Duration) -> Result<Channel, RelayErr
 }
 
 /// Whether an error from the upstream means it could not be reached (rather than an answer).
+/// UNKNOWN counts: tollgate answers every refusal with a code of its own, so an UNKNOWN is a
+/// call that failed in transit (tonic's "transport error": a connection reset, or a TLS
+/// handshake the upstream refused after the client thought it done, as TLS 1.3 does with a
+/// client certificate it does not accept).
 pub fn unreachable(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
     )
 }
