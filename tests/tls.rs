@@ -383,3 +383,65 @@ async fn a_caller_is_known_by_the_san_of_its_client_certificate() {
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
     assert!(refused.message().contains("names no caller"), "{refused:?}");
 }
+
+/// Replicas on PostgreSQL with TLS everywhere: a follower relays to its leader over mTLS
+/// (checking the leader's certificate against one name, whatever address it dials), and takes
+/// over when the leader is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_relays_to_its_leader_over_mtls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("replicas CA");
+    // One certificate for every replica: a server and client certificate for the Service's
+    // name (here localhost).
+    let (cert, key) = server_files(dir.path(), &ca);
+    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
+    let url = common::postgres::server().database();
+    let policy = write_file(dir.path(), "policy.toml", POLICY);
+    let args = [
+        "--store",
+        url.as_str(),
+        "--lease-ttl",
+        "2",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--client-ca",
+        ca_file.to_str().unwrap(),
+        "--upstream-ca",
+        ca_file.to_str().unwrap(),
+        "--upstream-server-name",
+        "localhost",
+        "--upstream-cert",
+        cert.to_str().unwrap(),
+        "--upstream-key",
+        key.to_str().unwrap(),
+    ];
+    let leader = Serve::new(&dir.path().join("a")).args(args).start();
+    let leader_address = leader.addr.to_string();
+    let u = url.clone();
+    tokio::task::spawn_blocking(move || common::postgres::wait_until_leading(&u, &leader_address))
+        .await
+        .unwrap();
+    let follower = Serve::new(&dir.path().join("b")).args(args).start();
+    let me = ca.leaf(&["app.internal"]);
+    let mut qb = client(follower.addr, &ca.pem(), Some(&me)).await.unwrap();
+    let r = rsv(&mut qb, reserve("alice", 100, 100)).await;
+    assert_eq!(decision(&r), Decision::Allowed, "{r:?}");
+    let mut qa = client(leader.addr, &ca.pem(), Some(&me)).await.unwrap();
+    assert_eq!(usage(&mut qa, "alice").await.open_holds, 1, "one ledger");
+
+    leader.kill9();
+    let follower_address = follower.addr.to_string();
+    tokio::task::spawn_blocking(move || {
+        common::postgres::wait_until_leading(&url, &follower_address)
+    })
+    .await
+    .unwrap();
+    let mut qb = client(follower.addr, &ca.pem(), Some(&me)).await.unwrap();
+    assert_eq!(usage(&mut qb, "alice").await.open_holds, 1);
+    let r = rsv(&mut qb, reserve("alice", 100, 100)).await;
+    assert_eq!(decision(&r), Decision::Allowed, "{r:?}");
+}
