@@ -119,6 +119,7 @@ fn bounds() -> Bounds {
 
 fn input(subject: &str, now_us: u64) -> ReserveInput {
     ReserveInput {
+        caller: None,
         subject: subject.to_string(),
         model: "gpt-4o".to_string(),
         prompt_tokens: PROMPT,

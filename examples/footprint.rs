@@ -97,6 +97,7 @@ fn cpu(of: &str) -> f64 {
 
 fn input(subject: String, id: u128) -> ReserveInput {
     ReserveInput {
+        caller: None,
         subject,
         model: "gpt-4o-mini".into(),
         prompt_tokens: 100,

@@ -12,6 +12,7 @@ use tonic::{Code, Request};
 const CHAT_TOKEN: &str = "chat-7f3a9c1e2b4d6f8a0c2e4a6b8d0f1a3c";
 const SEARCH_TOKEN: &str = "search-0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e";
 const ALICE_TOKEN: &str = "alice-ops-5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b";
+const BATCH_TOKEN: &str = "batch-9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d";
 
 fn hex(token: &str) -> String {
     tollgate::policy::callers::hash_token(token)
@@ -41,12 +42,17 @@ token_sha256 = "{search}"
 calls = ["Reserve", "GetUsage"]
 groups = ["search-team"]
 
+[callers.batch]
+token_sha256 = "{batch}"
+subject_prefix = "chat:"
+
 [operators.alice]
 token_sha256 = "{alice}"
 "#,
         chat = hex(CHAT_TOKEN),
         search = hex(SEARCH_TOKEN),
         alice = hex(ALICE_TOKEN),
+        batch = hex(BATCH_TOKEN),
     )
 }
 
@@ -70,7 +76,7 @@ fn refused<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, say
     let status = result.expect_err("refused");
     assert_eq!(status.code(), code, "{status:?}");
     assert!(status.message().contains(says), "{status:?}");
-    for secret in [CHAT_TOKEN, SEARCH_TOKEN, ALICE_TOKEN] {
+    for secret in [CHAT_TOKEN, SEARCH_TOKEN, ALICE_TOKEN, BATCH_TOKEN] {
         assert!(!status.message().contains(secret), "{status:?}");
     }
 }
@@ -277,4 +283,86 @@ fn the_data_directory_is_the_owners_alone() {
         let m = mode(&path);
         assert_eq!(m & 0o077, 0, "{} is {m:o}", path.display());
     }
+}
+
+/// A hold is the caller's that made it: another caller's token on its reservation is refused
+/// (Commit, Refund, Extend, and a Reserve replaying its idempotency key), before and after a
+/// `kill -9` and restart; the hold stays as it was; its own caller settles it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_caller_that_made_a_hold_may_settle_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), &[]);
+    let mut q = p.quota().await;
+    let keyed = ReserveRequest {
+        idempotency_key: "k1".into(),
+        ..reserve("chat:alice", 100, 100)
+    };
+    let r = q
+        .reserve(as_chat(keyed.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = r.reservation_id.clone();
+    let check = |q: &mut Quota| {
+        let mut q = q.clone();
+        let (id, keyed) = (id.clone(), keyed.clone());
+        async move {
+            refused(
+                q.commit(with_auth(
+                    commit_req(&id, 1, 1),
+                    &format!("Bearer {BATCH_TOKEN}"),
+                ))
+                .await,
+                Code::PermissionDenied,
+                "made by another caller",
+            );
+            refused(
+                q.refund(with_auth(refund_req(&id), &format!("Bearer {BATCH_TOKEN}")))
+                    .await,
+                Code::PermissionDenied,
+                "made by another caller",
+            );
+            let extend = tollgate::proto::ExtendRequest {
+                reservation_id: id.clone(),
+                hold: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+            };
+            refused(
+                q.extend(with_auth(extend, &format!("Bearer {BATCH_TOKEN}")))
+                    .await,
+                Code::PermissionDenied,
+                "made by another caller",
+            );
+            let replay = q
+                .reserve(with_auth(keyed, &format!("Bearer {BATCH_TOKEN}")))
+                .await
+                .expect_err("another caller's key replays nothing");
+            assert_eq!(replay.code(), Code::FailedPrecondition, "{replay:?}");
+            assert!(!replay.message().contains(&id), "{replay:?}");
+        }
+    };
+    check(&mut q).await;
+    p.kill9();
+    let p = start_again(dir.path());
+    let mut q = p.quota().await;
+    check(&mut q).await;
+    // Nothing changed: the hold is open, and its caller settles it.
+    assert_eq!(open_holds(&mut q, "chat:alice").await, 1);
+    let c = q
+        .commit(as_chat(commit_req(&id, 100, 20)))
+        .await
+        .expect("its own caller commits")
+        .into_inner();
+    assert_eq!(c.charged_tokens, 120);
+}
+
+/// The server of [`start`] again on the same directory (after a kill).
+fn start_again(dir: &std::path::Path) -> Process {
+    Serve::new(&dir.join("data"))
+        .policy(&dir.join("policy.toml"))
+        .env("RUST_LOG", "info")
+        .log_to(&dir.join("server-again.log"))
+        .start()
 }

@@ -654,6 +654,7 @@ fn alice() -> tollgate::engine::UsageQuery {
 /// A Reserve of `tokens` prompt tokens for `subject`, as the ledger takes it.
 fn input(subject: &str, tokens: u64, hold_us: Option<u64>) -> ReserveInput {
     ReserveInput {
+        caller: None,
         subject: subject.into(),
         model: "gpt-4o".into(),
         prompt_tokens: tokens,

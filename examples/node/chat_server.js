@@ -13,9 +13,12 @@
 //
 // Setup:  npm ci
 // Run:    TOLLGATE_ADDR=127.0.0.1:50051 PORT=8080 node chat_server.js
+// TLS:    TOLLGATE_ADDR=localhost:50051 TOLLGATE_CA_FILE=ca.pem node chat_server.js
+//         (TOLLGATE_TOKEN: a [callers] bearer token; TOLLGATE_CLIENT_CERT/_KEY: mTLS)
 'use strict';
 
 const crypto = require('node:crypto');
+const fs = require('node:fs');
 const http = require('node:http');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
@@ -65,16 +68,83 @@ const serviceConfig = {
   ],
 };
 
+// How this app reaches tollgate and proves who it is (see examples/README.md):
+// TOLLGATE_CA_FILE    TLS: the PEM of the CA that signed tollgate's certificate (tollgate serve
+//                     --tls-cert/--tls-key). Unset: plaintext, as with a plain `tollgate serve`.
+// TOLLGATE_CLIENT_CERT, TOLLGATE_CLIENT_KEY
+//                     mTLS (tollgate serve --client-ca): this app's certificate chain and its key.
+//                     Tollgate knows the app by a SAN of it when the policy's [callers] entry has
+//                     `san = ...`.
+// TOLLGATE_TOKEN      the bearer token of this app's [callers] entry (the policy holds only its
+//                     SHA-256: `tollgate hash-token`), sent as `authorization: Bearer <token>`.
+const TOLLGATE_CA_FILE = process.env.TOLLGATE_CA_FILE || null;
+const TOLLGATE_CLIENT_CERT = process.env.TOLLGATE_CLIENT_CERT || null;
+const TOLLGATE_CLIENT_KEY = process.env.TOLLGATE_CLIENT_KEY || null;
+const TOLLGATE_TOKEN = process.env.TOLLGATE_TOKEN || null;
+
+function exit(message) {
+  console.error(message);
+  process.exit(1);
+}
+
+// The bytes of the file named by an environment variable; exits, naming both, if unreadable.
+function readFile(variable, file) {
+  try {
+    return fs.readFileSync(file);
+  } catch (err) {
+    return exit(`${variable}=${file}: ${err.message}`);
+  }
+}
+
+// TLS credentials from the TOLLGATE_* variables, or plaintext ones.
+function channelCredentials() {
+  if ((TOLLGATE_CLIENT_CERT === null) !== (TOLLGATE_CLIENT_KEY === null)) {
+    exit('TOLLGATE_CLIENT_CERT and TOLLGATE_CLIENT_KEY go together (mTLS needs both)');
+  }
+  if (TOLLGATE_CA_FILE === null) {
+    if (TOLLGATE_CLIENT_CERT !== null) {
+      exit('TOLLGATE_CLIENT_CERT needs TOLLGATE_CA_FILE (mTLS is TLS)');
+    }
+    if (TOLLGATE_TOKEN !== null) {
+      console.error(
+        'warning: TOLLGATE_TOKEN without TOLLGATE_CA_FILE: the token crosses the network' +
+          ' in clear text',
+      );
+    }
+    return grpc.credentials.createInsecure();
+  }
+  // Read once, at start: a rotated client certificate takes a restart of this app. The name
+  // checked against tollgate's certificate is TOLLGATE_ADDR's host: use the name (or IP
+  // address) the certificate carries, e.g. localhost:50051 for a local trial.
+  let key = null;
+  let chain = null;
+  if (TOLLGATE_CLIENT_CERT !== null) {
+    chain = readFile('TOLLGATE_CLIENT_CERT', TOLLGATE_CLIENT_CERT);
+    key = readFile('TOLLGATE_CLIENT_KEY', TOLLGATE_CLIENT_KEY);
+  }
+  return grpc.credentials.createSsl(readFile('TOLLGATE_CA_FILE', TOLLGATE_CA_FILE), key, chain);
+}
+
 // One client for the whole process: it keeps one HTTP/2 connection open, so each chat costs a
-// round trip, not a TCP handshake.
-const quota = new tollgate.Quota(TOLLGATE_ADDR, grpc.credentials.createInsecure(), {
+// round trip, not a TCP (and TLS) handshake.
+const quota = new tollgate.Quota(TOLLGATE_ADDR, channelCredentials(), {
   'grpc.service_config': JSON.stringify(serviceConfig),
 });
+
+// The token goes with every call, as metadata. (A call credential from
+// grpc.credentials.createFromMetadataGenerator would do the same, but only on a TLS channel;
+// metadata also works behind a mesh that does the TLS.)
+function callMetadata() {
+  const metadata = new grpc.Metadata();
+  if (TOLLGATE_TOKEN !== null) metadata.set('authorization', `Bearer ${TOLLGATE_TOKEN}`);
+  return metadata;
+}
 
 // Promise wrapper around a unary call, with its deadline.
 function rpc(method, request) {
   return new Promise((resolve, reject) => {
-    quota[method](request, { deadline: Date.now() + RPC_TIMEOUT_MS }, (err, response) =>
+    const options = { deadline: Date.now() + RPC_TIMEOUT_MS };
+    quota[method](request, callMetadata(), options, (err, response) =>
       err ? reject(err) : resolve(response),
     );
   });
@@ -138,8 +208,12 @@ async function chat(body, clientIp) {
       // A bad request (e.g. an unknown model): tollgate's message names the field and rule.
       return { status: 400, body: { error: err.details } };
     }
-    // Tollgate unreachable or failing: this example fails closed (no budget check, no call).
-    // An app that prefers availability over the budget could call the LLM anyway.
+    // Tollgate unreachable or failing, or refusing this app (UNAUTHENTICATED: a missing or
+    // unknown token or client certificate; PERMISSION_DENIED: a call or subject its [callers]
+    // entry does not allow): this example fails closed (no budget check, no call). An app that
+    // prefers availability over the budget could call the LLM anyway. The details (tollgate's
+    // message says what is missing) go to the log, not the user.
+    console.error(`reserve failed: ${grpc.status[err.code]}: ${err.details}`);
     return { status: 503, body: { error: `quota service unavailable: ${grpc.status[err.code]}` } };
   }
 
@@ -252,5 +326,8 @@ const server = http.createServer((req, res) => {
 server.listen(PORT, HOST, () => {
   // scripts/check-clients.sh waits for "listening on" and reads the URL from this line.
   const url = `http://${HOST}:${server.address().port}`;
-  console.log(`chat example listening on ${url} (tollgate at ${TOLLGATE_ADDR})`);
+  let security = TOLLGATE_CA_FILE === null ? 'plaintext' : 'TLS';
+  if (TOLLGATE_CLIENT_CERT !== null) security += ', client certificate';
+  if (TOLLGATE_TOKEN !== null) security += ', bearer token';
+  console.log(`chat example listening on ${url} (tollgate at ${TOLLGATE_ADDR}, ${security})`);
 });

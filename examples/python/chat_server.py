@@ -13,6 +13,8 @@ The flow is the one every tollgate client follows:
 
 Setup:  pip install -r requirements.txt && python generate_stubs.py
 Run:    TOLLGATE_ADDR=127.0.0.1:50051 PORT=8080 python chat_server.py
+TLS:    TOLLGATE_ADDR=localhost:50051 TOLLGATE_CA_FILE=ca.pem python chat_server.py
+        (TOLLGATE_TOKEN: a [callers] bearer token; TOLLGATE_CLIENT_CERT/_KEY: mTLS)
 """
 
 import json
@@ -60,12 +62,70 @@ SERVICE_CONFIG = json.dumps(
     }
 )
 
+# How this app reaches tollgate and proves who it is (see examples/README.md):
+# TOLLGATE_CA_FILE    TLS: the PEM of the CA that signed tollgate's certificate (tollgate serve
+#                     --tls-cert/--tls-key). Unset: plaintext, as with a plain `tollgate serve`.
+# TOLLGATE_CLIENT_CERT, TOLLGATE_CLIENT_KEY
+#                     mTLS (tollgate serve --client-ca): this app's certificate chain and its key.
+#                     Tollgate knows the app by a SAN of it when the policy's [callers] entry has
+#                     `san = ...`.
+# TOLLGATE_TOKEN      the bearer token of this app's [callers] entry (the policy holds only its
+#                     SHA-256: `tollgate hash-token`), sent as `authorization: Bearer <token>`.
+TOLLGATE_CA_FILE = os.environ.get("TOLLGATE_CA_FILE") or None
+TOLLGATE_CLIENT_CERT = os.environ.get("TOLLGATE_CLIENT_CERT") or None
+TOLLGATE_CLIENT_KEY = os.environ.get("TOLLGATE_CLIENT_KEY") or None
+TOLLGATE_TOKEN = os.environ.get("TOLLGATE_TOKEN") or None
+
+
+def read_file(variable, path):
+    """The bytes of the file named by an environment variable; exits, naming both, if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        sys.exit(f"{variable}={path}: {err.strerror}")
+
+
+def channel_credentials():
+    """TLS credentials from the TOLLGATE_* variables; None for plaintext."""
+    if (TOLLGATE_CLIENT_CERT is None) != (TOLLGATE_CLIENT_KEY is None):
+        sys.exit("TOLLGATE_CLIENT_CERT and TOLLGATE_CLIENT_KEY go together (mTLS needs both)")
+    if TOLLGATE_CA_FILE is None:
+        if TOLLGATE_CLIENT_CERT is not None:
+            sys.exit("TOLLGATE_CLIENT_CERT needs TOLLGATE_CA_FILE (mTLS is TLS)")
+        return None
+    # Read once, at start: a rotated client certificate takes a restart of this app.
+    key = chain = None
+    if TOLLGATE_CLIENT_CERT is not None:
+        chain = read_file("TOLLGATE_CLIENT_CERT", TOLLGATE_CLIENT_CERT)
+        key = read_file("TOLLGATE_CLIENT_KEY", TOLLGATE_CLIENT_KEY)
+    return grpc.ssl_channel_credentials(
+        root_certificates=read_file("TOLLGATE_CA_FILE", TOLLGATE_CA_FILE),
+        private_key=key,
+        certificate_chain=chain,
+    )
+
+
+# The token goes with every call, as metadata. (grpc.access_token_call_credentials would do
+# the same, but only on a TLS channel; metadata also works behind a mesh that does the TLS.)
+CALL_METADATA = (("authorization", f"Bearer {TOLLGATE_TOKEN}"),) if TOLLGATE_TOKEN else None
+
 # One channel for the whole process: it is thread-safe and keeps one HTTP/2 connection open,
-# so each chat costs a round trip, not a TCP handshake.
-channel = grpc.insecure_channel(
-    TOLLGATE_ADDR,
-    options=[("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)],
-)
+# so each chat costs a round trip, not a TCP (and TLS) handshake.
+CHANNEL_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)]
+credentials = channel_credentials()
+if credentials is None:
+    if TOLLGATE_TOKEN:
+        print(
+            "warning: TOLLGATE_TOKEN without TOLLGATE_CA_FILE: the token crosses the network"
+            " in clear text",
+            file=sys.stderr,
+        )
+    channel = grpc.insecure_channel(TOLLGATE_ADDR, options=CHANNEL_OPTIONS)
+else:
+    # The name checked against tollgate's certificate is TOLLGATE_ADDR's host: use the name
+    # (or IP address) the certificate carries, e.g. localhost:50051 for a local trial.
+    channel = grpc.secure_channel(TOLLGATE_ADDR, credentials, options=CHANNEL_OPTIONS)
 quota = quota_pb2_grpc.QuotaStub(channel)
 
 
@@ -125,13 +185,17 @@ def chat(body, client_ip):
         request.max_output_tokens = max_output
 
     try:
-        reserve = quota.Reserve(request, timeout=RPC_TIMEOUT_S)
+        reserve = quota.Reserve(request, timeout=RPC_TIMEOUT_S, metadata=CALL_METADATA)
     except grpc.RpcError as err:
         if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
             # A bad request (e.g. an unknown model): tollgate's message names the field and rule.
             return 400, {"error": err.details()}, {}
-        # Tollgate unreachable or failing: this example fails closed (no budget check, no
+        # Tollgate unreachable or failing, or refusing this app (UNAUTHENTICATED: a missing or
+        # unknown token or client certificate; PERMISSION_DENIED: a call or subject its
+        # [callers] entry does not allow): this example fails closed (no budget check, no
         # call). An app that prefers availability over the budget could call the LLM anyway.
+        # The details (tollgate's message says what is missing) go to the log, not the user.
+        print(f"reserve failed: {err.code().name}: {err.details()}", file=sys.stderr)
         return 503, {"error": f"quota service unavailable: {err.code().name}"}, {}
 
     if reserve.decision == quota_pb2.DECISION_DENIED:
@@ -164,6 +228,7 @@ def chat(body, client_ip):
             quota.Refund(
                 quota_pb2.RefundRequest(reservation_id=reserve.reservation_id),
                 timeout=RPC_TIMEOUT_S,
+                metadata=CALL_METADATA,
             )
         except grpc.RpcError as refund_err:
             print(
@@ -186,6 +251,7 @@ def chat(body, client_ip):
                 completion_tokens=completion_tokens,
             ),
             timeout=RPC_TIMEOUT_S,
+            metadata=CALL_METADATA,
         )
         charged = commit.charged_tokens
     except grpc.RpcError as err:
@@ -246,9 +312,14 @@ class Handler(BaseHTTPRequestHandler):
 if __name__ == "__main__":
     server = ThreadingHTTPServer((HOST, PORT), Handler)
     # scripts/check-clients.sh waits for "listening on" and reads the URL from this line.
+    security = "plaintext" if credentials is None else "TLS"
+    if TOLLGATE_CLIENT_CERT:
+        security += ", client certificate"
+    if TOLLGATE_TOKEN:
+        security += ", bearer token"
     print(
         f"chat example listening on http://{HOST}:{server.server_address[1]}"
-        f" (tollgate at {TOLLGATE_ADDR})",
+        f" (tollgate at {TOLLGATE_ADDR}, {security})",
         flush=True,
     )
     server.serve_forever()

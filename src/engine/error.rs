@@ -16,6 +16,10 @@ pub enum EngineError {
         /// The rule it breaks.
         rule: String,
     },
+    /// The reservation was made by another caller (`[callers]`): only that one may settle or
+    /// extend it.
+    #[error("reservation {0} was made by another caller: only the caller that made a hold may Commit, Refund or Extend it")]
+    NotOwner(ReservationId),
     /// No reservation has this id (never made, or settled more than the retention ago).
     #[error("reservation {0} not found (unknown, or settled longer ago than the 24 h retention)")]
     NotFound(ReservationId),

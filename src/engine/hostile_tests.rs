@@ -30,6 +30,7 @@ fn address(i: u32) -> IpAddr {
 /// bucket (5,000) ever holds, so it is denied whatever state the subject has.
 fn too_large(subject: &str, ip: IpAddr, id: u128) -> ReserveInput {
     ReserveInput {
+        caller: None,
         prompt_tokens: 6_000,
         client_ip: Some(ip),
         ..one_token(subject, id)
@@ -68,6 +69,7 @@ fn a_flood_of_denials_leaves_no_scopes_and_a_new_user_is_admitted() {
 
     let mut out = Vec::new();
     let real = ReserveInput {
+        caller: None,
         client_ip: Some(address(60_000)),
         ..one_token("real-user", 1_000)
     };
@@ -107,6 +109,7 @@ fn a_denial_counts_in_existing_scopes_and_bounded_groups_only() {
     let ip = address(1);
     e.reserve(
         ReserveInput {
+            caller: None,
             client_ip: Some(ip),
             ..one_token("known", 1)
         },
@@ -115,6 +118,7 @@ fn a_denial_counts_in_existing_scopes_and_bounded_groups_only() {
     )
     .unwrap();
     let deny = |subject: &str, group: Option<&str>, id| ReserveInput {
+        caller: None,
         group: group.map(str::to_string),
         ..too_large(subject, ip, id)
     };
@@ -284,6 +288,7 @@ fn a_clock_stepped_forward_and_back_grants_no_second_day() {
     let noon = START + 10 * MICROS_PER_MINUTE + 12 * hour;
     let take = |e: &mut Engine, tokens, id, at, out: &mut Vec<Mutation>| {
         let input = ReserveInput {
+            caller: None,
             prompt_tokens: tokens,
             ..one_token("ann", id)
         };
@@ -339,6 +344,7 @@ fn a_settled_record_that_is_the_oldest_is_purged_whole() {
     let mut out = Vec::new();
     let s = MICROS_PER_SECOND;
     let short = ReserveInput {
+        caller: None,
         hold_us: Some(5 * s),
         idempotency_key: Some("turn-1".into()),
         ..one_token("ann", 1)
@@ -382,6 +388,7 @@ fn a_commit_beyond_max_commit_tokens_is_refused_before_anything_changes() {
     let small = e.reserve(one_token("ann", 1), START, &mut out).unwrap();
     let small = small.reservation_id.unwrap();
     let big = ReserveInput {
+        caller: None,
         prompt_tokens: 4_000,
         max_output_tokens: 1_000,
         ..one_token("ann", 2)

@@ -330,6 +330,18 @@ impl Engine {
         }
     }
 
+    /// Refuse `caller` on reservation `id` if another caller made it. A hold made while the
+    /// Quota API was open (no caller) may be settled by anyone; an unknown id passes (the call
+    /// itself then answers NOT_FOUND).
+    pub fn check_owner(&self, id: ReservationId, caller: Option<&str>) -> Result<(), EngineError> {
+        match self.record(id) {
+            Some(r) if r.caller.is_some() && r.caller.as_deref() != caller => {
+                Err(EngineError::NotOwner(id))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The reservation the idempotency `key` of `subject` made last, if it is still kept.
     fn key_owner(&self, subject: &str, key: &str) -> Option<ReservationId> {
         self.open_keys

@@ -190,6 +190,11 @@ pub struct Reservation {
     pub held_usd: u64,
     /// Set when the hold was downgraded: what the Reserve asked for.
     pub downgraded_from: Option<Requested>,
+    /// The caller that made it (`[callers]`), the only one that may settle or extend it.
+    /// Not in the serde form: the record appends it after the rest only when set, so a
+    /// record without one has the bytes it had before callers existed (`store/records.rs`).
+    #[serde(skip)]
+    pub caller: Option<String>,
 }
 
 /// What a downgraded Reserve asked for (kept to compare idempotent retries).

@@ -58,6 +58,9 @@ pub struct ReserveInput {
     pub client_ip: Option<IpAddr>,
     /// The id to give the hold (generated before the engine lock is taken).
     pub id: ReservationId,
+    /// The authenticated caller (`[callers]`) making it: only it may settle or extend the
+    /// hold. None when the Quota API is open.
+    pub caller: Option<String>,
 }
 
 /// What a Reserve decided.
@@ -333,6 +336,7 @@ impl Engine {
                 model: input.model,
                 prompt_tokens: input.prompt_tokens,
             }),
+            caller: input.caller,
         };
         if let Some(key) = &reservation.idempotency_key {
             // The key's last reservation, if still kept, is past its retention (or replay()
@@ -491,6 +495,10 @@ impl Engine {
                 ip.map_or("(none)".into(), |ip| ScopeKey::Ip(ip).id().to_string())
             };
             return differs("client_ip", show(first.client_ip), show(input.client_ip));
+        }
+        if first.caller != input.caller {
+            // Another caller's key: never its hold, nor its id or its caller's name.
+            return differs("caller", "another caller".into(), "this caller".into());
         }
         if first.requested_hold_us != input.hold_us {
             let show = |h: Option<u64>| h.map_or("(default)".to_string(), |us| format!("{us}us"));

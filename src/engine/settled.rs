@@ -47,6 +47,7 @@ struct Packed<S> {
     price: Option<Price>,
     held_usd: u64,
     downgraded_from: Option<(S, u64)>,
+    caller: Option<S>,
 }
 
 /// The first two fields of [`Packed`], borrowed from the bytes.
@@ -111,6 +112,7 @@ pub(super) fn pack(r: &Reservation) -> Box<[u8]> {
             .downgraded_from
             .as_ref()
             .map(|d| (d.model.as_str(), d.prompt_tokens)),
+        caller: r.caller.as_deref(),
     };
     // Serializing plain fields into a Vec cannot fail.
     postcard::to_allocvec(&packed)
@@ -155,6 +157,7 @@ pub(super) fn unpack(id: ReservationId, bytes: &[u8]) -> Reservation {
         client_ip: p.client_ip,
         price: p.price,
         held_usd: p.held_usd,
+        caller: p.caller,
         downgraded_from: p.downgraded_from.map(|(model, prompt_tokens)| Requested {
             model,
             prompt_tokens,
@@ -417,6 +420,7 @@ mod tests {
 
     fn record(id: u128, subject: &str, key: Option<&str>) -> Reservation {
         Reservation {
+            caller: None,
             id: ReservationId(id),
             subject: subject.into(),
             model: "gpt-4o-mini".into(),
@@ -459,6 +463,7 @@ mod tests {
         vec![
             base.clone(),
             Reservation {
+                caller: None,
                 id: ReservationId(u128::MAX),
                 subject: long.clone(),
                 model: String::new(),
@@ -482,6 +487,7 @@ mod tests {
                 }),
             },
             Reservation {
+                caller: None,
                 id: ReservationId(3),
                 state: HoldState::Refunded { at_us: 0 },
                 idempotency_key: Some(String::new()),
@@ -509,6 +515,7 @@ mod tests {
                 ..base.clone()
             },
             Reservation {
+                caller: None,
                 id: ReservationId(5),
                 state: HoldState::Held,
                 idempotency_key: Some("k5".into()),

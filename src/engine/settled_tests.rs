@@ -24,6 +24,7 @@ fn used(prompt: u64, completion: u64) -> Usage {
 /// hold life and an idempotency key.
 fn downgraded(key: &str, id: u128) -> ReserveInput {
     ReserveInput {
+        caller: None,
         subject: "ann".into(),
         model: "m".into(),
         prompt_tokens: 5_000,
@@ -68,6 +69,7 @@ fn a_settled_reservation_answers_every_retry_as_it_did_when_open() {
     assert!(while_open.replayed);
     let conflict_while_open = e.reserve(
         ReserveInput {
+            caller: None,
             max_output_tokens: 1,
             ..downgraded("k", 3)
         },
@@ -93,6 +95,7 @@ fn a_settled_reservation_answers_every_retry_as_it_did_when_open() {
         assert_eq!(replayed_part(&settled), replayed_part(&while_open));
         let conflict = e.reserve(
             ReserveInput {
+                caller: None,
                 max_output_tokens: 1,
                 ..downgraded("k", 5)
             },
@@ -107,6 +110,7 @@ fn a_settled_reservation_answers_every_retry_as_it_did_when_open() {
         let other = e
             .reserve(
                 ReserveInput {
+                    caller: None,
                     idempotency_key: Some("k".into()),
                     ..one_token("bob", 6)
                 },

@@ -323,6 +323,7 @@ fn run_model(seed: u64, run: Run) -> Seen {
                 let key = (rng.below(4) == 0).then(|| format!("k{}", rng.below(20)));
                 let prompt_tokens = rng.below(800);
                 let input = ReserveInput {
+                    caller: None,
                     subject: subject.to_string(),
                     model: ["m", "m", "small", "other"][rng.below(4) as usize].into(),
                     prompt_tokens,
@@ -585,6 +586,7 @@ fn a_denial_changes_only_the_denial_and_savings_counters() {
     let policy = Arc::new(Policy::from_toml(POLICY, "p.toml").unwrap());
     let mut e = Engine::new(policy, Bounds::default());
     let input = |id| ReserveInput {
+        caller: None,
         subject: "ann".into(),
         model: "m".into(),
         prompt_tokens: 3_000,
@@ -645,6 +647,7 @@ fn bounds_refuse_instead_of_growing() {
     };
     let mut e = Engine::new(policy, bounds);
     let input = |subject: &str, id| ReserveInput {
+        caller: None,
         subject: subject.into(),
         model: "m".into(),
         prompt_tokens: 1,
@@ -685,6 +688,7 @@ fn retention_is_exact_and_a_reused_key_survives_the_old_records_purge() {
     let mut e = Engine::new(policy, Bounds::default());
     let day = Bounds::default().retention_us;
     let input = |id| ReserveInput {
+        caller: None,
         subject: "ann".into(),
         model: "m".into(),
         prompt_tokens: 10,
@@ -735,6 +739,7 @@ fn retention_is_exact_and_a_reused_key_survives_the_old_records_purge() {
 
 pub(super) fn one_token(subject: &str, id: u128) -> ReserveInput {
     ReserveInput {
+        caller: None,
         subject: subject.into(),
         model: "m".into(),
         prompt_tokens: 1,
@@ -857,6 +862,7 @@ fn a_late_expiry_from_yesterday_does_not_charge_today() {
     let mut e = Engine::new(policy, Bounds::default());
     let mut out = Vec::new();
     let input = |tokens, id| ReserveInput {
+        caller: None,
         prompt_tokens: tokens,
         model: "small".into(),
         ..one_token("ann", id)

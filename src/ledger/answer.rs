@@ -94,9 +94,10 @@ impl Ledger for LocalLedger {
 
     async fn reserve(
         &self,
-        _cx: &CallContext,
-        input: ReserveInput,
+        cx: &CallContext,
+        mut input: ReserveInput,
     ) -> Result<proto::ReserveResponse, Status> {
+        input.caller = cx.caller.clone();
         let subject = input.subject.clone();
         let dry_run = input.dry_run;
         let o = LocalLedger::reserve(self, input).await?;
@@ -129,11 +130,11 @@ impl Ledger for LocalLedger {
 
     async fn commit(
         &self,
-        _cx: &CallContext,
+        cx: &CallContext,
         id: ReservationId,
         usage: Usage,
     ) -> Result<proto::CommitResponse, Status> {
-        let o = LocalLedger::commit(self, id, usage).await?;
+        let o = self.commit_by(cx.caller.as_deref(), id, usage).await?;
         if !o.replayed {
             metrics::add(metrics::TOKENS_CHARGED, o.settlement.charged_tokens);
             metrics::add(metrics::TOKENS_RELEASED, o.settlement.released_tokens);
@@ -150,10 +151,10 @@ impl Ledger for LocalLedger {
 
     async fn refund(
         &self,
-        _cx: &CallContext,
+        cx: &CallContext,
         id: ReservationId,
     ) -> Result<proto::RefundResponse, Status> {
-        let o = LocalLedger::refund(self, id).await?;
+        let o = self.refund_by(cx.caller.as_deref(), id).await?;
         if !o.replayed {
             metrics::add(metrics::TOKENS_RELEASED, o.released_tokens);
         }
@@ -164,11 +165,11 @@ impl Ledger for LocalLedger {
 
     async fn extend(
         &self,
-        _cx: &CallContext,
+        cx: &CallContext,
         id: ReservationId,
         hold_us: u64,
     ) -> Result<proto::ExtendResponse, Status> {
-        let expires_us = LocalLedger::extend(self, id, hold_us).await?;
+        let expires_us = self.extend_by(cx.caller.as_deref(), id, hold_us).await?;
         Ok(proto::ExtendResponse {
             expires_at: Some(to_timestamp(expires_us)),
         })

@@ -70,6 +70,7 @@ impl Wait {
     fn for_error(e: &EngineError) -> Self {
         match e {
             EngineError::NotFound(_)
+            | EngineError::NotOwner(_)
             | EngineError::IllegalTransition { .. }
             | EngineError::IdempotencyConflict { .. } => Wait::Earlier,
             EngineError::InvalidArgument { .. } | EngineError::Exhausted { .. } => Wait::Nothing,
@@ -310,9 +311,22 @@ impl LocalLedger {
         id: ReservationId,
         usage: Usage,
     ) -> Result<CommitOutcome, LedgerError> {
+        self.commit_by(None, id, usage).await
+    }
+
+    /// [`LocalLedger::commit`] by `caller`: refused if another caller made the hold.
+    pub async fn commit_by(
+        &self,
+        caller: Option<&str>,
+        id: ReservationId,
+        usage: Usage,
+    ) -> Result<CommitOutcome, LedgerError> {
         let (result, ticket, wait) = self
             .decide(
-                |e, now, out| e.commit(id, usage, now, out),
+                |e, now, out| {
+                    e.check_owner(id, caller)?;
+                    e.commit(id, usage, now, out)
+                },
                 Self::settlement_wait,
             )
             .await?;
@@ -322,17 +336,45 @@ impl LocalLedger {
     /// Refund: give the hold back, and answer once durable (a retry: once the first Refund is
     /// durable).
     pub async fn refund(&self, id: ReservationId) -> Result<RefundOutcome, LedgerError> {
+        self.refund_by(None, id).await
+    }
+
+    /// [`LocalLedger::refund`] by `caller`: refused if another caller made the hold.
+    pub async fn refund_by(
+        &self,
+        caller: Option<&str>,
+        id: ReservationId,
+    ) -> Result<RefundOutcome, LedgerError> {
         let (result, ticket, wait) = self
-            .decide(|e, now, out| e.refund(id, now, out), Self::settlement_wait)
+            .decide(
+                |e, now, out| {
+                    e.check_owner(id, caller)?;
+                    e.refund(id, now, out)
+                },
+                Self::settlement_wait,
+            )
             .await?;
         self.answer(result, ticket, wait).await
     }
 
     /// Extend: push a hold's expiry out, and answer once durable.
     pub async fn extend(&self, id: ReservationId, hold_us: u64) -> Result<u64, LedgerError> {
+        self.extend_by(None, id, hold_us).await
+    }
+
+    /// [`LocalLedger::extend`] by `caller`: refused if another caller made the hold.
+    pub async fn extend_by(
+        &self,
+        caller: Option<&str>,
+        id: ReservationId,
+        hold_us: u64,
+    ) -> Result<u64, LedgerError> {
         let (result, ticket, wait) = self
             .decide(
-                |e, now, out| e.extend(id, hold_us, now, out),
+                |e, now, out| {
+                    e.check_owner(id, caller)?;
+                    e.extend(id, hold_us, now, out)
+                },
                 Self::settlement_wait,
             )
             .await?;

@@ -11,6 +11,7 @@ impl From<LedgerError> for Status {
             LedgerError::Engine(engine) => match engine {
                 EngineError::InvalidArgument { .. } => Code::InvalidArgument,
                 EngineError::NotFound(_) => Code::NotFound,
+                EngineError::NotOwner(_) => Code::PermissionDenied,
                 EngineError::IllegalTransition { .. } | EngineError::IdempotencyConflict { .. } => {
                     Code::FailedPrecondition
                 }

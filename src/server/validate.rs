@@ -296,6 +296,7 @@ pub fn reserve(req: proto::ReserveRequest, max_prompt_bytes: usize) -> Result<Re
     )?;
     Ok(ReserveCall {
         input: ReserveInput {
+            caller: None,
             subject: req.subject,
             model: req.model,
             prompt_tokens: 0,

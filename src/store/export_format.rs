@@ -95,6 +95,11 @@ pub struct ReservationLine {
     pub id: String,
     /// The record.
     pub record: Reservation,
+    /// The caller that made it (`[callers]`), if one did. Beside the record, as the record
+    /// keeps it beside its other fields (`records.rs`); absent when none, so an export of a
+    /// ledger without callers reads as it did before callers existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
 }
 
 /// A subject's tier, group and overrides.
@@ -236,6 +241,7 @@ impl From<Record> for Line {
             Record::Reservation(r) => Line::Reservation(ReservationLine {
                 tag: IgnoredAny,
                 id: r.id.to_string(),
+                caller: r.caller.clone(),
                 record: *r,
             }),
             Record::Assignment(subject, config) => Line::Assignment(AssignmentLine {
@@ -303,7 +309,9 @@ impl Line {
                         r.id, r.record.id
                     ));
                 }
-                Ok(Record::Reservation(Box::new(r.record)))
+                let mut record = r.record;
+                record.caller = r.caller;
+                Ok(Record::Reservation(Box::new(record)))
             }
             Line::Assignment(a) => Ok(Record::Assignment(a.subject, a.config)),
             Line::Header(_) => Err("a header after the first line".into()),

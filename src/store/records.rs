@@ -91,7 +91,16 @@ pub fn encode_value(m: &Mutation, out: &mut Vec<u8>) -> bool {
             None => (Ok(taken), false),
         },
         Mutation::Reservation { record, .. } => match record {
-            Some(r) => (postcard::to_extend(r.as_ref(), taken), true),
+            // The caller, when there is one, after the rest: a record without one keeps the
+            // bytes it had before callers existed, and a build that predates them reads the
+            // rest and ignores the tail.
+            Some(r) => (
+                postcard::to_extend(r.as_ref(), taken).and_then(|buf| match &r.caller {
+                    Some(caller) => postcard::to_extend(caller, buf),
+                    None => Ok(buf),
+                }),
+                true,
+            ),
             None => (Ok(taken), false),
         },
         Mutation::Assignment { config, .. } => match config {
@@ -148,7 +157,12 @@ impl Record {
                 Ok(Record::Scope(scope, state))
             }
             b'r' => {
-                let r: Reservation = postcard::from_bytes(value).map_err(|e| corrupt(key, e))?;
+                let (mut r, tail): (Reservation, _) =
+                    postcard::take_from_bytes(value).map_err(|e| corrupt(key, e))?;
+                if !tail.is_empty() {
+                    let caller: String = postcard::from_bytes(tail).map_err(|e| corrupt(key, e))?;
+                    r.caller = Some(caller);
+                }
                 if r.id.to_bytes() != rest {
                     return Err(corrupt(key, "reservation id does not match its key"));
                 }
@@ -162,5 +176,59 @@ impl Record {
             }
             _ => Err(corrupt(key, "unknown record kind")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{HoldState, ReservationId};
+
+    fn reservation(caller: Option<&str>) -> Reservation {
+        Reservation {
+            id: ReservationId::generate(1_000_000),
+            subject: "chat:alice".into(),
+            model: "gpt-4o".into(),
+            prompt_tokens: 10,
+            max_output_tokens: 20,
+            requested_hold_us: None,
+            created_us: 1_000_000,
+            expires_us: 2_000_000,
+            idempotency_key: Some("k".into()),
+            state: HoldState::Held,
+            group: None,
+            client_ip: None,
+            price: None,
+            held_usd: 0,
+            downgraded_from: None,
+            caller: caller.map(str::to_string),
+        }
+    }
+
+    fn round_trip(r: &Reservation) -> (Vec<u8>, Reservation) {
+        let m = Mutation::Reservation {
+            id: r.id,
+            record: Some(Box::new(r.clone())),
+        };
+        let mut value = Vec::new();
+        assert!(encode_value(&m, &mut value));
+        let mut key = Vec::new();
+        encode_key(&m, &mut key);
+        match Record::decode(&key, &value).unwrap() {
+            Record::Reservation(back) => (value, *back),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reservation_round_trips_with_and_without_its_caller() {
+        let owned = reservation(Some("chat"));
+        let (_, back) = round_trip(&owned);
+        assert_eq!(back, owned);
+        // Without a caller, the bytes are those a build before callers wrote.
+        let open = reservation(None);
+        let (bytes, back) = round_trip(&open);
+        assert_eq!(back, open);
+        assert_eq!(bytes, postcard::to_allocvec(&open).unwrap());
     }
 }

@@ -461,6 +461,7 @@ mod tests {
     /// A settled reservation with every field set.
     pub(super) fn sample_reservation(id: ReservationId) -> Reservation {
         Reservation {
+            caller: None,
             id,
             subject: "alice".into(),
             model: "gpt-4o".into(),
