@@ -9,7 +9,8 @@
 //! # Layout
 //! - [`clock`]: time as an input (`Clock`, `SystemClock`, `ManualClock`).
 //! - [`policy`]: the policy file: tiers and their limits, the limits of groups, client IPs and
-//!   the fleet, model prices in micro-dollars; parsed and validated.
+//!   the fleet, model prices in micro-dollars, who may call (`[callers]`, `[operators]`);
+//!   parsed and validated.
 //! - [`engine`]: pure decisions in memory, no I/O: token buckets, minute windows, day and month
 //!   counters, money, per-scope state (subject, group, IP, fleet), auto-downgrade, savings, the
 //!   reservation state machine. Each change yields mutation records.
@@ -19,8 +20,8 @@
 //!   its lock plus the writer) that decides.
 //! - [`failstop`]: the one switch that a failed write or a panic under the engine lock trips,
 //!   so health turns NOT_SERVING and the process exits non-zero instead of limping on.
-//! - [`server`]: one Quota and one Admin service over any `Ledger` (validation, prompt
-//!   counting), health, reflection, the transport's bounds.
+//! - [`server`]: one Quota and one Admin service over any `Ledger` (authentication,
+//!   validation, prompt counting), health, reflection, the transport's bounds and TLS.
 //! - [`relay`]: the forwarding ledger, for relay mode (sidecars) and follower replicas: decide
 //!   upstream, exactly once, fail open or closed per tier when the upstream is gone.
 //! - [`sampled_log`]: log lines for floods (denials, fallbacks) sampled per window.

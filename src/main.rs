@@ -324,6 +324,16 @@ fn announce(addr: SocketAddr, announced: &mut bool) {
     }
 }
 
+/// A listener for one phase on the health-only socket bound at start (a duplicate of it, so
+/// the port stays the same and probes wait in its backlog between phases).
+fn health_phase(
+    socket: Option<&std::net::TcpListener>,
+) -> std::io::Result<Option<tokio::net::TcpListener>> {
+    socket
+        .map(|s| s.try_clone().and_then(tokio::net::TcpListener::from_std))
+        .transpose()
+}
+
 /// Completes once SIGTERM or SIGINT has come.
 async fn signalled(mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
@@ -349,6 +359,7 @@ async fn follow(
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
     announced: &mut bool,
     settler: &Arc<Settler>,
+    health_socket: Option<&std::net::TcpListener>,
 ) -> Result<bool, ExitCode> {
     let poll = PostgresStore::poll_every(lease);
     loop {
@@ -441,10 +452,17 @@ async fn follow(
         };
         // A follower checks no admin token: the leader checks the Admin calls relayed to it.
         let options = serve_options(args, None);
+        let health = match health_phase(health_socket) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("tollgate: cannot listen on the health port: {e}");
+                return Err(ExitCode::FAILURE);
+            }
+        };
         if let Err(e) = tollgate::server::serve_backend(
             Backend::Forwarding(relay),
             listener,
-            None,
+            health,
             options,
             until,
         )
@@ -757,6 +775,24 @@ fn serve(args: ServeArgs) -> ExitCode {
         let mut announced = false;
         // The socket bound by an earlier phase (following), if any.
         let mut bound: Option<std::net::TcpListener> = None;
+        // The health-only port, bound once and served by every phase (a follower's probes
+        // must be answered too: with TLS on --listen, kubelet probes can only use this port).
+        let health_socket = match args.health_listen {
+            Some(health) => match tollgate::server::bind(health)
+                .await
+                .and_then(|(l, bound)| Ok((l.into_std()?, bound)))
+            {
+                Ok((l, bound)) => {
+                    tracing::info!(addr = %bound, "health alone");
+                    Some(l)
+                }
+                Err(e) => {
+                    eprintln!("tollgate: cannot listen on {health}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
+        };
         if let Some(addr) = args.metrics_listen {
             if let Err(e) = tollgate::telemetry::install(addr) {
                 eprintln!("tollgate: cannot serve metrics on {addr}: {e}");
@@ -870,6 +906,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                             &mut shutdown,
                             &mut announced,
                             &settler,
+                            health_socket.as_ref(),
                         )
                         .await;
                         bound = Some(socket);
@@ -919,18 +956,12 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let health_listener = match args.health_listen {
-            Some(health) => match tollgate::server::bind(health).await {
-                Ok((l, bound)) => {
-                    tracing::info!(addr = %bound, "health alone");
-                    Some(l)
-                }
-                Err(e) => {
-                    eprintln!("tollgate: cannot listen on {health}: {e}");
-                    return ExitCode::FAILURE;
-                }
-            },
-            None => None,
+        let health_listener = match health_phase(health_socket.as_ref()) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("tollgate: cannot listen on the health port: {e}");
+                return ExitCode::FAILURE;
+            }
         };
         announce(addr, &mut announced);
         match &backend {

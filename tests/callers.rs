@@ -366,3 +366,36 @@ fn start_again(dir: &std::path::Path) -> Process {
         .log_to(&dir.join("server-again.log"))
         .start()
 }
+
+/// On an address beyond loopback with no `[callers]`, the start says in the log that anyone
+/// who reaches the port can spend any budget; with callers it does not.
+#[test]
+fn an_open_port_beyond_loopback_is_reported_at_start() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let with_callers = write_file(dir.path(), "policy.toml", &policy());
+    for (name, policy) in [("open", None), ("callers", Some(&with_callers))] {
+        let log = dir.path().join(format!("{name}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+            .arg(dir.path().join(name))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(p) = policy {
+            cmd.arg("--policy").arg(p);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("tollgate listening on"), "{line}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        let warned = text.contains("with no caller authentication");
+        assert_eq!(warned, policy.is_none(), "{name}: {text}");
+    }
+}

@@ -215,7 +215,8 @@ async fn admin_calls_without_the_right_bearer_token_are_unauthenticated() {
         format!("Bearer {ADMIN_TOKEN}x"),
         format!("Bearer {}", &ADMIN_TOKEN[..ADMIN_TOKEN.len() - 1]),
         ADMIN_TOKEN.to_string(),
-        format!("bearer {ADMIN_TOKEN}"),
+        format!("Basic {ADMIN_TOKEN}"),
+        format!("Bearer  {ADMIN_TOKEN}x"),
     ] {
         let value: MetadataValue<_> = bad.parse().unwrap();
         let channel = Channel::from_shared(server.url())

@@ -425,7 +425,36 @@ async fn a_follower_relays_to_its_leader_over_mtls() {
     tokio::task::spawn_blocking(move || common::postgres::wait_until_leading(&u, &leader_address))
         .await
         .unwrap();
-    let follower = Serve::new(&dir.path().join("b")).args(args).start();
+    // The follower's plaintext health port answers while it follows (probes cannot use the
+    // TLS port).
+    let health_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let health_flag = health_port.to_string();
+    let follower = Serve::new(&dir.path().join("b"))
+        .args(args)
+        .args(["--health-listen", health_flag.as_str()])
+        .start();
+    let mut probe = tonic_health::pb::health_client::HealthClient::new(
+        Channel::from_shared(format!("http://{health_port}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("the follower's health port"),
+    );
+    let status = probe
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "tollgate.v1.Quota".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     let me = ca.leaf(&["app.internal"]);
     let mut qb = client(follower.addr, &ca.pem(), Some(&me)).await.unwrap();
     let r = rsv(&mut qb, reserve("alice", 100, 100)).await;
