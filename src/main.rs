@@ -303,6 +303,13 @@ fn serve_options(args: &ServeArgs, admin_token: Option<String>) -> ServeOptions 
             max_request_bytes_in_flight: args.max_request_bytes_in_flight,
         },
         tls: TLS.get().cloned().flatten(),
+        // Replicas reach each other by this name (their certificates carry it): only with
+        // mTLS between them (a client CA) and a shared store is a forwarded caller believed.
+        replica_san: args
+            .upstream_server_name
+            .as_deref()
+            .filter(|_| args.store.is_some() && args.client_ca.is_some())
+            .map(Arc::from),
     }
 }
 

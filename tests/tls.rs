@@ -396,7 +396,13 @@ async fn a_follower_relays_to_its_leader_over_mtls() {
     let (cert, key) = server_files(dir.path(), &ca);
     let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
     let url = common::postgres::server().database();
-    let policy = write_file(dir.path(), "policy.toml", POLICY);
+    // The app is a caller known only by its certificate: through a follower too, which names
+    // it to the leader (believed because the follower's own certificate is a replica's).
+    let policy = write_file(
+        dir.path(),
+        "policy.toml",
+        &format!("{POLICY}\n[callers.app]\nsan = \"app.internal\"\n"),
+    );
     let args = [
         "--store",
         url.as_str(),
@@ -461,6 +467,19 @@ async fn a_follower_relays_to_its_leader_over_mtls() {
     assert_eq!(decision(&r), Decision::Allowed, "{r:?}");
     let mut qa = client(leader.addr, &ca.pem(), Some(&me)).await.unwrap();
     assert_eq!(usage(&mut qa, "alice").await.open_holds, 1, "one ledger");
+    // A hold made through the follower is the app's: the app settles it through the leader.
+    rsv(&mut qa, reserve("alice", 1, 1)).await;
+    // Naming a caller is believed only from a replica's certificate.
+    let impostor = ca.leaf(&["impostor.internal"]);
+    let mut qi = client(leader.addr, &ca.pem(), Some(&impostor))
+        .await
+        .unwrap();
+    let mut claim = tonic::Request::new(reserve("alice", 1, 1));
+    claim
+        .metadata_mut()
+        .insert("x-tollgate-caller", "app".parse().unwrap());
+    let refused = qi.reserve(claim).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
 
     leader.kill9();
     let follower_address = follower.addr.to_string();
@@ -470,7 +489,7 @@ async fn a_follower_relays_to_its_leader_over_mtls() {
     .await
     .unwrap();
     let mut qb = client(follower.addr, &ca.pem(), Some(&me)).await.unwrap();
-    assert_eq!(usage(&mut qb, "alice").await.open_holds, 1);
+    assert_eq!(usage(&mut qb, "alice").await.open_holds, 2);
     let r = rsv(&mut qb, reserve("alice", 100, 100)).await;
     assert_eq!(decision(&r), Decision::Allowed, "{r:?}");
 }

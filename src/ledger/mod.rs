@@ -33,6 +33,10 @@ pub use local::{Housekeeping, LedgerError, LocalLedger};
 pub type ExportStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::ExportChunk, Status>> + Send>>;
 
+/// The metadata in which a follower names the caller it authenticated, for its leader (which
+/// believes it only from a replica's certificate: `server::auth::caller`).
+pub const FORWARDED_CALLER: &str = "x-tollgate-caller";
+
 /// Who a call is from, as the server established it, and what a forwarding ledger passes on.
 #[derive(Debug, Clone, Default)]
 pub struct CallContext {

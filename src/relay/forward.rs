@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use tonic::{Request, Status};
+use tonic::Status;
 
-use super::{unreachable, ForwardingLedger, LocalHold};
+use super::{unreachable, with_credentials, ForwardingLedger, LocalHold};
 use crate::clock::MICROS_PER_SECOND;
 use crate::engine::{ReservationId, ReserveInput, Settlement, Usage, UsageQuery};
 use crate::ledger::{CallContext, ExportStream, Ledger};
@@ -99,7 +99,7 @@ impl ForwardingLedger {
             Err(status) if unreachable(&status) => {
                 // The upstream may hold tokens for it: settle that once it answers again.
                 if !input.dry_run {
-                    super::orphans::remember(&self.orphans, forwarded, cx.authorization.clone());
+                    super::orphans::remember(&self.orphans, forwarded, cx.clone());
                 }
                 self.without_upstream(&input, &policy, &status)
             }
@@ -311,18 +311,6 @@ impl ForwardingLedger {
         }
         Ok(None)
     }
-}
-
-/// A call's message in a request that carries the caller's `authorization`, which the
-/// tollgate that decides checks again (its `[callers]` and `[operators]`).
-fn with_credentials<T>(message: T, cx: &CallContext) -> Request<T> {
-    let mut forwarded = Request::new(message);
-    if let Some(auth) = &cx.authorization {
-        forwarded
-            .metadata_mut()
-            .insert("authorization", auth.clone());
-    }
-    forwarded
 }
 
 #[tonic::async_trait]

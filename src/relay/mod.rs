@@ -30,6 +30,7 @@ use local::{LocalHold, LocalHolds};
 pub use orphans::Settler;
 
 use crate::clock::Clock;
+use crate::ledger::{CallContext, FORWARDED_CALLER};
 use crate::policy::{Policy, PolicyCell};
 
 /// The deadline of one call to the upstream when `--upstream-timeout` is not given: far above
@@ -273,6 +274,27 @@ pub fn channel_to(
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true)
         .connect_lazy())
+}
+
+/// A call's message in a request that carries the caller's `authorization`, which the
+/// tollgate that decides checks again (its `[callers]` and `[operators]`).
+pub(crate) fn with_credentials<T>(message: T, cx: &CallContext) -> tonic::Request<T> {
+    let mut forwarded = tonic::Request::new(message);
+    if let Some(auth) = &cx.authorization {
+        forwarded
+            .metadata_mut()
+            .insert("authorization", auth.clone());
+    }
+    // The caller this replica authenticated (a leader believes it only from a replica's
+    // certificate: `server::auth::caller`).
+    if let Some(caller) = cx
+        .caller
+        .as_deref()
+        .and_then(|c| tonic::metadata::AsciiMetadataValue::try_from(c).ok())
+    {
+        forwarded.metadata_mut().insert(FORWARDED_CALLER, caller);
+    }
+    forwarded
 }
 
 /// Whether an error from the upstream means it could not be reached (rather than an answer).

@@ -20,25 +20,14 @@ use std::time::Duration;
 
 use tonic::transport::Channel;
 
-use super::unreachable;
+use super::{unreachable, with_credentials};
+use crate::ledger::CallContext;
 use crate::proto::quota_client::QuotaClient;
 use crate::proto::{RefundRequest, ReserveRequest};
 
-/// A Reserve given up on, with the `authorization` it was sent with (the upstream checks the
+/// A Reserve given up on, with the credentials it was sent with (the upstream checks the
 /// caller of the replay and of its Refund as it did the first attempt's).
-pub type Orphan = (ReserveRequest, Option<tonic::metadata::AsciiMetadataValue>);
-
-/// `message` in a request carrying `authorization`.
-fn authorized<T>(
-    message: T,
-    authorization: &Option<tonic::metadata::AsciiMetadataValue>,
-) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    if let Some(a) = authorization {
-        request.metadata_mut().insert("authorization", a.clone());
-    }
-    request
-}
+pub type Orphan = (ReserveRequest, CallContext);
 
 /// Most Reserves remembered at once.
 pub const MAX_ORPHANS: usize = 10_000;
@@ -127,12 +116,8 @@ impl Settler {
 }
 
 /// Remember a Reserve given up on, and make sure a task settles the waiting ones.
-pub fn remember(
-    relay: &Arc<Settler>,
-    request: ReserveRequest,
-    authorization: Option<tonic::metadata::AsciiMetadataValue>,
-) {
-    if relay.orphans().push((request, authorization)) {
+pub fn remember(relay: &Arc<Settler>, request: ReserveRequest, cx: CallContext) {
+    if relay.orphans().push((request, cx)) {
         tracing::warn!(
             max = MAX_ORPHANS,
             "relay: too many Reserves wait for the upstream; the oldest is dropped (its hold, if any, expires upstream)"
@@ -152,11 +137,8 @@ async fn settle(relay: Arc<Settler>) {
         let batch = relay.orphans().take();
         let mut still = Vec::new();
         for orphan in batch {
-            let (request, authorization) = &orphan;
-            match client
-                .reserve(authorized(request.clone(), authorization))
-                .await
-            {
+            let (request, cx) = &orphan;
+            match client.reserve(with_credentials(request.clone(), cx)).await {
                 Ok(answer) => {
                     let id = answer.into_inner().reservation_id;
                     if id.is_empty() {
@@ -165,7 +147,7 @@ async fn settle(relay: Arc<Settler>) {
                     let refund = RefundRequest {
                         reservation_id: id.clone(),
                     };
-                    match client.refund(authorized(refund, authorization)).await {
+                    match client.refund(with_credentials(refund, cx)).await {
                         Ok(_) => tracing::info!(
                             subject = %crate::sampled_log::subject(&request.subject),
                             reservation = %id,

@@ -44,16 +44,40 @@ pub fn bearer(metadata: &MetadataMap) -> Result<Option<&str>, Status> {
     Ok(Some(token))
 }
 
+pub use crate::ledger::FORWARDED_CALLER;
+
 /// The caller a Quota call comes from: none when the policy has no `[callers]` (the API is
-/// open); else the one whose token it carries, or, without a token, whose SAN its mTLS
-/// client certificate has.
+/// open); else the one a trusted replica names (`x-tollgate-caller`, believed only on an mTLS
+/// connection whose certificate carries `replica_san`, the name replicas reach each other
+/// by), else the one whose token it carries, else the one whose SAN its mTLS client
+/// certificate has.
 pub fn caller<'a>(
     access: &'a Access,
     metadata: &MetadataMap,
     peer: Option<&Arc<PeerIdentity>>,
+    replica_san: Option<&str>,
 ) -> Result<Option<&'a Caller>, Status> {
     if !access.callers_required() {
         return Ok(None);
+    }
+    let from_replica = matches!(
+        (peer, replica_san),
+        (Some(p), Some(name)) if p.sans.iter().any(|s| s == name)
+    );
+    if from_replica {
+        if let Some(name) = metadata.get(FORWARDED_CALLER) {
+            let name = name.to_str().unwrap_or_default();
+            return access
+                .callers
+                .iter()
+                .find(|c| c.name == name)
+                .map(Some)
+                .ok_or_else(|| {
+                    Status::unauthenticated(
+                        "the replica that forwarded this call named no caller of this policy",
+                    )
+                });
+        }
     }
     if let Some(token) = bearer(metadata)? {
         return access.caller_by_token(token).map(Some).ok_or_else(|| {

@@ -54,6 +54,9 @@ pub struct ServeOptions {
     /// TLS (mTLS with a client CA) on the gRPC port; the health-only port stays plaintext,
     /// for kubelet probes.
     pub tls: Option<Arc<transport::tls::TlsConfig>>,
+    /// With replicas over mTLS: the SAN of the replicas' certificates, on which a follower's
+    /// naming of the caller it authenticated is believed.
+    pub replica_san: Option<Arc<str>>,
 }
 
 impl Default for ServeOptions {
@@ -64,6 +67,7 @@ impl Default for ServeOptions {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             transport: TransportOptions::default(),
             tls: None,
+            replica_san: None,
         }
     }
 }
@@ -161,11 +165,10 @@ pub async fn serve_backend(
         Backend::Forwarding(f) => f.clone(),
     };
     let routes = routes.add_service(
-        proto::quota_server::QuotaServer::new(QuotaService::new(
-            ledger.clone(),
-            prompts,
-            options.max_prompt_bytes,
-        ))
+        proto::quota_server::QuotaServer::new(
+            QuotaService::new(ledger.clone(), prompts, options.max_prompt_bytes)
+                .trusting_replicas(options.replica_san.clone()),
+        )
         .max_decoding_message_size(max_message),
     );
     let admin = AdminService::new(ledger.clone());

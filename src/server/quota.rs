@@ -20,6 +20,9 @@ pub struct QuotaService {
     ledger: Arc<dyn Ledger>,
     prompts: PromptCounter,
     max_prompt_bytes: usize,
+    /// The SAN by which replicas know each other's certificates: a call on a connection
+    /// whose client certificate has it may name the caller a follower authenticated.
+    replica_san: Option<Arc<str>>,
 }
 
 impl QuotaService {
@@ -30,7 +33,14 @@ impl QuotaService {
             ledger,
             prompts,
             max_prompt_bytes,
+            replica_san: None,
         }
+    }
+
+    /// Believe the caller a replica names when its certificate carries `san`.
+    pub fn trusting_replicas(mut self, san: Option<Arc<str>>) -> Self {
+        self.replica_san = san;
+        self
     }
 }
 
@@ -45,7 +55,13 @@ impl QuotaService {
     ) -> Result<(CallContext, Option<Caller>), Status> {
         let policy = self.ledger.policy()?;
         let peer = request.extensions().get::<Arc<PeerIdentity>>();
-        let caller = auth::caller(policy.access(), request.metadata(), peer)?.cloned();
+        let caller = auth::caller(
+            policy.access(),
+            request.metadata(),
+            peer,
+            self.replica_san.as_deref(),
+        )?
+        .cloned();
         auth::may_call(caller.as_ref(), call)?;
         let cx = CallContext {
             authorization: request.metadata().get("authorization").cloned(),
