@@ -963,7 +963,9 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let health_listener = match health_phase(health_socket.as_ref()) {
+        // The last phase owns the socket, so that it closes when this phase stops listening
+        // (at shutdown a probe is then refused, not left waiting in the backlog).
+        let health_listener = match health_socket.map(tokio::net::TcpListener::from_std).transpose() {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("tollgate: cannot listen on the health port: {e}");
