@@ -526,3 +526,77 @@ async fn a_followers_readiness_follows_its_leader() {
     leader.signal("CONT");
     until(serving, "SERVING again with its leader back").await;
 }
+
+/// With `sslmode=require&sslrootcert=FILE` the store's connections are TLS, verified against
+/// that CA (PostgreSQL reports each as encrypted); without the CA the URL is refused at start,
+/// and a CA that did not sign the server's certificate cannot connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_speaks_tls_to_postgres_when_the_url_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_file(dir.path(), "policy.toml", POLICY);
+    let url = server().tls_database();
+    let p = leading(
+        Serve::new(&dir.path().join("a")).args(serve_args(&url, &policy)),
+        &url,
+    )
+    .await;
+    let mut q = p.quota().await;
+    hold(&mut q, "alice", 10, 10).await;
+    let name = PgServer::name_of(&url);
+    let encrypted = server().psql(
+        name,
+        "SELECT count(*) FILTER (WHERE s.ssl) || '/' || count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'tollgate'",
+    );
+    let (tls, all) = encrypted.split_once('/').unwrap();
+    assert!(
+        all != "0" && tls == all,
+        "connections over TLS / all: {encrypted}"
+    );
+
+    // No CA: refused, naming the setting, echoing no password.
+    let plain = url
+        .split('?')
+        .next()
+        .unwrap()
+        .replace("tollgate@", "tollgate:pw-secret@");
+    let log = dir.path().join("no-ca.log");
+    let refused = Serve::new(&dir.path().join("b"))
+        .args(serve_args(&format!("{plain}?sslmode=require"), &policy))
+        .log_to(&log)
+        .try_start();
+    assert!(refused.is_err());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("sslmode=require needs sslrootcert") && !text.contains("pw-secret"),
+        "{text}"
+    );
+
+    // Another CA: the server's certificate is not trusted.
+    let other = write_file(
+        dir.path(),
+        "other-ca.pem",
+        &rcgen::CertifiedIssuer::self_signed(
+            {
+                let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+                p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+                p
+            },
+            rcgen::KeyPair::generate().unwrap(),
+        )
+        .unwrap()
+        .pem(),
+    );
+    let log = dir.path().join("other-ca.log");
+    let refused = Serve::new(&dir.path().join("c"))
+        .args(serve_args(
+            &format!(
+                "{}?sslmode=require&sslrootcert={}",
+                url.split('?').next().unwrap(),
+                other.display()
+            ),
+            &policy,
+        ))
+        .log_to(&log)
+        .try_start();
+    assert!(refused.is_err(), "a server the CA did not sign was trusted");
+}

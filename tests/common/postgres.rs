@@ -134,6 +134,35 @@ impl PgServer {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
+        // TLS offered (clients choose: `tls_database` asks for it), with a CA made here that
+        // signs a certificate for 127.0.0.1. The key must be the server user's alone.
+        let ca = {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .map_err(|e| e.to_string())?
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .and_then(|p| p.signed_by(&key, &ca))
+            .map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("ca.pem"), ca.pem()).map_err(|e| e.to_string())?;
+        let (crt, keyfile) = (data.join("server.crt"), data.join("server.key"));
+        std::fs::write(&crt, cert.pem()).map_err(|e| e.to_string())?;
+        std::fs::write(&keyfile, key.serialize_pem()).map_err(|e| e.to_string())?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&keyfile, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(user) = run_as {
+            Command::new("chown")
+                .arg(user)
+                .arg(&crt)
+                .arg(&keyfile)
+                .status()
+                .map_err(|e| format!("chown: {e}"))?;
+        }
         let mut last = String::new();
         for _ in 0..5 {
             let port = free_port();
@@ -144,7 +173,7 @@ impl PgServer {
                 .arg(dir.join("log"))
                 .arg("-o")
                 .arg(format!(
-                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 -c ssl=on",
                     dir.display()
                 ))
                 .args(["-w", "-t", "60", "start"])
@@ -169,6 +198,20 @@ impl PgServer {
             );
         }
         Err(last)
+    }
+
+    /// A new, empty database; its URL asking for TLS, verified against this server's CA.
+    pub fn tls_database(&self) -> String {
+        format!(
+            "{}?sslmode=require&sslrootcert={}",
+            self.database(),
+            self.dir.join("ca.pem").display()
+        )
+    }
+
+    /// The CA file this server's certificate is signed by.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
     }
 
     /// A new, empty database; its URL.
@@ -209,7 +252,8 @@ impl PgServer {
 
     /// The database name of `url` (one this server made).
     pub fn name_of(url: &str) -> &str {
-        url.rsplit('/').next().unwrap_or_default()
+        let path = url.split('?').next().unwrap_or_default();
+        path.rsplit('/').next().unwrap_or_default()
     }
 
     fn stop(&self) {

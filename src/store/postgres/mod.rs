@@ -22,6 +22,7 @@
 //!   how many records there are. Both numbers change in the same statement as the records,
 //!   so a load can tell whether the table still holds what was acknowledged.
 
+mod database;
 pub mod lease;
 mod reader;
 mod renewal;
@@ -39,9 +40,6 @@ use crate::store::DataLoss;
 pub use lease::{Leader, LeaseConfig};
 pub use restore::import;
 pub use schema::SCHEMA_VERSION;
-
-/// How long a connection attempt may take before the store is reported unreachable.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The records written or removed by one batch, and the meta row moved, in one statement (one
 /// transaction, one round trip), fenced by the lease. Every part of one statement sees the
@@ -78,7 +76,7 @@ RETURNING batch, records";
 
 /// A tollgate store in a PostgreSQL database.
 pub struct PostgresStore {
-    config: postgres::Config,
+    db: database::Database,
     /// Where, for logs: host, port and database, never the password.
     location: String,
     recovery: Recovery,
@@ -113,21 +111,17 @@ impl PostgresStore {
     /// Connect to `url` (`postgres://user@host:port/db?...`), create or check the schema.
     /// Blocking: call it from a thread that may block, never from a tokio worker.
     pub fn connect(url: &str, recovery: Recovery) -> Result<Self, StoreError> {
-        let mut config: postgres::Config = url.parse().map_err(|e| {
-            StoreError::Backend(format!("--store: not a PostgreSQL URL: {e}").into())
-        })?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
-        if config.get_application_name().is_none() {
-            config.application_name("tollgate");
-        }
-        let location = describe(&config);
-        let mut client = connect(&config, &location)?;
+        let db = database::Database::from_url(url)?;
+        let location = if db.tls() {
+            format!("{} (TLS)", describe(db.config()))
+        } else {
+            describe(db.config())
+        };
+        let mut client = connect(&db, &location)?;
         schema::ensure(&mut client)?;
         let write = client.prepare(FENCED_WRITE).map_err(backend)?;
         Ok(Self {
-            config,
+            db,
             location,
             recovery,
             authority: std::sync::OnceLock::new(),
@@ -190,13 +184,8 @@ impl PostgresStore {
         let Some(epoch) = lease::try_acquire(&mut *inner.client, config)? else {
             return Ok(None);
         };
-        let renewal = renewal::Renewal::start(
-            self.config.clone(),
-            config.clone(),
-            epoch,
-            sent,
-            failed.clone(),
-        );
+        let renewal =
+            renewal::Renewal::start(self.db.clone(), config.clone(), epoch, sent, failed.clone());
         let _ = self.authority.set(renewal.authority(config));
         inner.lease = Some(Leading { epoch, renewal });
         Ok(Some(epoch))
@@ -257,9 +246,8 @@ fn describe(config: &postgres::Config) -> String {
     format!("postgres://{host}:{port}/{db}")
 }
 
-fn connect(config: &postgres::Config, location: &str) -> Result<Client, StoreError> {
-    config
-        .connect(postgres::NoTls)
+fn connect(db: &database::Database, location: &str) -> Result<Client, StoreError> {
+    db.connect(None)
         .map_err(|e| StoreError::Backend(format!("cannot connect to {location}: {e}").into()))
 }
 
@@ -417,7 +405,7 @@ impl Store for PostgresStore {
     }
 
     fn reader(&self) -> Result<Box<dyn RecordReader>, StoreError> {
-        let client = connect(&self.config, &self.location)?;
+        let client = connect(&self.db, &self.location)?;
         Ok(Box::new(reader::PostgresReader::start(client)?))
     }
 

@@ -72,7 +72,7 @@ impl Renewal {
     /// Start renewing the lease of `epoch`, taken by a statement sent at `taken` (the lease is
     /// counted from then).
     pub fn start(
-        db: postgres::Config,
+        db: super::database::Database,
         config: LeaseConfig,
         epoch: i64,
         taken: Instant,
@@ -126,7 +126,7 @@ impl Drop for Renewal {
 
 fn renew_loop(
     shared: &Shared,
-    db: &postgres::Config,
+    db: &super::database::Database,
     config: &LeaseConfig,
     epoch: i64,
     failed: &FailStop,
@@ -139,10 +139,8 @@ fn renew_loop(
         let sent = shared.base.elapsed();
         if client.is_none() {
             // A short connect timeout: a renewal that cannot connect soon is as good as lost.
-            let mut c = db.clone();
-            c.connect_timeout(config.renew_every());
-            client = c
-                .connect(postgres::NoTls)
+            client = db
+                .connect(Some(config.renew_every()))
                 .ok()
                 .map(|c: Client| ClientOnAnyThread(Some(c)));
         }
