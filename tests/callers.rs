@@ -171,6 +171,27 @@ async fn callers_are_authenticated_and_kept_to_their_rights() {
         Code::PermissionDenied,
         "may not read the usage of the fleet",
     );
+    // A caller bound to a subject prefix may not charge a group's budget by naming it, nor
+    // read a client IP's figures beside its own subject's.
+    let grouped = ReserveRequest {
+        group: "search-team".into(),
+        ..reserve("chat:alice", 10, 10)
+    };
+    refused(
+        q.reserve(as_chat(grouped)).await,
+        Code::PermissionDenied,
+        "may not name a group",
+    );
+    let by_ip = GetUsageRequest {
+        subject: "chat:alice".into(),
+        client_ip: "203.0.113.7".into(),
+        ..Default::default()
+    };
+    refused(
+        q.get_usage(as_chat(by_ip)).await,
+        Code::PermissionDenied,
+        "may not read the usage of the fleet or of a client IP",
+    );
     // Nothing of the refused calls reached the ledger.
     assert_eq!(open_holds(&mut q, "chat:alice").await, 0);
 
@@ -335,11 +356,21 @@ async fn only_the_caller_that_made_a_hold_may_settle_it() {
                 Code::PermissionDenied,
                 "made by another caller",
             );
+            // Even with other sizes, the refusal is about the caller, and says nothing of the
+            // first request.
+            let other = ReserveRequest {
+                max_output_tokens: Some(999),
+                ..keyed
+            };
             let replay = q
-                .reserve(with_auth(keyed, &format!("Bearer {BATCH_TOKEN}")))
+                .reserve(with_auth(other, &format!("Bearer {BATCH_TOKEN}")))
                 .await
                 .expect_err("another caller's key replays nothing");
             assert_eq!(replay.code(), Code::FailedPrecondition, "{replay:?}");
+            assert!(
+                replay.message().contains("caller") && !replay.message().contains("100"),
+                "{replay:?}"
+            );
             assert!(!replay.message().contains(&id), "{replay:?}");
         }
     };

@@ -1193,3 +1193,85 @@ async fn a_reserve_is_retried_within_the_deadline_while_the_upstream_restarts() 
     let u = usage(&mut direct, "rae").await;
     assert_eq!((u.held_tokens, u.open_holds), (11, 2), "{u:?}");
 }
+
+/// A hold the relay granted on its own (fail open, the central service gone) is its caller's
+/// too: another caller can neither settle nor extend it, nor replay its idempotency key.
+#[tokio::test]
+async fn a_fail_open_hold_is_its_callers() {
+    let hash = |t: &str| -> String {
+        tollgate::policy::callers::hash_token(t)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let policy = format!(
+        r#"
+default_tier = "always_on"
+
+[tiers.always_on]
+fail = "open"
+tokens_per_day = 100000
+
+[callers.a]
+token_sha256 = "{}"
+
+[callers.b]
+token_sha256 = "{}"
+"#,
+        hash("token-of-a-0123456789"),
+        hash("token-of-b-0123456789")
+    );
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
+    let relay = TestRelay::start(
+        &format!("http://{}", dead_address()),
+        &policy,
+        Duration::from_millis(200),
+        clock,
+    )
+    .await;
+    let mut q = relay.quota().await;
+    let keyed = ReserveRequest {
+        idempotency_key: "k".into(),
+        ..reserve("olga", 10, 10)
+    };
+    let r = q
+        .reserve(bearer(keyed.clone(), "token-of-a-0123456789"))
+        .await
+        .expect("a's Reserve")
+        .into_inner();
+    assert_eq!(decision(&r), Decision::Allowed, "{r:?}");
+    assert_eq!(
+        r.shadow_denied_by, UNAVAILABLE,
+        "granted by the relay, fail open"
+    );
+    let id = r.reservation_id.clone();
+    let as_b = "token-of-b-0123456789";
+    let denied = |r: Result<_, tonic::Status>| {
+        let s = r.expect_err("another caller's hold");
+        assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    };
+    denied(
+        q.commit(bearer(commit_req(&id, 1, 1), as_b))
+            .await
+            .map(|_| ()),
+    );
+    denied(q.refund(bearer(refund_req(&id), as_b)).await.map(|_| ()));
+    let extend = tollgate::proto::ExtendRequest {
+        reservation_id: id.clone(),
+        hold: Some(prost_types::Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
+    };
+    denied(q.extend(bearer(extend, as_b)).await.map(|_| ()));
+    let replay = q
+        .reserve(bearer(keyed, as_b))
+        .await
+        .expect_err("b replays a's key");
+    assert_eq!(replay.code(), tonic::Code::FailedPrecondition, "{replay:?}");
+    assert!(!replay.message().contains(&id));
+    // a settles it.
+    q.commit(bearer(commit_req(&id, 5, 5), "token-of-a-0123456789"))
+        .await
+        .expect("a's Commit");
+}

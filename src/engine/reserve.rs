@@ -458,6 +458,11 @@ impl Engine {
                 now: b,
             })
         };
+        if first.caller != input.caller {
+            // Another caller's key: checked first, so that nothing of that caller's request
+            // (its model, sizes, group or end user's IP) shows in the refusal.
+            return differs("caller", "another caller".into(), "this caller".into());
+        }
         let (asked_model, asked_prompt) = match &first.downgraded_from {
             Some(r) => (&r.model, r.prompt_tokens),
             None => (&first.model, first.prompt_tokens),
@@ -495,10 +500,6 @@ impl Engine {
                 ip.map_or("(none)".into(), |ip| ScopeKey::Ip(ip).id().to_string())
             };
             return differs("client_ip", show(first.client_ip), show(input.client_ip));
-        }
-        if first.caller != input.caller {
-            // Another caller's key: never its hold, nor its id or its caller's name.
-            return differs("caller", "another caller".into(), "this caller".into());
         }
         if first.requested_hold_us != input.hold_us {
             let show = |h: Option<u64>| h.map_or("(default)".to_string(), |us| format!("{us}us"));

@@ -77,13 +77,23 @@ impl Caller {
             .is_none_or(|p| subject.starts_with(p))
     }
 
-    /// Whether it may act in `group` (none named: only if it is not bound to groups).
+    /// Whether it may act in `group` (a Reserve's or GetUsage's `group`, or none). A caller
+    /// bound to `groups` must name one of them. A caller bound only to a subject prefix may
+    /// name no group: naming one would charge that group's budget (and free its subjects
+    /// from their own group's), which only the groups listed for it may be. An unbound caller
+    /// may name any.
     pub fn may_use_group(&self, group: Option<&str>) -> bool {
         match (&self.groups, group) {
-            (None, _) => true,
             (Some(groups), Some(g)) => groups.iter().any(|x| x == g),
             (Some(_), None) => false,
+            (None, None) => true,
+            (None, Some(_)) => self.subject_prefix.is_none(),
         }
+    }
+
+    /// Whether it is bound to its subjects or groups (and so may not read what is shared).
+    pub fn bound(&self) -> bool {
+        self.subject_prefix.is_some() || self.groups.is_some()
     }
 }
 

@@ -27,6 +27,16 @@ const RETRY_FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_milli
 /// without the upstream.
 pub const UPSTREAM_UNAVAILABLE: &str = "upstream_unavailable";
 
+/// PERMISSION_DENIED unless `caller` made `hold` (or no caller did).
+fn not_owner(hold: &LocalHold, caller: Option<&str>, id: ReservationId) -> Result<(), Status> {
+    match &hold.caller {
+        Some(owner) if Some(owner.as_str()) != caller => Err(Status::permission_denied(format!(
+            "reservation {id} was made by another caller: only the caller that made a hold may Commit, Refund or Extend it"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl ForwardingLedger {
     fn client(&self) -> QuotaClient<tonic::transport::Channel> {
         QuotaClient::new(self.channel())
@@ -101,7 +111,7 @@ impl ForwardingLedger {
                 if !input.dry_run {
                     super::orphans::remember(&self.orphans, forwarded, cx.clone());
                 }
-                self.without_upstream(&input, &policy, &status)
+                self.without_upstream(cx, &input, &policy, &status)
             }
             Err(status) => Err(status),
         }
@@ -111,6 +121,7 @@ impl ForwardingLedger {
     /// says.
     fn without_upstream(
         &self,
+        cx: &CallContext,
         input: &ReserveInput,
         policy: &policy::Policy,
         status: &Status,
@@ -155,6 +166,11 @@ impl ForwardingLedger {
         if let Some((subject, k)) = &key {
             // A retry during the outage replays the hold the first attempt got here.
             if let Some((id, hold)) = self.local().by_key(subject, k) {
+                if hold.caller != cx.caller {
+                    return Err(Status::failed_precondition(format!(
+                        "idempotency_key {k:?} was first used by another caller; use a new key"
+                    )));
+                }
                 return Ok(proto::ReserveResponse {
                     decision: proto::Decision::Allowed as i32,
                     reservation_id: id.to_string(),
@@ -175,6 +191,7 @@ impl ForwardingLedger {
             let remembered = self.local().insert(
                 id,
                 LocalHold {
+                    caller: cx.caller.clone(),
                     tokens,
                     created_us: now,
                     expires_us,
@@ -220,6 +237,7 @@ impl ForwardingLedger {
     /// Commit a fail-open hold here (it is not known upstream).
     fn commit_local(
         &self,
+        caller: Option<&str>,
         id: ReservationId,
         usage: Usage,
     ) -> Result<Option<proto::CommitResponse>, Status> {
@@ -227,6 +245,7 @@ impl ForwardingLedger {
         let Some(hold) = local.get_mut(id) else {
             return Ok(None);
         };
+        not_owner(hold, caller, id)?;
         if hold.refunded {
             return Err(Status::failed_precondition(format!(
                 "reservation {id} is REFUNDED: a refunded hold cannot be committed"
@@ -251,11 +270,16 @@ impl ForwardingLedger {
     }
 
     /// Refund a fail-open hold here (it is not known upstream).
-    fn refund_local(&self, id: ReservationId) -> Result<Option<proto::RefundResponse>, Status> {
+    fn refund_local(
+        &self,
+        caller: Option<&str>,
+        id: ReservationId,
+    ) -> Result<Option<proto::RefundResponse>, Status> {
         {
             let mut local = self.local();
             let now = self.now_us();
             if let Some(hold) = local.get_mut(id) {
+                not_owner(hold, caller, id)?;
                 if hold.committed.is_some() {
                     return Err(Status::failed_precondition(format!(
                         "reservation {id} is COMMITTED: a committed hold cannot be refunded"
@@ -278,6 +302,7 @@ impl ForwardingLedger {
     /// Extend a fail-open hold here (it is not known upstream).
     fn extend_local(
         &self,
+        caller: Option<&str>,
         id: ReservationId,
         hold_us: u64,
     ) -> Result<Option<proto::ExtendResponse>, Status> {
@@ -285,6 +310,7 @@ impl ForwardingLedger {
             let now = self.now_us();
             let mut local = self.local();
             if let Some(hold) = local.get_mut(id) {
+                not_owner(hold, caller, id)?;
                 if hold.committed.is_some() || hold.refunded || hold.expires_us <= now {
                     return Err(Status::failed_precondition(format!(
                         "reservation {id} is settled or expired: only a HELD reservation can be extended"
@@ -333,7 +359,7 @@ impl Ledger for ForwardingLedger {
         id: ReservationId,
         usage: Usage,
     ) -> Result<proto::CommitResponse, Status> {
-        if let Some(answer) = self.commit_local(id, usage)? {
+        if let Some(answer) = self.commit_local(cx.caller.as_deref(), id, usage)? {
             return Ok(answer);
         }
         let request = proto::CommitRequest {
@@ -354,7 +380,7 @@ impl Ledger for ForwardingLedger {
         cx: &CallContext,
         id: ReservationId,
     ) -> Result<proto::RefundResponse, Status> {
-        if let Some(answer) = self.refund_local(id)? {
+        if let Some(answer) = self.refund_local(cx.caller.as_deref(), id)? {
             return Ok(answer);
         }
         let request = proto::RefundRequest {
@@ -373,7 +399,7 @@ impl Ledger for ForwardingLedger {
         id: ReservationId,
         hold_us: u64,
     ) -> Result<proto::ExtendResponse, Status> {
-        if let Some(answer) = self.extend_local(id, hold_us)? {
+        if let Some(answer) = self.extend_local(cx.caller.as_deref(), id, hold_us)? {
             return Ok(answer);
         }
         let request = proto::ExtendRequest {

@@ -29,6 +29,8 @@ pub struct LocalHold {
     pub max_extend_us: u64,
     /// The Reserve's subject and idempotency key, so a retry during the outage replays it.
     pub key: Option<(String, String)>,
+    /// The caller that made it (`[callers]`): the only one that may settle or extend it.
+    pub caller: Option<String>,
 }
 
 /// The fail-open holds, bounded in count and kept a day (the late-commit window).
@@ -91,6 +93,7 @@ mod tests {
 
     fn hold(created_us: u64) -> LocalHold {
         LocalHold {
+            caller: None,
             tokens: 10,
             created_us,
             expires_us: created_us + 1,

@@ -67,16 +67,25 @@ pub fn caller<'a>(
     if from_replica {
         if let Some(name) = metadata.get(FORWARDED_CALLER) {
             let name = name.to_str().unwrap_or_default();
-            return access
+            let named = access
                 .callers
                 .iter()
                 .find(|c| c.name == name)
-                .map(Some)
                 .ok_or_else(|| {
                     Status::unauthenticated(
                         "the replica that forwarded this call named no caller of this policy",
                     )
-                });
+                })?;
+            // A token forwarded with it is checked here too, and must be that caller's: a
+            // follower whose policy is not reloaded yet cannot keep a revoked token working.
+            if let Some(token) = bearer(metadata)? {
+                if access.caller_by_token(token).map(|c| &c.name) != Some(&named.name) {
+                    return Err(Status::unauthenticated(
+                        "authorization: the bearer token is not a known caller's",
+                    ));
+                }
+            }
+            return Ok(Some(named));
         }
     }
     if let Some(token) = bearer(metadata)? {
@@ -123,11 +132,17 @@ pub fn may_name(caller: Option<&Caller>, subject: &str) -> Result<(), Status> {
 /// PERMISSION_DENIED unless `caller` may act in `group`.
 pub fn may_use_group(caller: Option<&Caller>, group: Option<&str>) -> Result<(), Status> {
     match caller {
-        Some(c) if !c.may_use_group(group) => Err(Status::permission_denied(format!(
-            "group: caller {:?} must name one of its groups ({})",
-            c.name,
-            c.groups.as_deref().unwrap_or_default().join(", ")
-        ))),
+        Some(c) if !c.may_use_group(group) => Err(Status::permission_denied(match &c.groups {
+            Some(groups) => format!(
+                "group: caller {:?} must name one of its groups ({})",
+                c.name,
+                groups.join(", ")
+            ),
+            None => format!(
+                "group: caller {:?} may not name a group (list those it may use in its groups)",
+                c.name
+            ),
+        })),
         _ => Ok(()),
     }
 }
@@ -136,7 +151,7 @@ pub fn may_use_group(caller: Option<&Caller>, group: Option<&str>) -> Result<(),
 /// client IP: those figures are everyone's.
 pub fn may_read_shared(caller: Option<&Caller>) -> Result<(), Status> {
     match caller {
-        Some(c) if c.subject_prefix.is_some() || c.groups.is_some() => {
+        Some(c) if c.bound() => {
             Err(Status::permission_denied(format!(
                 "caller {:?} is bound to its subjects or groups: it may not read the usage of the fleet or of a client IP",
                 c.name

@@ -134,6 +134,10 @@ impl QuotaService {
             (None, Some(group)) => auth::may_use_group(caller.as_ref(), Some(group))?,
             (None, None) => auth::may_read_shared(caller.as_ref())?,
         }
+        // A client IP's figures are everyone's who share it.
+        if query.client_ip.is_some() {
+            auth::may_read_shared(caller.as_ref())?;
+        }
         self.ledger.usage(&cx, query).await.map(Response::new)
     }
 
