@@ -292,6 +292,33 @@ fn a_deposed_leader_cannot_write() {
     drop(a_failed);
 }
 
+/// Wait until every thread of process `pid` is stopped (state `T` in /proc).
+fn stopped(pid: u32) {
+    let start = std::time::Instant::now();
+    loop {
+        let all = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .all(|t| {
+                std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|s| {
+                        s.rsplit_once(')')
+                            .map(|(_, r)| r.trim_start().starts_with('T'))
+                    })
+                    .unwrap_or(true)
+            });
+        if all {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "pid {pid} did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A leader paused (SIGSTOP) past its lease: the follower takes over and serves; the old
 /// leader, resumed, stops (exit 3, naming the lease) instead of deciding from a ledger that is
 /// no longer the database's, and none of the calls that waited for it is answered OK (writes,
@@ -311,6 +338,9 @@ async fn a_paused_leader_stops_when_it_resumes_and_the_follower_serves() {
     hold(&mut q, "alice", 4000, 0).await;
     let follower = Serve::new(&dir.path().join("b")).args(&args).start();
     leader.signal("STOP");
+    // kill(2) returns before every thread has stopped: wait until each one has, or a call
+    // sent now could still be answered in that instant (on a busy machine, milliseconds).
+    stopped(leader.child.id());
     // Calls sent to the paused leader wait in its socket: holds (which would write), a denial
     // and a dry run (answered from memory), a read. None of them may be answered OK.
     let mut pending = Vec::new();
@@ -545,7 +575,7 @@ async fn the_store_speaks_tls_to_postgres_when_the_url_asks() {
     let name = PgServer::name_of(&url);
     let encrypted = server().psql(
         name,
-        "SELECT count(*) FILTER (WHERE s.ssl) || '/' || count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'tollgate'",
+        "SELECT count(*) FILTER (WHERE s.ssl) || '/' || count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'tollgate' AND a.datname = current_database()",
     );
     let (tls, all) = encrypted.split_once('/').unwrap();
     assert!(
