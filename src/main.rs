@@ -104,6 +104,8 @@ struct ExportArgs {
     /// "-" for stdout.
     #[arg(long, default_value = "-")]
     out: PathBuf,
+    #[command(flatten)]
+    connect: ClientConnect,
 }
 
 #[derive(Debug, clap::Args)]
@@ -137,6 +139,42 @@ struct UsageArgs {
     /// A client IP: its limits are shown too.
     #[arg(long)]
     client_ip: Option<String>,
+    /// A caller's bearer token, when the server names its callers (`[callers]`).
+    #[arg(long, env = "TOLLGATE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(flatten)]
+    connect: ClientConnect,
+}
+
+/// How a command reaches a running tollgate whose port is secured.
+#[derive(Debug, Clone, clap::Args)]
+struct ClientConnect {
+    /// With an https:// --addr: the CA certificate (PEM) that signs the server's certificate.
+    #[arg(long, env = "TOLLGATE_CA")]
+    ca: Option<PathBuf>,
+    /// With --ca: the name the server's certificate is checked against (default: the host of
+    /// --addr).
+    #[arg(long, env = "TOLLGATE_SERVER_NAME", requires = "ca")]
+    server_name: Option<String>,
+    /// With --ca, for mTLS: this client's certificate (PEM).
+    #[arg(long, env = "TOLLGATE_CLIENT_CERT", requires_all = ["ca", "key"])]
+    cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, env = "TOLLGATE_CLIENT_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+}
+
+impl ClientConnect {
+    /// The TLS settings, if any: read now, an error names the flag.
+    fn tls(&self) -> Result<Option<UpstreamTls>, String> {
+        self.ca
+            .as_deref()
+            .map(|ca| {
+                let client = self.cert.as_deref().zip(self.key.as_deref());
+                UpstreamTls::load(ca, self.server_name.as_deref(), client)
+            })
+            .transpose()
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -573,14 +611,33 @@ fn main() -> ExitCode {
         Command::CountTokens(args) => count_tokens(args),
         Command::CheckPolicy(args) => check_policy(&args.file),
         Command::HashToken => hash_token(),
-        Command::Usage(args) => usage::print(args.addr, args.subject, args.group, args.client_ip),
-        Command::Export(args) => backup::export(
-            args.data_dir,
-            args.store,
-            args.addr,
-            args.admin_token,
-            &args.out,
-        ),
+        Command::Usage(args) => match args.connect.tls() {
+            Ok(tls) => usage::print(
+                &args.addr,
+                tls.as_ref(),
+                args.token,
+                args.subject,
+                args.group,
+                args.client_ip,
+            ),
+            Err(e) => {
+                eprintln!("tollgate: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Export(args) => match args.connect.tls() {
+            Ok(tls) => backup::export(
+                args.data_dir,
+                args.store,
+                args.addr.map(|a| (a, tls)),
+                args.admin_token,
+                &args.out,
+            ),
+            Err(e) => {
+                eprintln!("tollgate: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Import(args) => match (&args.data_dir, &args.store) {
             (Some(dir), _) => backup::import(&args.file, dir, args.replace),
             (None, Some(url)) => backup::import_postgres(&args.file, url, args.replace),

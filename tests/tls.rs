@@ -493,3 +493,90 @@ async fn a_follower_relays_to_its_leader_over_mtls() {
     let r = rsv(&mut qb, reserve("alice", 100, 100)).await;
     assert_eq!(decision(&r), Decision::Allowed, "{r:?}");
 }
+
+/// The CLI reaches a secured port: `tollgate usage` over TLS with a caller's token, and
+/// `tollgate export --addr` over TLS with the admin token; without the CA it is refused.
+#[test]
+fn the_cli_reaches_a_tls_port() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("cli CA");
+    let (cert, key) = server_files(dir.path(), &ca);
+    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
+    let token = "cli-token-0123456789abcdef";
+    let digest: String = tollgate::policy::callers::hash_token(token)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let policy = write_file(
+        dir.path(),
+        "callers.toml",
+        &format!("{POLICY}\n[callers.ops]\ntoken_sha256 = \"{digest}\"\n"),
+    );
+    let p = Serve::new(&dir.path().join("data"))
+        .policy(&policy)
+        .args([
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ])
+        .start();
+    let addr = format!("https://localhost:{}", p.addr.port());
+    let tollgate = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.args(args);
+        run_to_exit(cmd, std::time::Duration::from_secs(60))
+    };
+    let ok = tollgate(&[
+        "usage",
+        "alice",
+        "--addr",
+        &addr,
+        "--ca",
+        ca_file.to_str().unwrap(),
+        "--token",
+        token,
+    ]);
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("alice"),
+        "{ok:?}"
+    );
+    let no_token = tollgate(&[
+        "usage",
+        "alice",
+        "--addr",
+        &addr,
+        "--ca",
+        ca_file.to_str().unwrap(),
+    ]);
+    assert!(!no_token.status.success());
+    assert!(
+        String::from_utf8_lossy(&no_token.stderr).contains("Unauthenticated"),
+        "{no_token:?}"
+    );
+    let no_ca = tollgate(&["usage", "alice", "--addr", &addr, "--token", token]);
+    assert!(!no_ca.status.success());
+    assert!(
+        String::from_utf8_lossy(&no_ca.stderr).contains("--upstream-ca")
+            || String::from_utf8_lossy(&no_ca.stderr).contains("CA"),
+        "{no_ca:?}"
+    );
+    let out = dir.path().join("export.jsonl");
+    let exported = tollgate(&[
+        "export",
+        "--addr",
+        &addr,
+        "--ca",
+        ca_file.to_str().unwrap(),
+        "--admin-token",
+        ADMIN_TOKEN,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(exported.status.success(), "{exported:?}");
+    assert!(std::fs::read_to_string(&out)
+        .unwrap()
+        .contains("\"kind\":\"end\""));
+}

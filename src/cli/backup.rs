@@ -5,7 +5,6 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use tollgate::clock::{Clock, SystemClock};
 use tollgate::proto::admin_client::AdminClient;
@@ -79,7 +78,7 @@ impl Output {
 pub fn export(
     data_dir: Option<PathBuf>,
     store: Option<String>,
-    addr: Option<String>,
+    addr: Option<(String, Option<tollgate::relay::UpstreamTls>)>,
     admin_token: Option<String>,
     out: &Path,
 ) -> ExitCode {
@@ -93,7 +92,9 @@ pub fn export(
     let result = match (data_dir, store, addr) {
         (Some(dir), _, _) => export_stopped(&dir, output.writer()),
         (None, Some(url), _) => export_postgres(&url, output.writer()),
-        (None, None, Some(addr)) => export_running(&addr, admin_token, output.writer()),
+        (None, None, Some((addr, tls))) => {
+            export_running(&addr, tls.as_ref(), admin_token, output.writer())
+        }
         (None, None, None) => Err(
             "give --data-dir (a stopped server's), --store (a database) or --addr (a running server)"
                 .into(),
@@ -178,6 +179,7 @@ fn export_postgres(url: &str, out: &mut dyn Write) -> Result<Summary, String> {
 
 fn export_running(
     addr: &str,
+    tls: Option<&tollgate::relay::UpstreamTls>,
     admin_token: Option<String>,
     out: &mut dyn Write,
 ) -> Result<Summary, String> {
@@ -186,12 +188,7 @@ fn export_running(
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
-            .map_err(|e| format!("--addr {addr:?} is not a URL: {e}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let channel = super::usage::connect(addr, tls).await?;
         let mut request = tonic::Request::new(ExportRequest {});
         if let Some(token) = admin_token {
             let value = format!("Bearer {token}")

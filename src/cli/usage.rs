@@ -5,10 +5,14 @@ use std::time::Duration;
 
 use tollgate::proto::quota_client::QuotaClient;
 use tollgate::proto::{GetUsageRequest, GetUsageResponse};
+use tollgate::relay::{channel_to, UpstreamTls};
 
-/// Ask `addr` for the usage of `subject` (or of the group, IP or fleet) and print it.
+/// Ask `addr` (over TLS with `tls`, as the caller whose token is `token`) for the usage of
+/// `subject` (or of the group, IP or fleet) and print it.
 pub fn print(
-    addr: String,
+    addr: &str,
+    tls: Option<&UpstreamTls>,
+    token: Option<String>,
     subject: Option<String>,
     group: Option<String>,
     client_ip: Option<String>,
@@ -29,14 +33,14 @@ pub fn print(
         client_ip: client_ip.unwrap_or_default(),
     };
     let answer = runtime.block_on(async {
-        let endpoint = tonic::transport::Endpoint::from_shared(addr.clone())
-            .map_err(|e| format!("--addr {addr:?} is not a URL: {e}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(10));
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let channel = connect(addr, tls).await?;
+        let mut request = tonic::Request::new(request);
+        if let Some(token) = token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| "--token is not valid header text".to_string())?;
+            request.metadata_mut().insert("authorization", value);
+        }
         QuotaClient::new(channel)
             .get_usage(request)
             .await
@@ -53,6 +57,23 @@ pub fn print(
             ExitCode::FAILURE
         }
     }
+}
+
+/// A channel to the tollgate at `addr` (http://, or https:// with `tls`), connected now.
+pub async fn connect(
+    addr: &str,
+    tls: Option<&UpstreamTls>,
+) -> Result<tonic::transport::Channel, String> {
+    let channel =
+        channel_to(addr, Duration::from_secs(10), tls).map_err(|e| format!("--addr: {e}"))?;
+    // Lazy channels connect on the first call: ask once here so that an unreachable server is
+    // reported as such.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .map_err(|s| format!("cannot reach {addr}: {}", s.message()))?;
+    Ok(channel)
 }
 
 /// Micro-dollars as dollars with six decimals.

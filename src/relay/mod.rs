@@ -260,7 +260,7 @@ pub fn channel_to(
             .map_err(|e| bad(e.to_string()))?,
         (Some("https"), None) => {
             return Err(bad(
-                "an https:// upstream needs --upstream-ca (the CA that signs its certificate)"
+                "an https:// address needs the CA that signs its certificate (--upstream-ca; for the usage and export commands, --ca)"
                     .into(),
             ))
         }
