@@ -64,15 +64,18 @@ pub async fn connect(
     addr: &str,
     tls: Option<&UpstreamTls>,
 ) -> Result<tonic::transport::Channel, String> {
-    let channel =
-        channel_to(addr, Duration::from_secs(10), tls).map_err(|e| format!("--addr: {e}"))?;
+    let channel = channel_to(addr, Duration::from_secs(10), tls).map_err(|e| match e {
+        tollgate::relay::RelayError::BadUrl { url, reason } => {
+            format!("--addr {url:?} is not a URL: {reason}")
+        }
+    })?;
     // Lazy channels connect on the first call: ask once here so that an unreachable server is
     // reported as such.
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     health
         .check(tonic_health::pb::HealthCheckRequest::default())
         .await
-        .map_err(|s| format!("cannot reach {addr}: {}", s.message()))?;
+        .map_err(|s| format!("cannot connect to {addr}: {}", s.message()))?;
     Ok(channel)
 }
 
