@@ -432,17 +432,7 @@ async fn follow(
         if leader.expired {
             continue; // taken by someone else since, or free: look again at once
         }
-        // Over TLS when this replica was given the CA of the replicas' certificates.
-        let scheme = if upstream_tls().is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        let upstream = if leader.address.contains("://") {
-            leader.address.clone()
-        } else {
-            format!("{scheme}://{}", leader.address)
-        };
+        let upstream = replica_url(&leader.address);
         let relay = match ForwardingLedger::new(
             &upstream,
             policy.clone(),
@@ -657,14 +647,7 @@ fn hash_token() -> ExitCode {
         eprintln!("tollgate: no token on stdin");
         return ExitCode::from(2);
     }
-    let digest = tollgate::policy::callers::hash_token(token);
-    println!(
-        "{}",
-        digest
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    );
+    println!("{}", tollgate::policy::callers::token_sha256_hex(token));
     ExitCode::SUCCESS
 }
 
@@ -763,6 +746,20 @@ static UPSTREAM_TLS: std::sync::OnceLock<Option<UpstreamTls>> = std::sync::OnceL
 
 fn upstream_tls() -> Option<&'static UpstreamTls> {
     UPSTREAM_TLS.get().and_then(Option::as_ref)
+}
+
+/// The URL of a replica at `address` (as advertised): over TLS when this replica was given
+/// the CA of the replicas' certificates.
+fn replica_url(address: &str) -> String {
+    if address.contains("://") {
+        return address.to_string();
+    }
+    let scheme = if upstream_tls().is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{address}")
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
@@ -943,9 +940,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                                 if a.ip().is_unspecified() {
                                     a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
                                 }
-                                let scheme =
-                                    if upstream_tls().is_some() { "https" } else { "http" };
-                                format!("{scheme}://{a}")
+                                replica_url(&a.to_string())
                             })
                             .map_err(|e| e.to_string())
                             .and_then(|url| {

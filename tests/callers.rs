@@ -14,12 +14,7 @@ const SEARCH_TOKEN: &str = "search-0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e";
 const ALICE_TOKEN: &str = "alice-ops-5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b";
 const BATCH_TOKEN: &str = "batch-9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d";
 
-fn hex(token: &str) -> String {
-    tollgate::policy::callers::hash_token(token)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+use tollgate::policy::callers::token_sha256_hex as hex;
 
 fn policy() -> String {
     format!(

@@ -1198,12 +1198,7 @@ async fn a_reserve_is_retried_within_the_deadline_while_the_upstream_restarts() 
 /// too: another caller can neither settle nor extend it, nor replay its idempotency key.
 #[tokio::test]
 async fn a_fail_open_hold_is_its_callers() {
-    let hash = |t: &str| -> String {
-        tollgate::policy::callers::hash_token(t)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
+    let hash = tollgate::policy::callers::token_sha256_hex;
     let policy = format!(
         r#"
 default_tier = "always_on"

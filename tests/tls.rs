@@ -23,9 +23,10 @@ tokens_per_day = 100000
 hold_seconds = 3600
 "#;
 
-/// A server on a fresh data directory in `dir`, with the test policy and `args`.
-fn serve(dir: &Path, args: &[&str]) -> Serve {
-    let policy = write_file(dir, "policy.toml", POLICY);
+/// A server on a fresh data directory in `dir`, with the test policy (and `extra_policy`
+/// after it: callers) and `args`.
+fn serve(dir: &Path, extra_policy: &str, args: &[String]) -> Serve {
+    let policy = write_file(dir, "policy.toml", &format!("{POLICY}\n{extra_policy}"));
     Serve::new(&dir.join("data")).policy(&policy).args(args)
 }
 
@@ -61,13 +62,40 @@ impl Ca {
     }
 }
 
-/// The server's files in `dir`: its certificate and key, signed by `ca` for localhost.
-fn server_files(dir: &Path, ca: &Ca) -> (PathBuf, PathBuf) {
-    let (cert, key) = ca.leaf(&["localhost"]);
-    (
-        write_file(dir, "server.pem", &cert),
-        write_file(dir, "server.key", &key),
-    )
+/// A server's TLS files in a test's directory: its certificate and key, signed by a CA for
+/// localhost, and that CA's certificate.
+struct ServerTls {
+    cert: PathBuf,
+    key: PathBuf,
+    ca_file: PathBuf,
+}
+
+impl ServerTls {
+    fn new(dir: &Path, ca: &Ca) -> Self {
+        let (cert, key) = ca.leaf(&["localhost"]);
+        Self {
+            cert: write_file(dir, "server.pem", &cert),
+            key: write_file(dir, "server.key", &key),
+            ca_file: write_file(dir, "ca.pem", &ca.pem()),
+        }
+    }
+
+    /// `--tls-cert` and `--tls-key`.
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            self.cert.display().to_string(),
+            "--tls-key".into(),
+            self.key.display().to_string(),
+        ]
+    }
+
+    /// The same, with `--client-ca client_ca` (mTLS).
+    fn mutual(&self, client_ca: &Path) -> Vec<String> {
+        let mut args = self.args();
+        args.extend(["--client-ca".into(), client_ca.display().to_string()]);
+        args
+    }
 }
 
 /// A TLS client trusting `ca_pem`, with a client certificate if given.
@@ -105,17 +133,7 @@ async fn answered(q: Result<QuotaClient<Channel>, tonic::transport::Error>) -> R
 async fn tls_serves_a_client_that_trusts_the_ca_and_refuses_plaintext() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test CA");
-    let (cert, key) = server_files(dir.path(), &ca);
-    let p = serve(
-        dir.path(),
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-    )
-    .start();
+    let p = serve(dir.path(), "", &ServerTls::new(dir.path(), &ca).args()).start();
     let mut q = client(p.addr, &ca.pem(), None).await.expect("TLS connect");
     let r = rsv(&mut q, reserve("alice", 100, 100)).await;
     assert_eq!(decision(&r), Decision::Allowed);
@@ -151,20 +169,9 @@ async fn mtls_refuses_clients_without_a_certificate_signed_by_the_client_ca() {
     let ca = Ca::new("server CA");
     let clients_ca = Ca::new("clients CA");
     let rogue_ca = Ca::new("rogue CA");
-    let (cert, key) = server_files(dir.path(), &ca);
     let client_ca = write_file(dir.path(), "clients-ca.pem", &clients_ca.pem());
-    let p = serve(
-        dir.path(),
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--client-ca",
-            client_ca.to_str().unwrap(),
-        ],
-    )
-    .start();
+    let tls = ServerTls::new(dir.path(), &ca);
+    let p = serve(dir.path(), "", &tls.mutual(&client_ca)).start();
     let good = clients_ca.leaf(&["chat-app.internal"]);
     let rogue = rogue_ca.leaf(&["chat-app.internal"]);
 
@@ -191,20 +198,13 @@ async fn a_certificate_rotated_on_disk_is_used_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let old_ca = Ca::new("old CA");
     let new_ca = Ca::new("new CA");
-    let (cert, key) = server_files(dir.path(), &old_ca);
+    let tls = ServerTls::new(dir.path(), &old_ca);
+    let (cert, key) = (tls.cert.clone(), tls.key.clone());
     let log = dir.path().join("server.log");
-    let p = serve(
-        dir.path(),
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ],
-    )
-    .env("RUST_LOG", "info")
-    .log_to(&log)
-    .start();
+    let p = serve(dir.path(), "", &tls.args())
+        .env("RUST_LOG", "info")
+        .log_to(&log)
+        .start();
     let mut open = client(p.addr, &old_ca.pem(), None).await.unwrap();
     rsv(&mut open, reserve("alice", 1, 1)).await;
     assert!(answered(client(p.addr, &new_ca.pem(), None).await)
@@ -260,19 +260,11 @@ async fn a_certificate_rotated_on_disk_is_used_without_a_restart() {
 fn a_key_that_does_not_match_is_refused_at_start_without_echoing_it() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test CA");
-    let (cert, _) = server_files(dir.path(), &ca);
+    let mut tls = ServerTls::new(dir.path(), &ca);
     let (_, other_key) = ca.leaf(&["localhost"]);
-    let key = write_file(dir.path(), "other.key", &other_key);
+    tls.key = write_file(dir.path(), "other.key", &other_key);
     let log = dir.path().join("refused.log");
-    let refused = Serve::new(&dir.path().join("data"))
-        .args([
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ])
-        .log_to(&log)
-        .try_start();
+    let refused = serve(dir.path(), "", &tls.args()).log_to(&log).try_start();
     assert!(refused.is_err(), "a key of another certificate was served");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
@@ -288,20 +280,9 @@ fn a_key_that_does_not_match_is_refused_at_start_without_echoing_it() {
 async fn a_relay_reaches_its_upstream_over_mtls() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("replicas CA");
-    let (cert, key) = server_files(dir.path(), &ca);
-    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
-    let central = serve(
-        dir.path(),
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--client-ca",
-            ca_file.to_str().unwrap(),
-        ],
-    )
-    .start();
+    let tls = ServerTls::new(dir.path(), &ca);
+    let ca_file = tls.ca_file.clone();
+    let central = serve(dir.path(), "", &tls.mutual(&ca_file)).start();
     let (relay_cert, relay_key) = ca.leaf(&["relay.internal"]);
     let relay_cert = write_file(dir.path(), "relay.pem", &relay_cert);
     let relay_key = write_file(dir.path(), "relay.key", &relay_key);
@@ -353,24 +334,10 @@ async fn a_relay_reaches_its_upstream_over_mtls() {
 async fn a_caller_is_known_by_the_san_of_its_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("mesh CA");
-    let (cert, key) = server_files(dir.path(), &ca);
-    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
-    let policy = write_file(
-        dir.path(),
-        "callers.toml",
-        &format!("{POLICY}\n[callers.chat-app]\nsan = \"spiffe://mesh/chat-app\"\nsubject_prefix = \"chat:\"\n"),
-    );
-    let p = Serve::new(&dir.path().join("data"))
-        .policy(&policy)
-        .args([
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--client-ca",
-            ca_file.to_str().unwrap(),
-        ])
-        .start();
+    let tls = ServerTls::new(dir.path(), &ca);
+    let callers =
+        "[callers.chat-app]\nsan = \"spiffe://mesh/chat-app\"\nsubject_prefix = \"chat:\"\n";
+    let p = serve(dir.path(), callers, &tls.mutual(&tls.ca_file)).start();
     let chat = ca.leaf(&["spiffe://mesh/chat-app"]);
     let other = ca.leaf(&["spiffe://mesh/batch"]);
     let mut q = client(p.addr, &ca.pem(), Some(&chat)).await.unwrap();
@@ -393,8 +360,8 @@ async fn a_follower_relays_to_its_leader_over_mtls() {
     let ca = Ca::new("replicas CA");
     // One certificate for every replica: a server and client certificate for the Service's
     // name (here localhost).
-    let (cert, key) = server_files(dir.path(), &ca);
-    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
+    let tls = ServerTls::new(dir.path(), &ca);
+    let (cert, key, ca_file) = (&tls.cert, &tls.key, &tls.ca_file);
     let url = common::postgres::server().database();
     // The app is a caller known only by its certificate: through a follower too, which names
     // it to the leader (believed because the follower's own certificate is a replica's).
@@ -501,27 +468,12 @@ fn the_cli_reaches_a_tls_port() {
     use std::process::Command;
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("cli CA");
-    let (cert, key) = server_files(dir.path(), &ca);
-    let ca_file = write_file(dir.path(), "ca.pem", &ca.pem());
+    let tls = ServerTls::new(dir.path(), &ca);
+    let ca_file = &tls.ca_file;
     let token = "cli-token-0123456789abcdef";
-    let digest: String = tollgate::policy::callers::hash_token(token)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let policy = write_file(
-        dir.path(),
-        "callers.toml",
-        &format!("{POLICY}\n[callers.ops]\ntoken_sha256 = \"{digest}\"\n"),
-    );
-    let p = Serve::new(&dir.path().join("data"))
-        .policy(&policy)
-        .args([
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ])
-        .start();
+    let digest = tollgate::policy::callers::token_sha256_hex(token);
+    let callers = format!("[callers.ops]\ntoken_sha256 = \"{digest}\"\n");
+    let p = serve(dir.path(), &callers, &tls.args()).start();
     let addr = format!("https://localhost:{}", p.addr.port());
     let tollgate = |args: &[&str]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));

@@ -41,6 +41,14 @@ pub const MAX_LIST: usize = 1024;
 /// A SHA-256 digest.
 pub type Digest32 = [u8; 32];
 
+/// The SHA-256 of `token` in hex: what a `token_sha256` entry holds (`tollgate hash-token`).
+pub fn token_sha256_hex(token: &str) -> String {
+    hash_token(token)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The SHA-256 of `token`.
 pub fn hash_token(token: &str) -> Digest32 {
     Sha256::digest(token.as_bytes()).into()
@@ -109,8 +117,9 @@ pub struct Operator {
 /// The `[callers]` and `[operators]` of a policy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Access {
-    /// App servers; none: the Quota API is open to anyone who reaches the port.
-    pub callers: Vec<Caller>,
+    /// App servers; none: the Quota API is open to anyone who reaches the port. Shared, so
+    /// that a call holds its caller without copying its lists.
+    pub callers: Vec<std::sync::Arc<Caller>>,
     /// Operators with names (beside `--admin-token`, if given).
     pub operators: Vec<Operator>,
 }
@@ -123,7 +132,7 @@ impl Access {
 
     /// The caller whose token is `token`. Every entry is compared (in constant time), so the
     /// time taken does not say which came close.
-    pub fn caller_by_token(&self, token: &str) -> Option<&Caller> {
+    pub fn caller_by_token(&self, token: &str) -> Option<&std::sync::Arc<Caller>> {
         let given = hash_token(token);
         let mut found = None;
         for c in &self.callers {
@@ -137,7 +146,7 @@ impl Access {
     }
 
     /// The caller one of whose SANs is in `sans`.
-    pub fn caller_by_san<'a>(&'a self, sans: &[String]) -> Option<&'a Caller> {
+    pub fn caller_by_san<'a>(&'a self, sans: &[String]) -> Option<&'a std::sync::Arc<Caller>> {
         self.callers
             .iter()
             .find(|c| c.san.as_ref().is_some_and(|s| sans.iter().any(|x| x == s)))
@@ -248,14 +257,14 @@ pub(super) fn access(
                 return Err(format!("{what}: each group must be 1 to 128 bytes"));
             }
         }
-        out.callers.push(Caller {
+        out.callers.push(std::sync::Arc::new(Caller {
             name,
             token_sha256,
             san: c.san,
             calls,
             subject_prefix: c.subject_prefix,
             groups: c.groups,
-        });
+        }));
     }
     let mut seen = std::collections::HashSet::new();
     for c in &out.callers {
@@ -287,17 +296,13 @@ pub(super) fn access(
 mod tests {
     use super::*;
 
-    fn hex(d: &Digest32) -> String {
-        d.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
     #[test]
     fn a_token_is_found_by_its_hash_and_a_near_miss_is_not() {
         let mut callers = BTreeMap::new();
         callers.insert(
             "chat".to_string(),
             CallerFile {
-                token_sha256: Some(hex(&hash_token("s3cret-token"))),
+                token_sha256: Some(token_sha256_hex("s3cret-token")),
                 san: None,
                 calls: None,
                 subject_prefix: Some("chat:".into()),

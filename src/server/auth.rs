@@ -56,7 +56,7 @@ pub fn caller<'a>(
     metadata: &MetadataMap,
     peer: Option<&Arc<PeerIdentity>>,
     replica_san: Option<&str>,
-) -> Result<Option<&'a Caller>, Status> {
+) -> Result<Option<&'a Arc<Caller>>, Status> {
     if !access.callers_required() {
         return Ok(None);
     }

@@ -11,6 +11,7 @@ use super::transport::tls::PeerIdentity;
 use super::validate;
 use crate::ledger::{CallContext, Ledger};
 use crate::policy::callers::Caller;
+use crate::policy::Policy;
 use crate::proto;
 use crate::telemetry as metrics;
 
@@ -44,15 +45,19 @@ impl QuotaService {
     }
 }
 
+/// A call's caller, established once: see [`QuotaService::authenticate`].
+struct Authenticated {
+    cx: CallContext,
+    caller: Option<Arc<Caller>>,
+    policy: Arc<Policy>,
+}
+
 /// The handlers, each timed by the trait impl below.
 impl QuotaService {
     /// Who `request` is from (none: the policy has no `[callers]`), refused unless it may make
-    /// `call`; and the context a forwarding ledger passes on.
-    fn authenticate<T>(
-        &self,
-        request: &Request<T>,
-        call: &str,
-    ) -> Result<(CallContext, Option<Caller>), Status> {
+    /// `call`; the context a forwarding ledger passes on; and the policy it was checked
+    /// against (read once per call).
+    fn authenticate<T>(&self, request: &Request<T>, call: &str) -> Result<Authenticated, Status> {
         let policy = self.ledger.policy()?;
         let peer = request.extensions().get::<Arc<PeerIdentity>>();
         let caller = auth::caller(
@@ -62,27 +67,24 @@ impl QuotaService {
             self.replica_san.as_deref(),
         )?
         .cloned();
-        auth::may_call(caller.as_ref(), call)?;
+        auth::may_call(caller.as_deref(), call)?;
         let cx = CallContext {
             authorization: request.metadata().get("authorization").cloned(),
             operator: None,
             caller: caller.as_ref().map(|c| c.name.clone()),
         };
-        Ok((cx, caller))
+        Ok(Authenticated { cx, caller, policy })
     }
 
     async fn reserve_call(
         &self,
         request: Request<proto::ReserveRequest>,
     ) -> Result<Response<proto::ReserveResponse>, Status> {
-        let (cx, caller) = self.authenticate(&request, "Reserve")?;
+        let Authenticated { cx, caller, policy } = self.authenticate(&request, "Reserve")?;
         let call = validate::reserve(request.into_inner(), self.max_prompt_bytes)?;
-        auth::may_name(caller.as_ref(), &call.input.subject)?;
-        auth::may_use_group(caller.as_ref(), call.input.group.as_deref())?;
-        let input = self
-            .prompts
-            .reserve_input(call, || self.ledger.policy())
-            .await?;
+        auth::may_name(caller.as_deref(), &call.input.subject)?;
+        auth::may_use_group(caller.as_deref(), call.input.group.as_deref())?;
+        let input = self.prompts.reserve_input(call, || Ok(policy)).await?;
         self.ledger.reserve(&cx, input).await.map(Response::new)
     }
 
@@ -90,7 +92,7 @@ impl QuotaService {
         &self,
         request: Request<proto::CommitRequest>,
     ) -> Result<Response<proto::CommitResponse>, Status> {
-        let (cx, _) = self.authenticate(&request, "Commit")?;
+        let cx = self.authenticate(&request, "Commit")?.cx;
         let (id, usage) = validate::commit(request.get_ref())?;
         self.ledger.commit(&cx, id, usage).await.map(Response::new)
     }
@@ -99,7 +101,7 @@ impl QuotaService {
         &self,
         request: Request<proto::RefundRequest>,
     ) -> Result<Response<proto::RefundResponse>, Status> {
-        let (cx, _) = self.authenticate(&request, "Refund")?;
+        let cx = self.authenticate(&request, "Refund")?.cx;
         let id = validate::reservation_id(&request.get_ref().reservation_id)?;
         self.ledger.refund(&cx, id).await.map(Response::new)
     }
@@ -108,7 +110,7 @@ impl QuotaService {
         &self,
         request: Request<proto::ExtendRequest>,
     ) -> Result<Response<proto::ExtendResponse>, Status> {
-        let (cx, _) = self.authenticate(&request, "Extend")?;
+        let cx = self.authenticate(&request, "Extend")?.cx;
         let req = request.into_inner();
         let id = validate::reservation_id(&req.reservation_id)?;
         let hold_us = validate::required_hold(req.hold.as_ref())?;
@@ -122,21 +124,22 @@ impl QuotaService {
         &self,
         request: Request<proto::GetUsageRequest>,
     ) -> Result<Response<proto::GetUsageResponse>, Status> {
-        let (cx, caller) = self.authenticate(&request, "GetUsage")?;
+        let Authenticated { cx, caller, .. } = self.authenticate(&request, "GetUsage")?;
+        let caller = caller.as_deref();
         let query = validate::usage_query(request.get_ref())?;
         match (&query.subject, &query.group) {
             (Some(subject), group) => {
-                auth::may_name(caller.as_ref(), subject)?;
+                auth::may_name(caller, subject)?;
                 if group.is_some() {
-                    auth::may_use_group(caller.as_ref(), group.as_deref())?;
+                    auth::may_use_group(caller, group.as_deref())?;
                 }
             }
-            (None, Some(group)) => auth::may_use_group(caller.as_ref(), Some(group))?,
-            (None, None) => auth::may_read_shared(caller.as_ref())?,
+            (None, Some(group)) => auth::may_use_group(caller, Some(group))?,
+            (None, None) => auth::may_read_shared(caller)?,
         }
         // A client IP's figures are everyone's who share it.
         if query.client_ip.is_some() {
-            auth::may_read_shared(caller.as_ref())?;
+            auth::may_read_shared(caller)?;
         }
         self.ledger.usage(&cx, query).await.map(Response::new)
     }
@@ -146,8 +149,7 @@ impl QuotaService {
         &self,
         request: Request<proto::CountTokensRequest>,
     ) -> Result<Response<proto::CountTokensResponse>, Status> {
-        self.authenticate(&request, "CountTokens")?;
-        let policy = self.ledger.policy()?;
+        let policy = self.authenticate(&request, "CountTokens")?.policy;
         super::prompt::count_tokens(
             &self.prompts,
             &policy,
